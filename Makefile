@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv/ when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default (served locally); CUDA users: make demo TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint protos clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/murmur simulate --preset tiny --peers 8 --methods ddp,diloco,ppu,gossip-ppu \
+		--json demo-out/simulate.json --plot demo-out/simulate.png
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""A long-lived DHT node that peers find their swarm through. Trains nothing."""

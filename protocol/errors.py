@@ -1,0 +1,76 @@
+"""murmur's error tree: every failure a remote peer can cause, in one place.
+
+    MurmurError
+    ├── TransportError            the network failed us; the partner is skipped, not blamed
+    │   ├── PeerTimeout           a deadline passed
+    │   └── PeerUnreachable       connection refused, reset, TLS pin mismatch
+    ├── IncompatibleVersion       the partner speaks another protocol major version
+    ├── BannedPeer                we refuse this peer for a while
+    └── ProtocolViolation         the partner sent something invalid; it is counted by `reason`
+        ├── MalformedPayload      bytes that do not decode (garbage, truncated, bad lengths)
+        └── RejectedUpdate        decodes, but fails a check (shape, finiteness, signature, replay...)
+
+Callers branch on the class (or `reason`), never on message text.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    """Why an incoming message was refused; the label of the per-reason rejection counters."""
+
+    GARBAGE = "garbage"
+    OVERSIZE = "oversize"
+    WRONG_SHAPE = "wrong_shape"
+    WRONG_DTYPE = "wrong_dtype"
+    NON_FINITE = "non_finite"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_PEER = "unknown_peer"
+    WRONG_RUN = "wrong_run"
+    REPLAY = "replay"
+    BANNED = "banned"
+    RATE_LIMITED = "rate_limited"
+    INCOMPATIBLE_VERSION = "incompatible_version"
+
+
+class MurmurError(Exception):
+    """Base of every error murmur raises on purpose."""
+
+
+class TransportError(MurmurError):
+    """The network failed; nobody is to blame and the partner is simply skipped this round."""
+
+
+class PeerTimeout(TransportError):
+    """A call's deadline passed."""
+
+
+class PeerUnreachable(TransportError):
+    """The partner could not be reached (refused, reset, or its TLS certificate did not match the pin)."""
+
+
+class IncompatibleVersion(MurmurError):
+    """The partner speaks a protocol major version we cannot talk to."""
+
+
+class BannedPeer(MurmurError):
+    """The peer is banned locally for a while after misbehaving."""
+
+
+class ProtocolViolation(MurmurError):
+    """The partner sent something invalid. `reason` labels the rejection counter."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class MalformedPayload(ProtocolViolation):
+    """Bytes that do not decode: garbage, truncated, inconsistent lengths, oversize."""
+
+
+class RejectedUpdate(ProtocolViolation):
+    """A well-formed message that fails a check: shape, dtype, finiteness, signature, run, round."""
