@@ -1,4 +1,4 @@
-"""Logging set-up shared by every murmur process: level from MURMUR_LOG_LEVEL, one format."""
+"""Logging set-up shared by every murmur process (protocol, peer, bootstrap): level from MURMUR_LOG_LEVEL."""
 
 from __future__ import annotations
 
