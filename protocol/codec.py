@@ -1,0 +1,401 @@
+"""Tensors <-> bytes for the wire: fp32, bf16, blockwise int8/int4, top-k, and error feedback.
+
+Never pickle, never torch.load: an `Encoded` carries its codec, the original dtype name and the shape
+explicitly, and the payload is plain little-endian numbers laid out as below (no header; the
+metadata travels in the proto fields beside the bytes).
+
+    fp32  numel float32
+    bf16  numel bfloat16
+    int8  nblocks float32 scales | numel int8            q in [-127, 127], x ~ q * scale
+    int4  nblocks float32 scales | ceil(numel/2) bytes   two values per byte, low nibble first,
+                                                         stored as q + 8 with q in [-7, 7]
+    topk  nblocks(k) float32 scales | k indices | k int8 values, indices strictly increasing;
+          index width 2 bytes (uint16) when numel <= 2**16, 4 (int32) up to 2**31, else 8 (int64)
+
+Scales are float32, not float16: pseudo-gradients are often 1e-6..1e-8 per entry, so absmax/127 falls
+below float16's smallest normal (6e-5) and its subnormals (down to 6e-8) and would flush whole blocks
+to zero; the cost is 4 bytes per 256 values (1.6%) instead of 2 (0.8%). Scales come first so that
+every multi-byte field starts 4-byte aligned.
+
+`decode` validates everything it can from the lengths and metadata before it allocates anything the
+size of the tensor, because the bytes come from strangers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from protocol.errors import MalformedPayload, Reason, RejectedUpdate
+
+CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+MAX_NDIM = 32
+# Hard ceiling on any tensor we will decode (64 GiB as float32), whatever max_numel says.
+MAX_NUMEL = 2**34
+
+_QMAX = {"int8": 127, "int4": 7, "topk": 127}
+# Largest |q| a payload can hold (the encoder never writes -128 or nibble 0, a forger can).
+_QMAX_WIRE = {"int8": 128, "int4": 8, "topk": 128}
+_SCALE_BYTES = 4
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CodecConfig:
+    """How a run's tensors are compressed; part of the manifest, so both sides agree on it."""
+
+    name: str = "int8"
+    """One of CODEC_NAMES."""
+    block_size: int = 256
+    """Values per scale for int8/int4, and for the int8 values topk keeps."""
+    topk_fraction: float = 0.01
+    """Share of entries topk keeps: k = max(1, ceil(fraction * numel)), fraction read as written."""
+
+    def __post_init__(self) -> None:
+        if self.name not in CODEC_NAMES:
+            raise ValueError(f"unknown codec {self.name!r}; expected one of {CODEC_NAMES}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ValueError(f"block_size must be an int, got {self.block_size!r}")
+        if not 1 <= self.block_size <= 2**20:
+            raise ValueError(f"block_size must be in [1, 2**20], got {self.block_size}")
+        fraction = self.topk_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ValueError(f"topk_fraction must be a number, got {fraction!r}")
+        if not (math.isfinite(fraction) and 0 < fraction <= 1):
+            raise ValueError(f"topk_fraction must be in (0, 1], got {fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tensor as it crosses the wire."""
+
+    codec: str
+    dtype: str
+    """Original torch dtype name: "float32", "bfloat16" or "float16"; decode returns this dtype."""
+    shape: tuple[int, ...]
+    payload: bytes
+
+
+def topk_count(numel: int, fraction: float) -> int:
+    """Entries topk keeps. The fraction is read as its decimal repr so 0.07 * 100 keeps 7, not 8."""
+    if numel == 0:
+        return 0
+    return min(numel, max(1, math.ceil(Fraction(repr(float(fraction))) * numel)))
+
+
+def index_width(numel: int) -> int:
+    """Bytes per topk index: the smallest of 2/4/8 that can address every entry."""
+    if numel <= 2**16:
+        return 2
+    return 4 if numel <= 2**31 else 8
+
+
+_INDEX_DTYPES = {2: torch.uint16, 4: torch.int32, 8: torch.int64}
+
+
+def payload_size(shape: tuple[int, ...], config: CodecConfig) -> int:
+    """Exact len(payload) that encode produces for this shape; decode insists on it."""
+    numel = math.prod(shape)
+    name, block = config.name, config.block_size
+    if name == "fp32":
+        return 4 * numel
+    if name == "bf16":
+        return 2 * numel
+    if name == "int8":
+        return _SCALE_BYTES * _ceil_div(numel, block) + numel
+    if name == "int4":
+        return _SCALE_BYTES * _ceil_div(numel, block) + _ceil_div(numel, 2)
+    k = topk_count(numel, config.topk_fraction)
+    return _SCALE_BYTES * _ceil_div(k, block) + k * index_width(numel) + k
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------- encode
+
+
+def encode(tensor: torch.Tensor, config: CodecConfig) -> Encoded:
+    """Compress a floating tensor on any device; raises ValueError if it holds NaN/inf (never sent)."""
+    dtype_name = _dtype_name(tensor.dtype)
+    shape = tuple(int(d) for d in tensor.shape)
+    flat = tensor.detach().reshape(-1)
+    if config.name == "fp32":
+        parts = [_checked_cast(flat, torch.float32)]
+    elif config.name == "bf16":
+        parts = [_checked_cast(flat, torch.bfloat16)]
+    elif config.name in ("int8", "int4"):
+        parts = _encode_blockwise(flat.float(), config, tensor.dtype)
+    else:
+        parts = _encode_topk(flat.float(), config, tensor.dtype)
+    payload = b"".join(_to_bytes(p) for p in parts)
+    return Encoded(codec=config.name, dtype=dtype_name, shape=shape, payload=payload)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, candidate in DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"cannot encode dtype {dtype}; expected one of {tuple(DTYPES)}")
+
+
+def _checked_cast(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast, then refuse non-finite results (this also catches float32 overflowing bfloat16)."""
+    out = flat.to(dtype)
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        raise ValueError("refusing to encode a tensor with NaN or inf")
+    return out
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """max |x| per block of `block` consecutive values; the last block may be partial. NaN propagates."""
+    full = x.numel() // block * block
+    parts = []
+    if full:
+        low, high = torch.aminmax(x[:full].view(-1, block), dim=1)
+        parts.append(torch.maximum(high, -low))
+    if x.numel() > full:
+        parts.append(x[full:].abs().amax().reshape(1))
+    return torch.cat(parts) if parts else x.new_empty(0)
+
+
+def _quantize(x: torch.Tensor, block: int, qmax: int, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantisation: (scales float32 (nblocks,), q int8 (numel,))."""
+    scales = _block_absmax(x, block) / qmax
+    if scales.numel():
+        biggest = float(scales.max())
+        if not math.isfinite(biggest):
+            raise ValueError("refusing to encode a tensor with NaN or inf")
+        if biggest > limit:
+            raise ValueError(f"values too large for {qmax}-level blocks of this dtype: scale {biggest}")
+    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.empty(x.numel(), dtype=torch.int8, device=x.device)
+    full = x.numel() // block * block
+    if full:
+        chunk = x[:full].view(-1, block) / divisor[: full // block, None]
+        q[:full].view(-1, block).copy_(chunk.round_().clamp_(-qmax, qmax))
+    if x.numel() > full:
+        q[full:] = (x[full:] / divisor[-1]).round_().clamp_(-qmax, qmax)
+    return scales, q
+
+
+def _scale_limit(name: str, dtype: torch.dtype) -> float:
+    """Largest scale whose worst wire value still fits the original dtype (q * scale never overflows)."""
+    return float(torch.finfo(dtype).max) / _QMAX_WIRE[name]
+
+
+def _encode_blockwise(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
+    name = config.name
+    scales, q = _quantize(x, config.block_size, _QMAX[name], _scale_limit(name, dtype))
+    if name == "int8":
+        return [scales, q]
+    return [scales, _pack_nibbles(q)]
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-7, 7] -> bytes holding q + 8, low nibble first; an odd tail pads with 8 (zero)."""
+    n = q.numel()
+    biased = torch.full((_ceil_div(n, 2) * 2,), 8, dtype=torch.uint8, device=q.device)
+    biased[:n] = (q + 8).to(torch.uint8)
+    pairs = biased.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _encode_topk(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
+    numel = x.numel()
+    k = topk_count(numel, config.topk_fraction)
+    if k == 0:
+        return []
+    magnitude = x.abs()
+    if not math.isfinite(float(magnitude.max())):
+        raise ValueError("refusing to encode a tensor with NaN or inf")
+    indices = torch.topk(magnitude, k, sorted=False).indices.sort().values
+    del magnitude
+    scales, q = _quantize(x[indices], config.block_size, _QMAX["topk"], _scale_limit("topk", dtype))
+    return [scales, indices.to(_INDEX_DTYPES[index_width(numel)]), q]
+
+
+# ---------------------------------------------------------------------------------------- decode
+
+
+def decode(
+    encoded: Encoded,
+    config: CodecConfig,
+    *,
+    expected_shape: tuple[int, ...] | None = None,
+    expected_dtype: str | None = None,
+    max_numel: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Bytes from a stranger -> tensor of the original dtype and shape on `device`.
+
+    Raises MalformedPayload (GARBAGE: wrong codec, bad length, bad indices; OVERSIZE: too many
+    elements) or RejectedUpdate (WRONG_SHAPE, WRONG_DTYPE, NON_FINITE). Nothing the size of the
+    tensor is allocated before the metadata and the payload length have been checked.
+    """
+    dtype = _check_metadata(encoded, config, expected_shape, expected_dtype, max_numel)
+    numel = math.prod(encoded.shape)
+    payload = encoded.payload
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise MalformedPayload(Reason.GARBAGE, f"payload is {type(payload).__name__}, not bytes")
+    expected_len = payload_size(encoded.shape, config)
+    if len(payload) != expected_len:
+        detail = f"payload is {len(payload)} bytes, {config.name} {encoded.shape} needs {expected_len}"
+        raise MalformedPayload(Reason.GARBAGE, detail)
+    reader = _Reader(bytearray(payload), torch.device(device))
+    if config.name == "fp32":
+        flat = _finite_values(reader.take(torch.float32, numel))
+    elif config.name == "bf16":
+        flat = _finite_values(reader.take(torch.bfloat16, numel))
+    elif config.name in ("int8", "int4"):
+        flat = _decode_blockwise(reader, numel, config, dtype)
+    else:
+        flat = _decode_topk(reader, numel, config, dtype)
+    return flat.to(dtype).reshape(encoded.shape)
+
+
+def _check_metadata(
+    encoded: Encoded,
+    config: CodecConfig,
+    expected_shape: tuple[int, ...] | None,
+    expected_dtype: str | None,
+    max_numel: int | None,
+) -> torch.dtype:
+    if encoded.codec != config.name:
+        raise MalformedPayload(Reason.GARBAGE, f"codec {encoded.codec!r}, the run uses {config.name!r}")
+    if encoded.dtype not in DTYPES:
+        raise RejectedUpdate(Reason.WRONG_DTYPE, f"dtype {encoded.dtype!r} is not one of {tuple(DTYPES)}")
+    if expected_dtype is not None and encoded.dtype != expected_dtype:
+        raise RejectedUpdate(Reason.WRONG_DTYPE, f"dtype {encoded.dtype}, expected {expected_dtype}")
+    shape = encoded.shape
+    if not isinstance(shape, tuple) or len(shape) > MAX_NDIM:
+        raise MalformedPayload(Reason.GARBAGE, f"shape must be a tuple of at most {MAX_NDIM} dims")
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise MalformedPayload(Reason.GARBAGE, f"shape {shape!r} must hold non-negative ints")
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise RejectedUpdate(Reason.WRONG_SHAPE, f"shape {shape}, expected {tuple(expected_shape)}")
+    ceiling = MAX_NUMEL if max_numel is None else min(max_numel, MAX_NUMEL)
+    numel = math.prod(shape)  # Python ints: exact however absurd the dims are
+    if numel > ceiling:
+        raise MalformedPayload(Reason.OVERSIZE, f"{numel} elements, at most {ceiling} allowed")
+    return DTYPES[encoded.dtype]
+
+
+class _Reader:
+    """Consecutive typed fields of a payload whose total length was already checked."""
+
+    def __init__(self, buffer: bytearray, device: torch.device) -> None:
+        self.buffer = buffer
+        self.device = device
+        self.offset = 0
+
+    def take(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        if count == 0:
+            return torch.empty(0, dtype=dtype, device=self.device)
+        out = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.offset)
+        self.offset += count * out.element_size()
+        return out.to(self.device)
+
+
+def _finite_values(values: torch.Tensor) -> torch.Tensor:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise RejectedUpdate(Reason.NON_FINITE, "payload holds NaN or inf")
+    return values
+
+
+def _take_scales(reader: _Reader, count: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    scales = _finite_values(reader.take(torch.float32, count))
+    if scales.numel() and float(scales.abs().max()) > _scale_limit(name, dtype):
+        raise RejectedUpdate(Reason.NON_FINITE, f"a scale would overflow {dtype}")
+    return scales
+
+
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 q * scale of its block, the last block possibly partial."""
+    out = q.to(torch.float32)
+    full = out.numel() // block * block
+    if full:
+        out[:full].view(-1, block).mul_(scales[: full // block, None])
+    if out.numel() > full:
+        out[full:].mul_(scales[-1])
+    return out
+
+
+def _decode_blockwise(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
+    scales = _take_scales(reader, _ceil_div(numel, config.block_size), config.name, dtype)
+    if config.name == "int8":
+        q = reader.take(torch.int8, numel)
+    else:
+        packed = reader.take(torch.uint8, _ceil_div(numel, 2))
+        nibbles = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)[:numel]
+        q = nibbles.to(torch.int8) - 8
+    return _dequantize(q, scales, config.block_size)
+
+
+def _decode_topk(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
+    k = topk_count(numel, config.topk_fraction)
+    scales = _take_scales(reader, _ceil_div(k, config.block_size), "topk", dtype)
+    indices = reader.take(_INDEX_DTYPES[index_width(numel)], k).to(torch.int64)
+    if k:
+        if int(indices.min()) < 0 or int(indices.max()) >= numel:
+            raise MalformedPayload(Reason.GARBAGE, f"topk index out of range for {numel} elements")
+        if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise MalformedPayload(Reason.GARBAGE, "topk indices must be strictly increasing")
+    values = _dequantize(reader.take(torch.int8, k), scales, config.block_size)
+    out = torch.zeros(numel, dtype=torch.float32, device=reader.device)
+    out[indices] = values
+    return out
+
+
+# ---------------------------------------------------------------------------------------- error feedback
+
+
+class ErrorFeedback:
+    """Carries what the codec dropped into the next round, per named tensor.
+
+    Lossy codecs are unbiased only over time: whatever this round's message could not carry is added
+    to the same tensor's next message, so the sum of what partners receive tracks the sum of what we
+    meant to send (the residual stays bounded instead of the error accumulating).
+    """
+
+    def __init__(self, config: CodecConfig) -> None:
+        self.config = config
+        self._residuals: dict[str, torch.Tensor] = {}
+
+    def encode(self, name: str, tensor: torch.Tensor) -> Encoded:
+        """encode(tensor + residual); the new residual is exactly what the receiver did not get."""
+        corrected = tensor.detach().float()
+        residual = self._residuals.get(name)
+        if residual is not None and residual.shape == corrected.shape:
+            corrected = corrected + residual.to(corrected.device)
+        encoded = encode(corrected.to(tensor.dtype), self.config)
+        received = decode(encoded, self.config, device=corrected.device).float()
+        self._residuals[name] = corrected - received
+        return encoded
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """float32 residuals by name, detached copies (safe to save with safetensors)."""
+        return {name: r.detach().clone() for name, r in self._residuals.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace all residuals; refuses non-float or non-finite tensors (a corrupt checkpoint)."""
+        loaded = {}
+        for name, r in state.items():
+            if not r.is_floating_point() or not bool(torch.isfinite(r).all()):
+                raise ValueError(f"residual {name!r} must be a finite floating tensor")
+            loaded[name] = r.detach().float().clone()
+        self._residuals = loaded
