@@ -33,6 +33,8 @@ class Reason(str, Enum):
     BANNED = "banned"
     RATE_LIMITED = "rate_limited"
     INCOMPATIBLE_VERSION = "incompatible_version"
+    TIMEOUT = "timeout"
+    """A stream took longer than the receiver allows (added by the wire: servers cap a call's time)."""
 
 
 class MurmurError(Exception):

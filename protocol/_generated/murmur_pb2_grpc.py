@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class PeerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every RPC carries the murmur reason of a refusal in trailing metadata `murmur-reason`.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -39,13 +40,40 @@ class PeerServiceStub:
                 request_serializer=protocol_dot___generated_dot_murmur__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protocol_dot___generated_dot_murmur__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.Exchange = channel.stream_stream(
+                '/murmur.v1.PeerService/Exchange',
+                request_serializer=protocol_dot___generated_dot_murmur__pb2.UpdateFrame.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_murmur__pb2.UpdateFrame.FromString,
+                _registered_method=True)
+        self.FetchState = channel.unary_stream(
+                '/murmur.v1.PeerService/FetchState',
+                request_serializer=protocol_dot___generated_dot_murmur__pb2.FetchStateRequest.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_murmur__pb2.StateFrame.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every RPC carries the murmur reason of a refusal in trailing metadata `murmur-reason`.
+    """
 
     def Info(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Who are you: version, run, round, slice, health.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exchange(self, request_iterator, context):
+        """Push-pull of one round: the caller streams its signed update (header, chunks); the callee checks
+        it, hands it on, and streams back its own signed update for the caller (or nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchState(self, request, context):
+        """Late join: the callee streams its current full weights with a signed content hash.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -58,6 +86,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     request_deserializer=protocol_dot___generated_dot_murmur__pb2.InfoRequest.FromString,
                     response_serializer=protocol_dot___generated_dot_murmur__pb2.InfoReply.SerializeToString,
             ),
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=protocol_dot___generated_dot_murmur__pb2.UpdateFrame.FromString,
+                    response_serializer=protocol_dot___generated_dot_murmur__pb2.UpdateFrame.SerializeToString,
+            ),
+            'FetchState': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchState,
+                    request_deserializer=protocol_dot___generated_dot_murmur__pb2.FetchStateRequest.FromString,
+                    response_serializer=protocol_dot___generated_dot_murmur__pb2.StateFrame.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'murmur.v1.PeerService', rpc_method_handlers)
@@ -67,7 +105,8 @@ def add_PeerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PeerService:
-    """Missing associated documentation comment in .proto file."""
+    """Every RPC carries the murmur reason of a refusal in trailing metadata `murmur-reason`.
+    """
 
     @staticmethod
     def Info(request,
@@ -86,6 +125,60 @@ class PeerService:
             '/murmur.v1.PeerService/Info',
             protocol_dot___generated_dot_murmur__pb2.InfoRequest.SerializeToString,
             protocol_dot___generated_dot_murmur__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/murmur.v1.PeerService/Exchange',
+            protocol_dot___generated_dot_murmur__pb2.UpdateFrame.SerializeToString,
+            protocol_dot___generated_dot_murmur__pb2.UpdateFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/murmur.v1.PeerService/FetchState',
+            protocol_dot___generated_dot_murmur__pb2.FetchStateRequest.SerializeToString,
+            protocol_dot___generated_dot_murmur__pb2.StateFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,81 @@
+"""Local bans and replay protection: the memory a server keeps about the peers that talk to it.
+
+Both are plain, synchronous, in-memory objects touched only from the event loop, with an injectable
+clock so tests need no sleeping. Neither is shared across processes: a ban is one peer's local
+decision (DESIGN.md section 4), and a restart forgets it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from protocol.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class BanList:
+    """Peer ids refused until a deadline. `duration_s` applies to every ban; bans never shorten."""
+
+    def __init__(self, duration_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if duration_s < 0:
+            raise ValueError("duration_s must be >= 0")
+        self.duration_s = duration_s
+        self._clock = clock
+        self._until: dict[str, float] = {}
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Refuse `peer_id` for `duration_s` from now (extends a running ban, never shortens it)."""
+        until = self._clock() + self.duration_s
+        if until > self._until.get(peer_id, float("-inf")):
+            self._until[peer_id] = until
+        log.warning("banned peer %s for %.0f s: %s", peer_id, self.duration_s, reason)
+
+    def is_banned(self, peer_id: str) -> bool:
+        """True while `peer_id`'s ban runs; expired bans are forgotten on the way."""
+        until = self._until.get(peer_id)
+        if until is None:
+            return False
+        if self._clock() >= until:
+            del self._until[peer_id]
+            return False
+        return True
+
+    def unban(self, peer_id: str) -> None:
+        """Lift a ban early (an operator's decision)."""
+        self._until.pop(peer_id, None)
+
+    def banned(self) -> list[str]:
+        """The peer ids banned right now."""
+        return [peer for peer in list(self._until) if self.is_banned(peer)]
+
+
+class ReplayGuard:
+    """Per (peer, slice) the highest round accepted; an update must carry a higher one.
+
+    `claim` records the round as soon as a header is accepted (before its payload arrives), so two
+    concurrent streams of the same update cannot both pass. Memory is bounded by `max_entries`: the
+    oldest-inserted keys are dropped first (a dropped peer could replay one old round once, which
+    still has to pass the signature check for this recipient).
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._highest: dict[tuple[str, int], int] = {}
+        self._max_entries = max_entries
+
+    def claim(self, peer_id: str, slice_index: int, round: int) -> bool:
+        """True, and remember the round, when it is newer than any seen for (peer, slice)."""
+        key = (peer_id, slice_index)
+        seen = self._highest.get(key)
+        if seen is not None and round <= seen:
+            return False
+        self._highest.pop(key, None)
+        self._highest[key] = round
+        while len(self._highest) > self._max_entries:
+            del self._highest[next(iter(self._highest))]
+        return True
+
+    def highest(self, peer_id: str, slice_index: int) -> int | None:
+        """The highest round accepted from (peer, slice), or None."""
+        return self._highest.get((peer_id, slice_index))

@@ -1,0 +1,323 @@
+"""The PeerService client: pinned TLS, a deadline on every call, replies checked like pushes.
+
+`async with PeerClient.connect(endpoint, peer_id=..., tls_fingerprint=..., identity=..., policy=...)`
+opens a channel whose only trusted root is the partner's own certificate, the one whose SHA-256
+fingerprint its signed announcement carries. The certificate comes from the announcement
+(`tls_certificate`) or, when absent, from a TLS probe of the endpoint; either way it must hash to the
+pinned fingerprint, and grpc then refuses any server that does not hold that certificate's key.
+
+Every failure surfaces as a `protocol.errors` class: TransportError (timeout, unreachable, pin
+mismatch), IncompatibleVersion, BannedPeer, or a ProtocolViolation with the partner's `reason`
+(either the partner refused our update, or its reply failed our checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from protocol import PROTOCOL_MAJOR
+from protocol._generated import murmur_pb2 as pb
+from protocol.errors import MalformedPayload, PeerTimeout, PeerUnreachable, Reason, RejectedUpdate
+from protocol.identity import TLS_SERVER_NAME, Identity, certificate_fingerprint, state_signing_bytes, verify
+from protocol.logs import get_logger
+from protocol.updates import (
+    OutgoingUpdate,
+    PayloadBuffer,
+    ReceivedUpdate,
+    ShapeTable,
+    WirePolicy,
+    authenticate_header,
+    chunked,
+    decode_payload,
+    plan_payload,
+    plan_state,
+    seal_update,
+)
+from protocol.wire import (
+    CHANNEL_OPTIONS,
+    check_version,
+    error_from_rpc,
+    error_from_status,
+    reason_from_metadata,
+)
+
+log = get_logger(__name__)
+
+_PATH = "/murmur.v1.PeerService/"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A partner's answer to Info."""
+
+    protocol_version: str
+    software_version: str
+    run_id: str
+    round: int
+    slice: int
+    health: str
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedState:
+    """Full weights from a donor; `content_sha256` checked against the bytes and the donor's signature."""
+
+    sender: str
+    run_id: str
+    round: int
+    tensors: dict[str, torch.Tensor]
+    content_sha256: bytes
+
+
+async def probe_certificate(endpoint: str, timeout: float) -> bytes:
+    """The DER certificate a TLS server at `endpoint` presents (unverified: the caller pins it)."""
+    host, _, port = endpoint.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                host.strip("[]"), int(port), ssl=context, server_hostname=TLS_SERVER_NAME
+            ),
+            timeout,
+        )
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        raise PeerUnreachable(f"{endpoint}: TLS probe failed ({exc!r})") from exc
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+    if not der:
+        raise PeerUnreachable(f"{endpoint}: presented no certificate")
+    return der
+
+
+class PeerClient:
+    """Calls on one partner. Build with `connect`; not reusable after the context exits."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        peer_id: str,
+        identity: Identity,
+        policy: WirePolicy | None,
+        deadline: float,
+    ) -> None:
+        self.peer_id = peer_id
+        self.identity = identity
+        self.policy = policy
+        self.deadline = deadline
+        self.bytes_sent = 0
+        """Serialized frame bytes this client sent (gRPC messages, before HTTP/2 and TLS framing)."""
+        self.bytes_received = 0
+        self._channel = channel
+        self._info = channel.unary_unary(_PATH + "Info", request_serializer=None, response_deserializer=None)
+        self._exchange = channel.stream_stream(
+            _PATH + "Exchange", request_serializer=None, response_deserializer=None
+        )
+        self._fetch = channel.unary_stream(
+            _PATH + "FetchState", request_serializer=None, response_deserializer=None
+        )
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        endpoint: str,
+        *,
+        peer_id: str,
+        tls_fingerprint: str,
+        identity: Identity,
+        policy: WirePolicy | None = None,
+        tls_certificate: bytes | None = None,
+        deadline: float = 60.0,
+    ) -> AsyncIterator[PeerClient]:
+        """A client of the peer `peer_id` at `endpoint`, pinned to `tls_fingerprint` (hex SHA-256 of DER).
+
+        `policy` is needed for `exchange` (run id, shapes, and `lookup` for the partner's key).
+        Raises PeerUnreachable when the certificate does not match the pin.
+        """
+        if tls_certificate is None:
+            der = await probe_certificate(endpoint, deadline)
+            tls_certificate = ssl.DER_cert_to_PEM_cert(der).encode()
+        if certificate_fingerprint(tls_certificate) != tls_fingerprint.lower():
+            raise PeerUnreachable(f"{endpoint}: TLS certificate does not match the pinned fingerprint")
+        credentials = grpc.ssl_channel_credentials(root_certificates=tls_certificate)
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
+        channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
+        try:
+            yield cls(channel, peer_id=peer_id, identity=identity, policy=policy, deadline=deadline)
+        finally:
+            await channel.close()
+
+    async def info(self) -> PeerInfo:
+        """The partner's versions, run, round, slice and health."""
+        request = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR).SerializeToString()
+        try:
+            raw = await self._info(request, timeout=self.deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
+        reply = _parse(pb.InfoReply, raw)
+        return PeerInfo(
+            reply.protocol_version,
+            reply.software_version,
+            reply.run_id,
+            reply.round,
+            reply.slice,
+            reply.health,
+            reply.peer_id,
+        )
+
+    async def exchange(self, update: OutgoingUpdate) -> ReceivedUpdate | None:
+        """Push `update` (signed for this partner) and return the partner's checked reply, if any."""
+        if self.policy is None:
+            raise ValueError("exchange needs a WirePolicy")
+        header = await asyncio.to_thread(
+            seal_update, update, identity=self.identity, run_id=self.policy.run_id, recipient=self.peer_id
+        )
+        call = self._exchange(timeout=self.deadline)
+        try:
+            await self._send(call, header, update)
+            return await self._read_reply(call)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            call.cancel()
+
+    async def _send(
+        self, call: grpc.aio.StreamStreamCall, header: pb.UpdateHeader, update: OutgoingUpdate
+    ) -> None:
+        frames = [pb.UpdateFrame(header=header).SerializeToString()]
+        try:
+            await self._write(call, frames[0])
+            for chunk in chunked(enc.payload for enc in update.tensors.values()):
+                await self._write(call, pb.UpdateFrame(chunk=chunk).SerializeToString())
+            await call.done_writing()
+        except asyncio.InvalidStateError:  # the partner ended the call early: say why
+            pass
+        if call.done():
+            await _raise_for_call(call)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, frame: bytes) -> None:
+        await call.write(frame)
+        self.bytes_sent += len(frame)
+
+    async def _read(self, call: grpc.aio.Call) -> bytes | None:
+        raw = await call.read()
+        if raw is grpc.aio.EOF:
+            await _raise_for_call(call)
+            return None
+        self.bytes_received += len(raw)
+        return raw
+
+    async def _read_reply(self, call: grpc.aio.StreamStreamCall) -> ReceivedUpdate | None:
+        first = await self._read(call)
+        if first is None:
+            return None
+        header = _frame_body(_parse(pb.UpdateFrame, first), "header")
+        check_version(header.protocol_major)
+        if header.sender != self.peer_id:
+            raise RejectedUpdate(
+                Reason.BAD_SIGNATURE, f"reply signed by {header.sender[:16]}, not the partner"
+            )
+        authenticate_header(header, self.policy, self.identity.peer_id)
+        planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
+        buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
+        await self._fill(call, buffer, pb.UpdateFrame)
+        tensors = await asyncio.to_thread(
+            decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype
+        )
+        return ReceivedUpdate(
+            sender=header.sender,
+            run_id=header.run_id,
+            round=header.round,
+            slice=header.slice,
+            tensors=tensors,
+            payload_sha256=header.payload_sha256,
+            payload_bytes=buffer.total,
+        )
+
+    async def _fill(self, call: grpc.aio.Call, buffer: PayloadBuffer, frame_type: type) -> None:
+        while buffer.received < buffer.total:
+            raw = await self._read(call)
+            if raw is None:
+                break
+            buffer.add(_frame_body(_parse(frame_type, raw), "chunk"))
+        buffer.finish()
+
+    async def fetch_state(
+        self, shapes: ShapeTable, *, run_id: str, public_key: bytes, expected_sha256: bytes | None = None
+    ) -> FetchedState:
+        """Stream the partner's full weights for `run_id`; every name of `shapes` must come, exactly.
+
+        `public_key` is the donor's Ed25519 key (from its announcement); its signature over the content
+        hash is checked, and so is the hash over the bytes. `expected_sha256`, when given, must match.
+        """
+        request = pb.FetchStateRequest(protocol_major=PROTOCOL_MAJOR, run_id=run_id).SerializeToString()
+        call = self._fetch(request, timeout=self.deadline)
+        try:
+            first = await self._read(call)
+            if first is None:
+                raise MalformedPayload(Reason.GARBAGE, "state stream ended before its header")
+            header = _frame_body(_parse(pb.StateFrame, first), "header")
+            self._check_state_header(header, run_id, public_key, expected_sha256)
+            planned = plan_state(header.tensors, shapes)
+            buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
+            await self._fill(call, buffer, pb.StateFrame)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            call.cancel()
+        tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.content_sha256, None)
+        return FetchedState(header.sender, header.run_id, header.round, tensors, header.content_sha256)
+
+    def _check_state_header(
+        self, header: pb.StateHeader, run_id: str, public_key: bytes, expected_sha256: bytes | None
+    ) -> None:
+        if header.run_id != run_id:
+            raise RejectedUpdate(Reason.WRONG_RUN, f"state of run {header.run_id[:16]!r}")
+        if header.sender != self.peer_id or len(header.content_sha256) != 32:
+            raise RejectedUpdate(Reason.BAD_SIGNATURE, "state not from the partner")
+        signed = state_signing_bytes(
+            run_id=run_id, round=header.round, content_sha256=header.content_sha256, sender=header.sender
+        )
+        if not verify(public_key, signed, header.signature):
+            raise RejectedUpdate(Reason.BAD_SIGNATURE, "state signature does not check")
+        if expected_sha256 is not None and header.content_sha256 != expected_sha256:
+            raise RejectedUpdate(Reason.BAD_SIGNATURE, "state hash is not the expected one")
+
+
+async def _raise_for_call(call: grpc.aio.Call) -> None:
+    """Raise the murmur error for a finished call that did not end OK."""
+    code = await call.code()
+    if code is grpc.StatusCode.OK:
+        return
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise PeerTimeout(await call.details() or "deadline exceeded")
+    reason = reason_from_metadata(await call.trailing_metadata())
+    raise error_from_status(code, await call.details() or "", reason)
+
+
+def _frame_body(frame: pb.UpdateFrame | pb.StateFrame, expected: str):
+    if frame.WhichOneof("body") != expected:
+        raise MalformedPayload(Reason.GARBAGE, f"expected a {expected} frame")
+    return getattr(frame, expected)
+
+
+def _parse(message_type: type, data: bytes):
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, ValueError, TypeError) as exc:
+        raise MalformedPayload(Reason.GARBAGE, f"not a {message_type.__name__}: {exc}") from exc

@@ -1,0 +1,348 @@
+"""The PeerService server: receives signed updates, hands valid ones on, refuses the rest precisely.
+
+Built from plain inputs (no training knowledge): an identity, a `WirePolicy` (run id, shape table,
+codec, key lookup), an async `on_update` callback, and optional providers for the pull half of an
+exchange (`reply_for`), for late joiners (`state_provider`) and for Info (`status`).
+
+Order of checks in Exchange (cheap and unauthenticated first, nothing large read before the cap):
+parse -> protocol version -> sender banned? -> run id -> sender known -> signature (addressed to us)
+-> [authenticated from here] tensor table vs the slice's shapes, exact payload lengths -> replay ->
+chunks (each 1..1 MiB, never beyond the announced total) -> signed digest and decode in a worker
+thread (shape, dtype, finiteness) -> `on_update` -> our reply, signed for the caller.
+
+Bans: only failures after the signature checked are bans, because before it the claimed peer id
+proves nothing (banning it would let anyone get an honest peer banned). Replays and timeouts are
+refused but not banned (an honest peer's retry looks like a replay). Every refusal is counted in
+`rejections` by reason and logged with the peer id and address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protocol import PROTOCOL_VERSION
+from protocol._generated import murmur_pb2 as pb
+from protocol.bans import BanList, ReplayGuard
+from protocol.errors import (
+    BannedPeer,
+    IncompatibleVersion,
+    MalformedPayload,
+    ProtocolViolation,
+    Reason,
+    RejectedUpdate,
+)
+from protocol.identity import Identity, state_signing_bytes
+from protocol.logs import get_logger
+from protocol.updates import (
+    OutgoingUpdate,
+    PayloadBuffer,
+    ReceivedUpdate,
+    StateSnapshot,
+    WirePolicy,
+    authenticate_header,
+    chunked,
+    decode_payload,
+    plan_payload,
+    seal_update,
+)
+from protocol.wire import (
+    CHANNEL_OPTIONS,
+    REASON_KEY,
+    STATUS_FOR_REASON,
+    check_version,
+    reason_of,
+    software_version,
+)
+
+log = get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PeerService"].full_name
+_REFUSALS = (ProtocolViolation, IncompatibleVersion, BannedPeer)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """What Info reports besides versions: where this peer is."""
+
+    round: int = 0
+    slice: int = 0
+    health: str = "ok"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """Limits of one server; defaults suit a volunteer peer on a home line."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port; read the real one from `PeerServer.port`."""
+    ban_duration_s: float = 600.0
+    exchange_timeout_s: float = 300.0
+    """The most one Exchange may take on our side, whatever deadline the caller set."""
+    max_concurrent_rpcs: int = 32
+    max_concurrent_fetches: int = 2
+    """FetchState streams served at once; more are refused with RATE_LIMITED."""
+
+
+class _Refusal(Exception):
+    """Internal: carries a refusal out of a handler together with who, if anyone, is to blame."""
+
+    def __init__(self, error: Exception, blame: str | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.blame = blame
+
+
+class PeerServer:
+    """A grpc.aio PeerService on a TLS port. `await start()`, then `await stop()` (or `async with`)."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        policy: WirePolicy,
+        on_update: Callable[[ReceivedUpdate], Awaitable[None]],
+        reply_for: Callable[[int, int], OutgoingUpdate | None] | None = None,
+        state_provider: Callable[[], StateSnapshot | None] | None = None,
+        status: Callable[[], PeerStatus] | None = None,
+        bans: BanList | None = None,
+        config: ServerConfig | None = None,
+    ) -> None:
+        self.identity = identity
+        self.policy = policy
+        self.config = config or ServerConfig()
+        self.bans = bans or BanList(self.config.ban_duration_s)
+        self.replay = ReplayGuard()
+        self.rejections: Counter[Reason] = Counter()
+        """Refusals by reason since start; the daemon exports them as metrics."""
+        self.accepted = 0
+        self._on_update = on_update
+        self._reply_for = reply_for or (lambda _round, _slice: None)
+        self._state_provider = state_provider or (lambda: None)
+        self._status = status or PeerStatus
+        self._fetch_slots = asyncio.Semaphore(self.config.max_concurrent_fetches)
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        """ "host:port" clients dial."""
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind (TLS with the identity's P-256 certificate) and serve."""
+        server = grpc.aio.server(
+            options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs
+        )
+        server.add_generic_rpc_handlers((self._handler(),))
+        credentials = grpc.ssl_server_credentials([(self.identity.tls_key_pem, self.identity.tls_cert_pem)])
+        self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", credentials)
+        if not self.port:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        log.info(
+            "PeerService of %s on %s (tls %s)",
+            self.identity.peer_id[:16],
+            self.endpoint,
+            self.identity.tls_fingerprint[:16],
+        )
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving; calls still running get `grace` seconds."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def __aenter__(self) -> PeerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _handler(self) -> grpc.GenericRpcHandler:
+        # Requests arrive as raw bytes (no deserializer) so that garbage is our GARBAGE, counted and
+        # answered precisely, instead of grpc's generic failure.
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Info": grpc.unary_unary_rpc_method_handler(
+                    self._info, response_serializer=pb.InfoReply.SerializeToString
+                ),
+                "Exchange": grpc.stream_stream_rpc_method_handler(
+                    self._exchange, response_serializer=pb.UpdateFrame.SerializeToString
+                ),
+                "FetchState": grpc.unary_stream_rpc_method_handler(
+                    self._fetch_state, response_serializer=pb.StateFrame.SerializeToString
+                ),
+            },
+        )
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, refusal: _Refusal) -> None:
+        """Count, log, maybe ban, and abort the call with the reason's status and metadata."""
+        reason = reason_of(refusal.error)
+        self.rejections[reason] += 1
+        if refusal.blame is not None and reason not in (Reason.REPLAY, Reason.TIMEOUT):
+            self.bans.ban(refusal.blame, reason.value)
+        log.info("refused %s from %s: %s", reason.value, context.peer(), refusal.error)
+        await context.abort(
+            STATUS_FOR_REASON[reason],
+            str(refusal.error)[:500],
+            trailing_metadata=((REASON_KEY, reason.value),),
+        )
+
+    # ------------------------------------------------------------------------------------- Info
+
+    async def _info(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.InfoReply:
+        try:
+            major = _parse(pb.InfoRequest, request).protocol_major
+            check_version(major)
+        except _REFUSALS as exc:
+            await self._refuse(context, _Refusal(exc, None))
+        status = self._status()
+        return pb.InfoReply(
+            protocol_version=PROTOCOL_VERSION,
+            software_version=software_version(),
+            run_id=self.policy.run_id,
+            round=status.round,
+            slice=status.slice,
+            health=status.health,
+            peer_id=self.identity.peer_id,
+        )
+
+    # --------------------------------------------------------------------------------- Exchange
+
+    async def _exchange(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.UpdateFrame]:
+        blame: list[str] = []  # the authenticated sender, once the signature checked
+        try:
+            update = await asyncio.wait_for(self._receive(requests, blame), self.config.exchange_timeout_s)
+        except asyncio.TimeoutError:
+            error = RejectedUpdate(Reason.TIMEOUT, f"exchange took over {self.config.exchange_timeout_s} s")
+            await self._refuse(context, _Refusal(error, blame[0] if blame else None))
+            return
+        except _REFUSALS as exc:
+            await self._refuse(context, _Refusal(exc, blame[0] if blame else None))
+            return
+        self.accepted += 1
+        try:
+            await self._on_update(update)
+        except Exception:
+            log.exception("on_update failed for an update from %s", update.sender[:16])
+            await context.abort(grpc.StatusCode.INTERNAL, "the receiver failed to use the update")
+        outgoing = self._reply_for(update.round, update.slice)
+        if outgoing is None:
+            return
+        header = await asyncio.to_thread(
+            seal_update, outgoing, identity=self.identity, run_id=self.policy.run_id, recipient=update.sender
+        )
+        yield pb.UpdateFrame(header=header)
+        for chunk in chunked(enc.payload for enc in outgoing.tensors.values()):
+            yield pb.UpdateFrame(chunk=chunk)
+
+    async def _receive(self, requests: AsyncIterator[bytes], blame: list[str]) -> ReceivedUpdate:
+        """Read, check and decode one pushed update; raises a refusal. Appends the sender to `blame`
+        as soon as its signature checked."""
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise MalformedPayload(Reason.GARBAGE, "empty stream")
+        frame = _parse(pb.UpdateFrame, first)
+        if frame.WhichOneof("body") != "header":
+            raise MalformedPayload(Reason.GARBAGE, "a stream must start with a header")
+        header = frame.header
+        check_version(header.protocol_major)
+        if self.bans.is_banned(header.sender):
+            raise BannedPeer(f"peer {header.sender[:16]} is banned here for a while")
+        authenticate_header(header, self.policy, self.identity.peer_id)
+        blame.append(header.sender)
+        planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
+        if not self.replay.claim(header.sender, header.slice, header.round):
+            seen = self.replay.highest(header.sender, header.slice)
+            raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {seen}")
+        buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
+        async for raw in requests:
+            if buffer.received == buffer.total:
+                break
+            frame = _parse(pb.UpdateFrame, raw)
+            if frame.WhichOneof("body") != "chunk":
+                raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
+            buffer.add(frame.chunk)
+            if buffer.received == buffer.total:
+                break
+        buffer.finish()
+        tensors = await asyncio.to_thread(
+            decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype
+        )
+        return ReceivedUpdate(
+            sender=header.sender,
+            run_id=header.run_id,
+            round=header.round,
+            slice=header.slice,
+            tensors=tensors,
+            payload_sha256=header.payload_sha256,
+            payload_bytes=buffer.total,
+        )
+
+    # ------------------------------------------------------------------------------- FetchState
+
+    async def _fetch_state(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StateFrame]:
+        try:
+            snapshot = self._checked_state_request(request)
+        except _REFUSALS as exc:
+            await self._refuse(context, _Refusal(exc, None))
+            return
+        if snapshot is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no state to serve yet")
+            return
+        if self._fetch_slots.locked():
+            await self._refuse(
+                context, _Refusal(MalformedPayload(Reason.RATE_LIMITED, "too many downloads"), None)
+            )
+            return
+        async with self._fetch_slots:
+            yield pb.StateFrame(header=self._state_header(snapshot))
+            for chunk in chunked(enc.payload for enc in snapshot.tensors.values()):
+                yield pb.StateFrame(chunk=chunk)
+
+    def _checked_state_request(self, request: bytes) -> StateSnapshot | None:
+        parsed = _parse(pb.FetchStateRequest, request)
+        check_version(parsed.protocol_major)
+        if parsed.run_id != self.policy.run_id:
+            raise RejectedUpdate(
+                Reason.WRONG_RUN, f"run {parsed.run_id[:16]!r}, this peer serves {self.policy.run_id[:16]!r}"
+            )
+        return self._state_provider()
+
+    def _state_header(self, snapshot: StateSnapshot) -> pb.StateHeader:
+        signed = state_signing_bytes(
+            run_id=self.policy.run_id,
+            round=snapshot.round,
+            content_sha256=snapshot.content_sha256,
+            sender=self.identity.peer_id,
+        )
+        return pb.StateHeader(
+            run_id=self.policy.run_id,
+            round=snapshot.round,
+            sender=self.identity.peer_id,
+            tensors=snapshot.entries,
+            content_sha256=snapshot.content_sha256,
+            signature=self.identity.sign(signed),
+        )
+
+
+def _parse(message_type: type, data: bytes):
+    """Parse untrusted bytes; any failure is GARBAGE."""
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, ValueError, TypeError) as exc:
+        raise MalformedPayload(Reason.GARBAGE, f"not a {message_type.__name__}: {exc}") from exc
