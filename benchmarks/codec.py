@@ -48,7 +48,9 @@ def structured_text(n_bytes: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(list(data), dtype=torch.int64)
 
 
-def pseudo_gradient(steps: int = 20, seed: int = 0, batch: int = 8) -> dict[str, torch.Tensor] | None:
+def pseudo_gradient(
+    steps: int = 20, seed: int = 0, batch: int = 8, seq_len: int | None = None
+) -> dict[str, torch.Tensor] | None:
     """delta = phi - theta per parameter of the tiny model after `steps` AdamW steps (lr 1e-3).
 
     None when peer.model is not there yet (the caller falls back to a synthetic tensor).
@@ -59,7 +61,7 @@ def pseudo_gradient(steps: int = 20, seed: int = 0, batch: int = 8) -> dict[str,
         return None
     torch.manual_seed(seed)
     model = Transformer(PRESETS["tiny"])
-    seq_len = model.config.seq_len
+    seq_len = seq_len or model.config.seq_len
     text = structured_text(64 * 1024, seed)
     phi = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
