@@ -21,10 +21,10 @@ import argparse
 import ast
 import gzip
 import io
+import keyword
 import re
 import sys
 import sysconfig
-import textwrap
 import tokenize
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,6 +39,7 @@ _MIN_WORDS = 6  # a paragraph shorter than this is a label ("Helper function."),
 _MIN_LETTER_SHARE = 0.75  # letters and spaces per character below which a line counts as code
 _CODE_PREFIXES = (">>>", "...", "$ ", "%", "#!", "|", "+--", "::")
 _WORD = re.compile(r"[A-Za-z]{2,}")
+_KEYWORDS = frozenset(keyword.kwlist)  # "try:", "else:", "pass", "True" alone on a line are code
 
 
 def is_prose_line(line: str) -> bool:
@@ -50,9 +51,17 @@ def is_prose_line(line: str) -> bool:
 
 
 def normalise_paragraph(lines: Iterable[str]) -> str:
-    """Dedent, expand tabs, strip trailing space and drop code lines; '' when too little prose is left."""
-    block = textwrap.dedent("\n".join(line.expandtabs(4).rstrip() for line in lines))
-    kept = [line.strip() for line in block.split("\n") if is_prose_line(line.strip())]
+    """Strip lines and drop code lines; '' when too little prose is left.
+
+    Everything from a doctest prompt to the end of the paragraph goes: doctest output runs until the
+    next blank line, and it is interpreter output (tracebacks, reprs, pdb sessions), not prose.
+    """
+    kept: list[str] = []
+    for line in (raw.strip() for raw in lines):
+        if line.startswith(">>>"):
+            break
+        if is_prose_line(line) and line.rstrip(":") not in _KEYWORDS:
+            kept.append(line)
     text = "\n".join(kept)
     return text if len(_WORD.findall(text)) >= _MIN_WORDS else ""
 

@@ -225,9 +225,12 @@ def test_missing_and_unusable_sources(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no .txt or .jsonl"):
         load_corpus(tmp_path)
     (tmp_path / "one.txt").write_text("a single paragraph")
-    with pytest.raises(ValueError, match="too few to hold out"):
+    with pytest.raises(ValueError, match="18 tokens, too few to hold out 5%"):
         load_corpus(tmp_path / "one.txt")
     assert load_corpus(tmp_path / "one.txt", val_fraction=0.0).val.numel() == 0
+    (tmp_path / "long.txt").write_text("x" * 1000 + "y" * 1000)  # one document: the tail is held out
+    long = load_corpus(tmp_path / "long.txt", val_fraction=0.1)
+    assert long.train.numel() == 1800 and long.val.tolist() == [ord("y")] * 200
     (tmp_path / "data.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported corpus file type"):
         load_corpus(tmp_path / "data.csv")
