@@ -181,24 +181,45 @@ def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat(parts) if parts else x.new_empty(0)
 
 
-def _quantize(x: torch.Tensor, block: int, qmax: int, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax quantisation: (scales float32 (nblocks,), q int8 (numel,))."""
-    scales = _block_absmax(x, block) / qmax
-    if scales.numel():
+def _quantize(x: torch.Tensor, block: int, qmax: int, limit: float, q: torch.Tensor) -> torch.Tensor:
+    """Symmetric absmax quantisation: fills q (int8, x's size) and returns the float32 block scales.
+
+    On CPU it walks the tensor in chunks of whole blocks through one reused float32 scratch buffer:
+    a tensor-sized temporary costs more in page faults than the arithmetic itself (2x faster on 16M).
+    """
+    numel = x.numel()
+    scales = torch.empty(_ceil_div(numel, block), dtype=torch.float32, device=x.device)
+    step = numel if x.device.type != "cpu" else max(block, _CHUNK // block * block)
+    scratch = torch.empty(min(step, numel), dtype=torch.float32, device=x.device)
+    for start in range(0, numel, step):
+        stop = min(numel, start + step)
+        chunk_scales = _block_absmax(x[start:stop], block).div_(qmax)
+        scales[start // block : start // block + chunk_scales.numel()] = chunk_scales
+        _quantize_chunk(x[start:stop], chunk_scales, block, qmax, q[start:stop], scratch)
+    if numel:
         biggest = float(scales.max())
         if not math.isfinite(biggest):
             raise ValueError("refusing to encode a tensor with NaN or inf")
         if biggest > limit:
             raise ValueError(f"values too large for {qmax}-level blocks of this dtype: scale {biggest}")
+    return scales
+
+
+_CHUNK = 2**20
+
+
+def _quantize_chunk(
+    x: torch.Tensor, scales: torch.Tensor, block: int, qmax: int, q: torch.Tensor, scratch: torch.Tensor
+) -> None:
+    """q = clamp(round(x / scale)) for a run of blocks starting on a block boundary."""
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.empty(x.numel(), dtype=torch.int8, device=x.device)
     full = x.numel() // block * block
     if full:
-        chunk = x[:full].view(-1, block) / divisor[: full // block, None]
-        q[:full].view(-1, block).copy_(chunk.round_().clamp_(-qmax, qmax))
+        buffer = scratch[:full].view(-1, block)
+        torch.div(x[:full].view(-1, block), divisor[: full // block, None], out=buffer)
+        q[:full].view(-1, block).copy_(buffer.round_().clamp_(-qmax, qmax))
     if x.numel() > full:
         q[full:] = (x[full:] / divisor[-1]).round_().clamp_(-qmax, qmax)
-    return scales, q
 
 
 def _largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -232,11 +253,19 @@ def _scale_limit(name: str, dtype: torch.dtype) -> float:
 
 
 def _encode_blockwise(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
-    name = config.name
-    scales, q = _quantize(x, config.block_size, _QMAX[name], _scale_limit(name, dtype))
+    """Quantise straight into the payload buffer, so the only copy left is the final tobytes."""
+    name, numel = config.name, x.numel()
+    out = torch.empty(payload_size((numel,), config), dtype=torch.uint8, device=x.device)
+    scale_bytes = _SCALE_BYTES * _ceil_div(numel, config.block_size)
     if name == "int8":
-        return [scales, q]
-    return [scales, _pack_nibbles(q)]
+        q = out[scale_bytes:].view(torch.int8)
+    else:
+        q = torch.empty(numel, dtype=torch.int8, device=x.device)
+    scales = _quantize(x, config.block_size, _QMAX[name], _scale_limit(name, dtype), q)
+    out[:scale_bytes].view(torch.float32).copy_(scales)
+    if name == "int4":
+        out[scale_bytes:] = _pack_nibbles(q)
+    return [out]
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -258,7 +287,8 @@ def _encode_topk(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> li
         raise ValueError("refusing to encode a tensor with NaN or inf")
     indices = _largest(magnitude, k)
     del magnitude
-    scales, q = _quantize(x[indices], config.block_size, _QMAX["topk"], _scale_limit("topk", dtype))
+    q = torch.empty(k, dtype=torch.int8, device=x.device)
+    scales = _quantize(x[indices], config.block_size, _QMAX["topk"], _scale_limit("topk", dtype), q)
     return [scales, indices.to(_INDEX_DTYPES[index_width(numel)]), q]
 
 
