@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -44,37 +45,34 @@ _DEFAULT_RESOURCE = "default.txt.gz"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _DOC_SEPARATOR = "\n\n"
 _SUFFIXES = (".txt", ".jsonl")
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y): int64 (B, T), y[:, t] = x[:, t + 1] in the window
 
 
-class Tokenizer:
-    """What the rest of murmur needs from a tokenizer; subclasses implement encode, decode, vocab_size.
+class Tokenizer(ABC):
+    """What murmur needs from a tokenizer, so callers need not care which one a run uses.
 
-    `encode_tensor` exists so that whole corpora are encoded without a Python list per token; its
-    default goes through `encode`, and a subclass overrides it when it has a faster path.
+    `encode_documents` encodes a whole corpus at once; its default goes through `encode`, and
+    subclasses override it when they have a path with no Python list per token.
     """
 
     name: str = "tokenizer"
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         """Number of distinct token ids; every id is in [0, vocab_size)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of text."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids (invalid byte sequences are replaced, never raised)."""
-        raise NotImplementedError
-
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        """Token ids of text as a 1-D tensor of the smallest dtype that holds the vocabulary."""
-        return torch.tensor(self.encode(text), dtype=token_dtype(self.vocab_size))
+        """Text of token ids; never raises on ids that do not form valid text."""
 
     def encode_documents(self, docs: Sequence[str], separator: str) -> torch.Tensor:
-        """Token ids of the documents joined by separator, as one 1-D tensor (see encode_tensor)."""
-        return self.encode_tensor(separator.join(docs))
+        """Ids of the documents joined by separator: 1-D, uint8 or int32 (see token_dtype)."""
+        return torch.tensor(self.encode(separator.join(docs)), dtype=token_dtype(self.vocab_size))
 
 
 class ByteTokenizer(Tokenizer):
@@ -95,12 +93,10 @@ class ByteTokenizer(Tokenizer):
         """UTF-8 decoding of the ids taken as bytes; broken sequences become U+FFFD."""
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def encode_tensor(self, text: str) -> torch.Tensor:
+    def encode_documents(self, docs: Sequence[str], separator: str) -> torch.Tensor:
         """uint8 tensor of the UTF-8 bytes, built without a Python loop."""
-        data = bytearray(text.encode("utf-8"))
-        if not data:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(data, dtype=torch.uint8)
+        data = bytearray(separator.join(docs).encode("utf-8"))
+        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 class JsonTokenizer(Tokenizer):
@@ -264,9 +260,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with a string field {text_field!r}"
-                )
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r}")
             if record[text_field].strip():
                 docs.append(record[text_field])
     return docs
@@ -364,7 +358,7 @@ class TokenStream:
             raise ValueError(f"need round >= 0 and 0 <= step < {self.steps_per_round}; got {round}, {step}")
         if not 1 <= batch_size <= self.windows_per_epoch:
             raise ValueError(
-                f"batch_size {batch_size} needs 1..{self.windows_per_epoch} windows per stream and epoch; "
+                f"batch_size {batch_size} needs 1..{self.windows_per_epoch} windows per stream and epoch "
                 f"({self.n_windows} windows of {self.seq_len + 1} tokens, {self.num_streams} streams)"
             )
         start = (round * self.steps_per_round + step) * batch_size
@@ -377,23 +371,18 @@ class TokenStream:
             ids[mask] = self._stream_windows(int(epoch))[offsets[mask]]
         return ids
 
-    def batch(self, round: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, round: int, step: int, batch_size: int) -> Batch:
         """(x, y), int64 of shape (batch_size, seq_len), y[:, t] = x[:, t + 1] within the window."""
         return windows_to_batch(self.tokens, self.window_ids(round, step, batch_size), self.seq_len)
 
 
-def windows_to_batch(
-    tokens: torch.Tensor, ids: torch.Tensor, seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather windows `ids` of seq_len + 1 tokens in one indexing op; (x, y) as int64 (B, T)."""
-    index = ids[:, None] * (seq_len + 1) + torch.arange(seq_len + 1)  # (B, T + 1)
-    rows = tokens[index].long()
-    return rows[:, :-1], rows[:, 1:]
+def windows_to_batch(tokens: torch.Tensor, ids: torch.Tensor, seq_len: int) -> Batch:
+    """Gather windows `ids` of seq_len + 1 tokens in one indexing op; (x, y), contiguous int64 (B, T)."""
+    rows = tokens[ids[:, None] * (seq_len + 1) + torch.arange(seq_len + 1)].long()  # (B, T + 1)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def val_batches(
-    corpus: Corpus, seq_len: int, batch_size: int, max_batches: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(corpus: Corpus, seq_len: int, batch_size: int, max_batches: int) -> Iterator[Batch]:
     """Deterministic (x, y) batches over the held-out split: the same windows every call.
 
     Uses min(max_batches * batch_size, available) non-overlapping windows spread evenly over the whole
@@ -406,8 +395,8 @@ def val_batches(
             f"corpus {corpus.name}: the val split has {corpus.val.numel()} tokens, "
             f"less than one window of {seq_len + 1}; raise val_fraction or shorten seq_len"
         )
-    count = min(max_batches * batch_size, available)
-    ids = torch.arange(count) * available // count
+    count = min(max(max_batches, 0) * batch_size, available)
+    ids = torch.arange(count) * available // max(count, 1)
     for start in range(0, count, batch_size):
         yield windows_to_batch(corpus.val, ids[start : start + batch_size], seq_len)
 

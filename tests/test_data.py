@@ -82,6 +82,7 @@ def test_batches_are_shifted_windows_of_the_corpus() -> None:
     stream = _stream(tokens, 1, 4)
     x, y = stream.batch(0, 2, 3)
     assert x.shape == y.shape == (3, 7) and x.dtype == y.dtype == torch.int64
+    assert x.is_contiguous() and y.is_contiguous()  # callers may .view() them
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
     assert torch.equal(x[:, 0] % 8, torch.zeros(3, dtype=torch.int64))  # aligned to window starts
     assert torch.equal(x[:, 0] // 8, stream.window_ids(0, 2, 3))
@@ -174,6 +175,7 @@ def test_val_batches_are_deterministic_and_cover_the_split(default: Corpus) -> N
     tiny = Corpus(name="t", train=torch.zeros(10), val=torch.arange(30, dtype=torch.uint8), vocab_size=256,
                   tokenizer=ByteTokenizer())  # fmt: skip
     assert [b[0].shape[0] for b in val_batches(tiny, 4, 4, 10)] == [4, 2]  # 6 windows, last batch short
+    assert list(val_batches(tiny, 4, 4, 0)) == []
     with pytest.raises(ValueError, match="val split"):
         next(val_batches(tiny, 40, 1, 1))
 
@@ -243,7 +245,7 @@ def test_byte_tokenizer_round_trips_unicode() -> None:
     tok = load_tokenizer(None)
     text = "naïve café — 東京"
     assert tok.decode(tok.encode(text)) == text and tok.vocab_size == 256
-    assert tok.encode_tensor(text).tolist() == tok.encode(text)
+    assert tok.encode_documents([text, text], "\n").tolist() == tok.encode(f"{text}\n{text}")
     assert tok.decode([0xFF]) == "\ufffd"
 
 
