@@ -42,6 +42,7 @@ from protocol.updates import (
     seal_update,
 )
 from protocol.wire import (
+    ACCEPT_KEY,
     CHANNEL_OPTIONS,
     check_version,
     error_from_rpc,
@@ -199,9 +200,12 @@ class PeerClient:
     async def _send(
         self, call: grpc.aio.StreamStreamCall, header: pb.UpdateHeader, update: OutgoingUpdate
     ) -> None:
-        frames = [pb.UpdateFrame(header=header).SerializeToString()]
         try:
-            await self._write(call, frames[0])
+            await self._write(call, pb.UpdateFrame(header=header).SerializeToString())
+            metadata = await call.initial_metadata()
+            if (ACCEPT_KEY, "1") not in tuple(metadata or ()):
+                await _raise_for_call(call)
+                raise PeerUnreachable("the partner ended the exchange without accepting the header")
             for chunk in chunked(enc.payload for enc in update.tensors.values()):
                 await self._write(call, pb.UpdateFrame(chunk=chunk).SerializeToString())
             await call.done_writing()

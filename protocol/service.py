@@ -52,6 +52,7 @@ from protocol.updates import (
     seal_update,
 )
 from protocol.wire import (
+    ACCEPT_KEY,
     CHANNEL_OPTIONS,
     REASON_KEY,
     STATUS_FOR_REASON,
@@ -224,7 +225,8 @@ class PeerServer:
     ) -> AsyncIterator[pb.UpdateFrame]:
         blame: list[str] = []  # the authenticated sender, once the signature checked
         try:
-            update = await asyncio.wait_for(self._receive(requests, blame), self.config.exchange_timeout_s)
+            receiving = self._receive(requests, blame, context)
+            update = await asyncio.wait_for(receiving, self.config.exchange_timeout_s)
         except asyncio.TimeoutError:
             error = RejectedUpdate(Reason.TIMEOUT, f"exchange took over {self.config.exchange_timeout_s} s")
             await self._refuse(context, _Refusal(error, blame[0] if blame else None))
@@ -248,7 +250,9 @@ class PeerServer:
         for chunk in chunked(enc.payload for enc in outgoing.tensors.values()):
             yield pb.UpdateFrame(chunk=chunk)
 
-    async def _receive(self, requests: AsyncIterator[bytes], blame: list[str]) -> ReceivedUpdate:
+    async def _receive(
+        self, requests: AsyncIterator[bytes], blame: list[str], context: grpc.aio.ServicerContext
+    ) -> ReceivedUpdate:
         """Read, check and decode one pushed update; raises a refusal. Appends the sender to `blame`
         as soon as its signature checked."""
         first = await anext(aiter(requests), None)
@@ -268,6 +272,7 @@ class PeerServer:
             seen = self.replay.highest(header.sender, header.slice)
             raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {seen}")
         buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
+        await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
         async for raw in requests:
             if buffer.received == buffer.total:
                 break

@@ -13,6 +13,12 @@ message text is for humans only. Clients branch on (code, reason), never on text
     oversize, rate_limited  RESOURCE_EXHAUSTED
     banned                  PERMISSION_DENIED
     timeout                 DEADLINE_EXCEEDED
+
+Exchange has one handshake inside the stream: the caller sends its header and waits; the callee answers
+with initial metadata `murmur-accept: 1` once the header passed every check, and only then does the
+caller send chunks. A refused update so costs its header, not its payload, and the refusal's status
+reaches the caller intact (grpc.aio reports a write that races the server's final status as
+"Internal error from Core", which would lose the reason).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from protocol.errors import (
 from protocol.updates import MAX_MESSAGE_BYTES
 
 REASON_KEY = "murmur-reason"
+ACCEPT_KEY = "murmur-accept"
+"""Initial metadata by which a server says "header accepted, send the chunks" in Exchange."""
 
 STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.GARBAGE: grpc.StatusCode.INVALID_ARGUMENT,

@@ -64,8 +64,10 @@ class PeerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request_iterator, context):
-        """Push-pull of one round: the caller streams its signed update (header, chunks); the callee checks
-        it, hands it on, and streams back its own signed update for the caller (or nothing).
+        """Push-pull of one round: the caller sends its signed update's header and waits; the callee checks
+        it and answers with initial metadata `murmur-accept: 1` (or refuses), then the caller streams the
+        chunks and half-closes; the callee checks and hands on the update, then streams back its own
+        signed update for the caller (header, chunks), or nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
