@@ -220,7 +220,7 @@ def _split_tail(tokens: torch.Tensor, val_fraction: float, name: str) -> tuple[t
 
 def default_corpus_text() -> str:
     """The embedded corpus, read through importlib.resources so it works from an installed wheel."""
-    data = resources.files("peer").joinpath("corpus", _DEFAULT_RESOURCE).read_bytes()
+    data = (resources.files("peer") / "corpus" / _DEFAULT_RESOURCE).read_bytes()
     return gzip.decompress(data).decode("utf-8")
 
 

@@ -3,7 +3,7 @@
 Why: a fresh install must be able to train (tests, `murmur simulate`, the demo) with no network and no
 dataset download. Every CPython install carries a few MB of English prose written by its developers:
 the language reference rendered for `help()` (pydoc_data/topics.py), the docstrings of the standard
-library, its longer comment blocks, and a few .txt/.rst files. All of it is under the Python Software
+library, its comment blocks, and a few .txt/.rst files. All of it is under the Python Software
 Foundation License.
 
 Contract: the output depends only on the interpreter's stdlib (run it with CPython 3.11 to reproduce
