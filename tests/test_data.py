@@ -68,8 +68,8 @@ def test_default_corpus_is_mostly_prose(default: Corpus) -> None:
 
 
 def test_val_split_is_disjoint_from_train(default: Corpus) -> None:
-    train_docs = set(default.tokenizer.decode(default.train.tolist()).split("\n\n"))
-    val_docs = default.tokenizer.decode(default.val.tolist()).split("\n\n")
+    train_docs = set(bytes(default.train.numpy()).decode("utf-8").split("\n\n"))
+    val_docs = bytes(default.val.numpy()).decode("utf-8").split("\n\n")
     assert 0.03 < default.val.numel() / (default.train.numel() + default.val.numel()) < 0.07
     assert not train_docs.intersection(val_docs)
 
