@@ -1,0 +1,234 @@
+"""The parameter partition of Partial Parameter Updates: which coordinates each slice trains.
+
+A slice is a `SliceLayout`: for every parameter it owns any part of, a `Region` (one or more index
+ranges along one dim). Two cuts, chosen in the run config:
+
+- `blocks`: slice k owns a group of consecutive transformer blocks, whole. The input embedding goes
+  with the lowest group, the final norm (and an untied head) with the highest. Blocks below a
+  slice's lowest block are frozen, so autograd never builds a backward graph through them.
+- `units`: slice k owns a share of every matrix's output units: its attention heads in q, k and v,
+  its hidden units in the MLP, a contiguous share of every d_model-sized output. Every slice needs
+  the full activation backward, but only its share of weight gradients and optimiser state.
+
+Costs are estimated per token from shapes, so they apply to models too large to instantiate here;
+`tests/test_subsets.py` checks them against torch's FLOP counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from peer.model import ModelConfig
+
+CUTS = ("blocks", "units")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SliceConfig:
+    """How the run cuts parameters into slices; part of the manifest."""
+
+    num_slices: int = 4
+    """K: peers are spread over K slices; each slice is trained by about N/K peers."""
+    cut: Literal["blocks", "units"] = "blocks"
+
+    def __post_init__(self) -> None:
+        if self.num_slices < 1:
+            raise ValueError(f"num_slices must be >= 1, got {self.num_slices}")
+        if self.cut not in CUTS:
+            raise ValueError(f"unknown cut {self.cut!r}; choose one of {', '.join(CUTS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """Index ranges [start, stop) along `dim` of one parameter; their union is what a slice owns."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def whole(cls, shape: tuple[int, ...]) -> Region:
+        return cls(0, ((0, shape[0]),)) if shape else cls(0, ())
+
+    def is_whole(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) > 0 and self.dim == 0 and self.ranges == ((0, shape[0]),)
+
+    def compact_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the owned part packed together: `dim` shrinks to the owned length."""
+        out = list(shape)
+        out[self.dim] = sum(stop - start for start, stop in self.ranges)
+        return tuple(out)
+
+    def numel(self, shape: tuple[int, ...]) -> int:
+        return int(torch.Size(self.compact_shape(shape)).numel())
+
+    def fraction(self, shape: tuple[int, ...]) -> float:
+        return sum(stop - start for start, stop in self.ranges) / shape[self.dim]
+
+    def views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Writable views of the owned parts of `tensor`, one per range."""
+        return [tensor.narrow(self.dim, start, stop - start) for start, stop in self.ranges]
+
+    def extract(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The owned part of `tensor`, packed into a new tensor of `compact_shape`."""
+        parts = self.views(tensor)
+        return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+
+    def scatter_(self, target: torch.Tensor, compact: torch.Tensor, *, add: bool = False) -> None:
+        """Write (or add) a packed tensor back into the owned part of `target`, in place."""
+        offset = 0
+        for view in self.views(target):
+            length = view.shape[self.dim]
+            piece = compact.narrow(self.dim, offset, length).to(view.dtype)
+            view.add_(piece) if add else view.copy_(piece)
+            offset += length
+
+
+SliceLayout = dict[str, Region]
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter, without allocating the model."""
+    from peer.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def block_of(name: str) -> int | None:
+    """The transformer block a parameter belongs to, or None for embeddings, final norm and head."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def partition(config: ModelConfig, slices: SliceConfig) -> list[SliceLayout]:
+    """The K slice layouts of a run; every coordinate is owned by exactly one slice."""
+    shapes = parameter_shapes(config)
+    if slices.cut == "blocks":
+        return _cut_blocks(config, slices.num_slices, shapes)
+    return _cut_units(config, slices.num_slices, shapes)
+
+
+def _cut_blocks(config: ModelConfig, k: int, shapes: dict[str, tuple[int, ...]]) -> list[SliceLayout]:
+    if k > config.n_layers:
+        raise ValueError(f"the blocks cut needs num_slices <= n_layers ({k} > {config.n_layers})")
+    layouts: list[SliceLayout] = [{} for _ in range(k)]
+    for name, shape in shapes.items():
+        block = block_of(name)
+        if block is not None:
+            owner = block * k // config.n_layers
+        elif name.startswith(("embed.", "pos_embed.")):
+            owner = 0
+        else:  # final_norm, untied head
+            owner = k - 1
+        layouts[owner][name] = Region.whole(shape)
+    return layouts
+
+
+def _even_ranges(length: int, k: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Split [0, length) into k contiguous ranges, boundaries on multiples of `unit` where possible."""
+    units = length // unit
+    if units < k:
+        raise ValueError(f"cannot split {units} units of size {unit} into {k} slices")
+    bounds = [i * units // k * unit for i in range(k)] + [length]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def _unit_region(name: str, shape: tuple[int, ...], config: ModelConfig, k: int, s: int) -> Region:
+    """Slice s's share of the output units of one parameter."""
+    if name.endswith("attn.qkv.weight"):  # rows [q | k | v], head_dim rows per head
+        start, stop = _even_ranges(config.d_model, k, config.head_dim)[s]
+        c = config.d_model
+        return Region(0, tuple((part * c + start, part * c + stop) for part in range(3)))
+    if name.endswith("mlp.up.weight") and config.mlp == "swiglu":  # rows [gate | up]
+        start, stop = _even_ranges(config.hidden, k)[s]
+        return Region(0, ((start, stop), (config.hidden + start, config.hidden + stop)))
+    if name in ("embed.weight", "pos_embed.weight"):  # outputs are the d_model features
+        return Region(1, (_even_ranges(shape[1], k)[s],))
+    return Region(0, (_even_ranges(shape[0], k)[s],))
+
+
+def _cut_units(config: ModelConfig, k: int, shapes: dict[str, tuple[int, ...]]) -> list[SliceLayout]:
+    if config.n_heads % k:
+        raise ValueError(f"the units cut needs n_heads divisible by num_slices ({config.n_heads} % {k})")
+    return [{name: _unit_region(name, shape, config, k, s) for name, shape in shapes.items()} for s in range(k)]
+
+
+def slice_numel(layout: SliceLayout, shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(region.numel(shapes[name]) for name, region in layout.items())
+
+
+def full_layout(shapes: dict[str, tuple[int, ...]]) -> SliceLayout:
+    """The layout that owns everything: DiLoCo and DDP peers."""
+    return {name: Region.whole(shape) for name, shape in shapes.items()}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SliceCost:
+    """What training one slice costs a peer, next to what the full model costs."""
+
+    params: int
+    """Trainable coordinates."""
+    state_bytes: int
+    """fp32 gradient + AdamW moments (3 x 4 bytes per trainable coordinate)."""
+    backward_flops_per_token: float
+    """Backward FLOPs per trained token, as this implementation spends them."""
+    ideal_backward_flops_per_token: float
+    """Backward FLOPs if weight gradients were computed only for owned rows (equal for `blocks`)."""
+
+
+_STATE_BYTES_PER_COORD = 12  # fp32 grad + exp_avg + exp_avg_sq
+
+
+def _matrices(config: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, out, in) of every weight matrix that a token passes through."""
+    c, h = config.d_model, config.hidden
+    up_rows = 2 * h if config.mlp == "swiglu" else h
+    mats = []
+    for b in range(config.n_layers):
+        p = f"blocks.{b}."
+        mats += [(p + "attn.qkv.weight", 3 * c, c), (p + "attn.out.weight", c, c)]
+        mats += [(p + "mlp.up.weight", up_rows, c), (p + "mlp.down.weight", c, h)]
+    head = "embed.weight" if config.tie_embeddings else "head.weight"
+    mats.append((head, config.vocab_size, c))
+    return mats
+
+
+def forward_flops_per_token(config: ModelConfig) -> float:
+    """Matmul FLOPs of one forward token (attention core counted at full T, as SDPA's math path runs)."""
+    attention = 4 * config.seq_len * config.d_model * config.n_layers
+    return attention + sum(2 * out * inp for _, out, inp in _matrices(config))
+
+
+def slice_cost(config: ModelConfig, layout: SliceLayout) -> SliceCost:
+    """Cost of training `layout`; with `full_layout` it is the full model's (DiLoCo's) cost."""
+    shapes = parameter_shapes(config)
+    blocks = [block_of(n) for n in layout]
+    lowest = min((b for b in blocks if b is not None), default=None)
+    if any(n.startswith(("embed.", "pos_embed.")) for n in layout):
+        lowest = 0  # the input embedding's gradient needs the backward through every block
+    actual = ideal = 0.0
+    for name, out, inp in _matrices(config):
+        block = block_of(name)
+        needs_input_grad = lowest is not None and (block is None or block >= lowest)
+        if needs_input_grad:
+            actual += 2 * out * inp
+            ideal += 2 * out * inp
+        region = layout.get(name)
+        if region is not None:
+            actual += 2 * out * inp  # autograd computes the whole weight gradient
+            ideal += 2 * out * inp * region.fraction(shapes[name])
+    if lowest is not None:
+        core = 8 * config.seq_len * config.d_model * (config.n_layers - lowest)
+        actual += core
+        ideal += core
+    params = slice_numel(layout, shapes)
+    return SliceCost(
+        params=params,
+        state_bytes=params * _STATE_BYTES_PER_COORD,
+        backward_flops_per_token=actual,
+        ideal_backward_flops_per_token=ideal,
+    )
