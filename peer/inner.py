@@ -1,0 +1,215 @@
+"""The inner loop: H AdamW steps on this peer's slice, everything else frozen, full forward pass.
+
+`SliceOptimizer` keeps gradients and AdamW moments for the owned coordinates only. Under the
+`blocks` cut unowned parameters have `requires_grad=False`, so autograd neither computes nor stores
+their gradients and stops below the lowest trainable block. Under the `units` cut every matrix is
+partly owned: a post-accumulate hook copies the owned rows of each gradient into a compact buffer
+and frees the full gradient at once, so peak gradient memory stays one parameter wide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peer.model import Transformer
+from peer.subsets import Region, SliceLayout
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InnerConfig:
+    """Inner optimiser of every peer; part of the manifest so peers never desync."""
+
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    """Decoupled; applied to matrices only (not norms)."""
+    warmup_steps: int = 50
+    total_steps: int = 10_000
+    """Length of the cosine schedule in a peer's own inner steps; past it the lr stays at the floor."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Max global norm of the slice's gradient; 0 disables clipping."""
+    steps_per_round: int = 20
+    """H: inner steps between two outer exchanges."""
+    batch_size: int = 8
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"inner lr must be positive and finite, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        for name in ("steps_per_round", "batch_size", "grad_accum", "total_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
+            raise ValueError("warmup_steps >= 0, 0 <= min_lr_ratio <= 1 and grad_clip >= 0 are required")
+
+
+def lr_at(step: int, config: InnerConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio * lr` at `total_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass(slots=True)
+class _Owned:
+    """One owned part of a parameter: the view to update, its gradient buffer, its AdamW moments."""
+
+    name: str
+    param: nn.Parameter
+    region: Region
+    compact: bool
+    grad: torch.Tensor | None = None
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+
+
+class SliceOptimizer:
+    """AdamW over the coordinates of one slice; the model's other parameters are frozen."""
+
+    def __init__(self, model: Transformer, layout: SliceLayout, config: InnerConfig) -> None:
+        self.config = config
+        self.steps = 0
+        self._owned: list[_Owned] = []
+        self._hooks = []
+        params = dict(model.named_parameters())
+        unknown = set(layout) - set(params)
+        if unknown:
+            raise ValueError(f"slice names parameters the model lacks: {sorted(unknown)[:3]}")
+        for name, param in params.items():
+            region = layout.get(name)
+            param.requires_grad_(region is not None)
+            param.grad = None
+            if region is None:
+                continue
+            owned = _Owned(name, param, region, compact=not region.is_whole(tuple(param.shape)))
+            if owned.compact:
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._compact_hook(owned)))
+            self._owned.append(owned)
+
+    @staticmethod
+    def _compact_hook(owned: _Owned) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            part = owned.region.extract(param.grad)
+            owned.grad = part if owned.grad is None else owned.grad.add_(part)
+            param.grad = None
+
+        return hook
+
+    def _grads(self) -> Iterator[tuple[_Owned, torch.Tensor]]:
+        for o in self._owned:
+            grad = o.grad if o.compact else o.param.grad
+            if grad is not None:
+                yield o, grad
+
+    def zero_grad(self) -> None:
+        for o in self._owned:
+            o.grad = None
+            o.param.grad = None
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale the slice's gradient to global norm <= max_norm; returns the norm before clipping."""
+        grads = [g for _, g in self._grads()]
+        if not grads:
+            return 0.0
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if max_norm > 0:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return float(norm)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        beta1, beta2 = self.config.betas
+        self.steps += 1
+        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        for o, grad in self._grads():
+            if o.exp_avg is None:
+                o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+            o.exp_avg.lerp_(grad, 1 - beta1)
+            o.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            update = (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
+            if o.compact:
+                current = o.region.extract(o.param.data)
+                self._apply(current, update, lr, decay=o.param.ndim >= 2)
+                o.region.scatter_(o.param.data, current)
+            else:
+                self._apply(o.param.data, update, lr, decay=o.param.ndim >= 2)
+
+    def _apply(self, weights: torch.Tensor, update: torch.Tensor, lr: float, *, decay: bool) -> None:
+        if decay and self.config.weight_decay:
+            weights.mul_(1 - lr * self.config.weight_decay)
+        weights.add_(update.to(weights.dtype), alpha=-lr)
+
+    def state_bytes(self) -> int:
+        """Bytes of gradient buffers and AdamW moments this optimiser holds (or will, after a step)."""
+        return sum(o.region.numel(tuple(o.param.shape)) * 12 for o in self._owned)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map (safetensors-friendly) of the moments and the step count."""
+        state = {"steps": torch.tensor(self.steps, dtype=torch.int64)}
+        for o in self._owned:
+            if o.exp_avg is not None:
+                state[f"{o.name}.exp_avg"] = o.exp_avg
+                state[f"{o.name}.exp_avg_sq"] = o.exp_avg_sq
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps = int(state["steps"])
+        for o in self._owned:
+            shape = o.region.compact_shape(tuple(o.param.shape))
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = state.get(f"{o.name}.{key}")
+                if value is not None and tuple(value.shape) != shape:
+                    raise ValueError(f"{o.name}.{key} has shape {tuple(value.shape)}, expected {shape}")
+                setattr(o, key, None if value is None else value.to(o.param.device, torch.float32).clone())
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class InnerStats:
+    mean_loss: float
+    tokens: int
+    steps: int
+
+
+Batches = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+"""(step, micro) -> (inputs, targets): where a peer's tokens come from."""
+
+
+def inner_round(
+    model: Transformer, optimizer: SliceOptimizer, batches: Batches, device: torch.device
+) -> InnerStats:
+    """Run H inner steps on the slice (theta moves; phi is untouched elsewhere)."""
+    config = optimizer.config
+    model.train()
+    losses, tokens = [], 0
+    for _ in range(config.steps_per_round):
+        step = optimizer.steps
+        optimizer.zero_grad()
+        for micro in range(config.grad_accum):
+            x, y = batches(step, micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = model.loss(x, y)
+            (loss / config.grad_accum).backward()
+            losses.append(loss.detach())
+            tokens += x.numel()
+        optimizer.clip_grad_norm(config.grad_clip)
+        optimizer.step(lr_at(step, config))
+    mean_loss = float(torch.stack(losses).mean())
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"inner loss became {mean_loss}; lower the inner lr")
+    return InnerStats(mean_loss=mean_loss, tokens=tokens, steps=config.steps_per_round)

@@ -1,0 +1,112 @@
+"""Slices: every coordinate owned once, frozen parts stay frozen, costs match parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from peer.inner import InnerConfig, SliceOptimizer
+from peer.model import ModelConfig, Transformer
+from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
+
+pytestmark = pytest.mark.timeout(60)
+
+MODEL = ModelConfig(d_model=32, n_layers=4, n_heads=4, seq_len=16)
+
+
+@pytest.mark.parametrize("cut", ["blocks", "units"])
+def test_every_coordinate_is_owned_exactly_once(cut: str) -> None:
+    shapes = parameter_shapes(MODEL)
+    owners = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    for layout in partition(MODEL, SliceConfig(num_slices=4, cut=cut)):
+        for name, region in layout.items():
+            for view in region.views(owners[name]):
+                view += 1
+    assert all(torch.all(count == 1) for count in owners.values())
+
+
+def test_units_cut_keeps_heads_whole() -> None:
+    layout = partition(MODEL, SliceConfig(num_slices=2, cut="units"))[1]
+    region = layout["blocks.0.attn.qkv.weight"]
+    # heads 2 and 3 (rows 16..32) of each of q, k, v
+    assert region.ranges == ((16, 32), (48, 64), (80, 96))
+
+
+def test_bad_cuts_are_refused() -> None:
+    with pytest.raises(ValueError, match="n_layers"):
+        partition(MODEL, SliceConfig(num_slices=5, cut="blocks"))
+    with pytest.raises(ValueError, match="n_heads"):
+        partition(MODEL, SliceConfig(num_slices=3, cut="units"))
+
+
+def _train_steps(model: Transformer, optimizer: SliceOptimizer, steps: int = 3) -> None:
+    torch.manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(0, 256, (2, 16))
+        optimizer.zero_grad()
+        model.loss(x, x.roll(-1, 1)).backward()
+        optimizer.step(1e-2)
+
+
+@pytest.mark.parametrize("cut", ["blocks", "units"])
+def test_training_a_slice_changes_only_its_coordinates(cut: str) -> None:
+    torch.manual_seed(0)
+    model = Transformer(MODEL)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layout = partition(MODEL, SliceConfig(num_slices=4, cut=cut))[2]
+    optimizer = SliceOptimizer(model, layout, InnerConfig())
+    _train_steps(model, optimizer)
+    for name, p in model.named_parameters():
+        changed = (p.detach() != before[name]).float()
+        owned = torch.zeros_like(changed)
+        if name in layout:
+            for view in layout[name].views(owned):
+                view.fill_(1)
+        assert torch.all(changed <= owned), f"{name} changed outside the slice"
+        if cut == "blocks":
+            assert p.requires_grad == (name in layout)
+        assert p.grad is None or name in layout
+    state = optimizer.state_dict()
+    assert {k.rsplit(".", 1)[0] for k in state if k != "steps"} == set(layout)
+    for name, region in layout.items():
+        assert tuple(state[f"{name}.exp_avg"].shape) == region.compact_shape(tuple(before[name].shape))
+
+
+def test_slice_state_is_a_quarter_of_the_full_model() -> None:
+    shapes = parameter_shapes(MODEL)
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    model = Transformer(MODEL)
+    full_bytes = SliceOptimizer(model, full_layout(shapes), InnerConfig()).state_bytes()
+    assert full_bytes == 12 * total
+    for cut in ("blocks", "units"):
+        layouts = partition(MODEL, SliceConfig(num_slices=4, cut=cut))
+        sizes = [SliceOptimizer(Transformer(MODEL), lay, InnerConfig()).state_bytes() for lay in layouts]
+        assert sum(sizes) == full_bytes
+        assert all(0.15 < s / full_bytes < 0.35 for s in sizes), sizes
+
+
+def _measured_backward_flops(layout: dict) -> float:
+    torch.manual_seed(0)
+    model = Transformer(MODEL)
+    SliceOptimizer(model, layout, InnerConfig())
+    x = torch.randint(0, 256, (2, MODEL.seq_len))
+    loss = model.loss(x, x)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def test_blocks_cut_backward_flops_match_the_estimate() -> None:
+    shapes = parameter_shapes(MODEL)
+    full_measured = _measured_backward_flops(full_layout(shapes))
+    full_estimate = slice_cost(MODEL, full_layout(shapes)).backward_flops_per_token
+    ratios = []
+    for layout in partition(MODEL, SliceConfig(num_slices=4, cut="blocks")):
+        measured = _measured_backward_flops(layout) / full_measured
+        estimated = slice_cost(MODEL, layout).backward_flops_per_token / full_estimate
+        assert measured == pytest.approx(estimated, rel=0.1)
+        ratios.append(measured)
+    assert ratios == sorted(ratios, reverse=True), "higher slices should need less backward"
+    assert ratios[-1] < 0.4  # the top slice skips the backward through three of four blocks
