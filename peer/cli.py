@@ -1,0 +1,131 @@
+"""The `murmur` command. Thin click commands that parse flags and call library objects.
+
+Every option can also come from the environment as MURMUR_<COMMAND>_<OPTION> (for Docker).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from peer import __version__
+from peer.model import PRESETS
+
+SIM_METHODS = ("ddp", "diloco", "ppu", "gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc")
+CODECS = ("fp32", "bf16", "int8", "int4", "topk")
+
+
+@click.group(context_settings={"auto_envvar_prefix": "MURMUR", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="murmur")
+def main() -> None:
+    """murmur: train one language model with strangers' GPUs, peer to peer."""
+
+
+def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in SIM_METHODS]
+    if unknown or not methods:
+        raise click.BadParameter(f"unknown method(s) {unknown}; choose from {', '.join(SIM_METHODS)}")
+    return methods
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--peers", type=click.IntRange(2, 256), default=8, show_default=True, help="Virtual peers N.")
+@click.option("--methods", default="ddp,diloco,ppu,gossip-ppu", show_default=True, callback=_methods,
+              help=f"Comma-separated, from: {', '.join(SIM_METHODS)}.")  # fmt: skip
+@click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True, help="Parameter slices K.")
+@click.option("--cut", type=click.Choice(["blocks", "units"]), default="blocks", show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default="int8", show_default=True,
+              help="Codec of the pseudo-gradients peers exchange (with error feedback).")  # fmt: skip
+@click.option("--tokens", type=click.IntRange(1), default=None,
+              help="Token budget of every method, all peers together. [default: 10 rounds]")  # fmt: skip
+@click.option("--steps-per-round", "-H", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Per peer and step.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Inner lr.")
+@click.option("--fanout", type=click.IntRange(1, 8), default=1, show_default=True, help="Gossip partners/round.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data", default=None, help="A .txt/.jsonl file or folder; the bundled corpus by default.")
+@click.option("--sweep", is_flag=True, help="Try a grid of outer lr/momentum per method; report each at its best.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def simulate(
+    preset: str, peers: int, methods: list[str], slices: int, cut: str, codec: str, tokens: int | None,
+    steps_per_round: int, batch_size: int, lr: float, fanout: int, seed: int, data: str | None,
+    sweep: bool, json_path: Path | None, plot_path: Path | None,
+) -> None:  # fmt: skip
+    """Compare DDP, DiLoCo, all-reduce PPU and gossip PPU with N virtual peers in one process.
+
+    \b
+    Example:
+      murmur simulate --preset tiny --peers 8 --methods ddp,diloco,ppu,gossip-ppu --json out.json
+    """
+    import torch
+    from tqdm import tqdm
+
+    from peer import compare
+    from peer.data import load_corpus
+    from peer.inner import InnerConfig
+    from peer.sim import SimConfig
+    from peer.subsets import SliceConfig
+    from protocol.codec import CodecConfig
+
+    model = PRESETS[preset]
+    try:
+        corpus = load_corpus(data, val_fraction=0.05)
+        per_round = peers * steps_per_round * batch_size * model.seq_len
+        rounds = 10 if tokens is None else tokens // per_round
+        if rounds < 1:
+            hint = f"{tokens} tokens is less than one round ({per_round} tokens)"
+            raise click.BadParameter(hint, param_hint="--tokens")
+        total = rounds * steps_per_round
+        inner = InnerConfig(lr=lr, steps_per_round=steps_per_round, batch_size=batch_size,
+                            total_steps=total, warmup_steps=min(50, max(1, total // 10)))  # fmt: skip
+        config = SimConfig(model=model, inner=inner, slices=SliceConfig(num_slices=slices, cut=cut),
+                           codec=CodecConfig(name=codec), peers=peers, rounds=rounds, fanout=fanout,
+                           seed=seed, eval_every=max(1, rounds // 10))  # fmt: skip
+        _check_cut(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.UsageError(str(error)) from error
+    torch.manual_seed(seed)
+    click.echo(f"simulating {', '.join(methods)}: {peers} peers, {rounds} rounds of H={steps_per_round}, "
+               f"{rounds * per_round:,} tokens per method, K={slices} ({cut}), codec {codec}", err=True)  # fmt: skip
+    progress = _progress_bars(tqdm, rounds)
+    run = compare.sweep if sweep else compare.run_methods
+    result = run(methods, corpus, config, progress)
+    click.echo(compare.format_table(result))
+    if json_path:
+        compare.write_json(result, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        compare.plot(result, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
+
+
+def _check_cut(config: object) -> None:
+    """Fail before training when the cut cannot split this model (e.g. K > n_layers for blocks)."""
+    from peer.subsets import partition
+
+    partition(config.model, config.slices)
+
+
+def _progress_bars(tqdm: Callable, rounds: int) -> Callable[[str], Callable[[], None]]:
+    def start(label: str) -> Callable[[], None]:
+        bar = tqdm(total=rounds, desc=f"{label:<22}", unit="round", file=sys.stderr, leave=True,
+                   disable=None)  # fmt: skip
+
+        def tick() -> None:
+            bar.update(1)
+            if bar.n >= rounds:
+                bar.close()
+
+        return tick
+
+    return start
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""N virtual peers in one process, no network: compares DDP, DiLoCo, all-reduce PPU and gossip PPU.
+
+Every method sees the same tokens (each peer's deterministic stream, round by round) and the same
+inner optimiser, so differences come from the outer step and the parameter slices alone. The outer
+steps are the functions of `peer/outer.py` that the daemon calls; pseudo-gradients go through the
+real codec (with error feedback), so compression costs show up in the loss.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from peer.data import Corpus, TokenStream, unigram_entropy, val_batches
+from peer.inner import InnerConfig, SliceOptimizer, inner_round
+from peer.model import ModelConfig, Transformer
+from peer.outer import (
+    Contribution,
+    CoordinateMean,
+    OuterConfig,
+    Params,
+    consensus_distance,
+    gossip_step,
+    initial_state,
+    nesterov_step,
+    pseudo_gradient,
+    weight_slice,
+)
+from peer.subsets import SliceConfig, SliceLayout, full_layout, parameter_shapes, partition, slice_cost
+from protocol.codec import CodecConfig, ErrorFeedback, decode, payload_size
+
+METHODS = ("ddp", "diloco", "ppu", "gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc")
+
+# Outer settings per method, chosen from `murmur simulate --sweep` (see README "Simulator results").
+DEFAULT_OUTER: dict[str, OuterConfig] = {
+    "diloco": OuterConfig(rule="nesterov", lr=0.7, momentum=0.9),
+    "ppu": OuterConfig(rule="nesterov", lr=0.7, momentum=0.5),
+    "gossip-ppu-noloco": OuterConfig(rule="noloco", lr=0.7, momentum=0.5, consensus=0.7),
+    "gossip-ppu-gasloc": OuterConfig(rule="gasloc", lr=0.7, momentum=0.5, consensus=1.0),
+}
+DEFAULT_OUTER["gossip-ppu"] = DEFAULT_OUTER["gossip-ppu-noloco"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SimConfig:
+    model: ModelConfig
+    inner: InnerConfig
+    slices: SliceConfig = field(default_factory=SliceConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    weights_codec: CodecConfig = field(default_factory=lambda: CodecConfig(name="bf16"))
+    """Codec of the weight slice gossip sends for the consensus term."""
+    peers: int = 8
+    rounds: int = 10
+    fanout: int = 1
+    """Gossip partners per round (random matchings; partners with other slices preferred)."""
+    seed: int = 0
+    eval_every: int = 2
+    eval_batches: int = 8
+    outer: dict[str, OuterConfig] = field(default_factory=lambda: dict(DEFAULT_OUTER))
+
+    @property
+    def tokens_per_round(self) -> int:
+        i = self.inner
+        return self.peers * i.steps_per_round * i.batch_size * i.grad_accum * self.model.seq_len
+
+
+@dataclass(kw_only=True, slots=True)
+class MethodResult:
+    val_loss: float
+    """Mean over peers of each peer's own weights' validation loss."""
+    val_loss_of_mean_weights: float
+    train_loss: float
+    tokens: int
+    bytes_per_peer_per_round: int
+    backward_flops: float
+    peak_state_bytes_per_peer: int
+    consensus_distance: float
+    wall_seconds: float
+    outer: dict
+    curve: list[tuple[int, float]]
+
+
+def evaluate(model: Transformer, weights: Params, corpus: Corpus, config: SimConfig) -> float:
+    """Validation loss of `weights` on the same held-out batches every time."""
+    load_weights(model, weights)
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for x, y in val_batches(corpus, config.model.seq_len, config.inner.batch_size * 2, config.eval_batches):
+            losses.append(float(model.loss(x, y)))
+    return sum(losses) / len(losses)
+
+
+def load_weights(model: Transformer, weights: Params) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+
+
+def snapshot(model: Transformer) -> Params:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def average(phis: list[Params]) -> Params:
+    return {name: torch.stack([p[name] for p in phis]).mean(0) for name in phis[0]}
+
+
+def matchings(n: int, fanout: int, slice_of: list[int], rng: random.Random) -> list[set[int]]:
+    """Partners of each peer: `fanout` random perfect matchings, the one with most cross-slice pairs kept."""
+    partners: list[set[int]] = [set() for _ in range(n)]
+    for _ in range(fanout):
+        best, best_score = None, -1
+        for _ in range(8):
+            order = list(range(n))
+            rng.shuffle(order)
+            pairs = [(order[i], order[i + 1]) for i in range(0, n - 1, 2)]
+            score = sum(slice_of[a] != slice_of[b] for a, b in pairs)
+            if score > best_score:
+                best, best_score = pairs, score
+        for a, b in best:
+            partners[a].add(b)
+            partners[b].add(a)
+    return partners
+
+
+class Simulation:
+    """One method's run: peers, their streams and optimisers, and the outer step between rounds."""
+
+    def __init__(self, method: str, corpus: Corpus, config: SimConfig) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        self.method, self.corpus, self.config = method, corpus, config
+        torch.manual_seed(config.seed)
+        self.model = Transformer(config.model)
+        phi = snapshot(self.model)
+        self.shapes = parameter_shapes(config.model)
+        sliced = method in ("ppu",) or method.startswith("gossip")
+        all_slices = partition(config.model, config.slices) if sliced else [full_layout(self.shapes)]
+        self.layouts = [all_slices[k % len(all_slices)] for k in range(config.peers)]
+        self.all_slices = all_slices
+        self.outer = config.outer.get(method)
+        self.phis = [phi] if method in ("ddp", "diloco", "ppu") else [_clone(phi) for _ in range(config.peers)]
+        init = self.outer if self.outer is not None else OuterConfig()
+        self.states = [initial_state(p, init) for p in self.phis]
+        self.models = [Transformer(config.model) for _ in range(config.peers)] if method != "ddp" else []
+        ddp_inner = replace(config.inner, batch_size=config.inner.batch_size * config.peers)
+        if method == "ddp":
+            self.optimizers = [SliceOptimizer(self.model, full_layout(self.shapes), ddp_inner)]
+        else:
+            self.optimizers = [SliceOptimizer(m, lay, config.inner) for m, lay in zip(self.models, self.layouts)]
+        self.feedback = [ErrorFeedback(config.codec) for _ in range(config.peers)]
+        self.streams = [
+            TokenStream(corpus.train, config.model.seq_len, stream_index=k, num_streams=config.peers,
+                        steps_per_round=config.inner.steps_per_round * config.inner.grad_accum, seed=config.seed)
+            for k in range(config.peers)
+        ]  # fmt: skip
+        self.rng = random.Random(config.seed)
+        self.bytes_sent = 0
+        self.train_loss = float("nan")
+
+    def batches(self, k: int, round_index: int) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        accum, b = self.config.inner.grad_accum, self.config.inner.batch_size
+
+        def get(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+            local = (step % self.config.inner.steps_per_round) * accum + micro
+            if self.method != "ddp":
+                return self.streams[k].batch(round_index, local, b)
+            parts = [s.batch(round_index, local, b) for s in self.streams]
+            return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+        return get
+
+    def run_round(self, r: int) -> None:
+        device = torch.device("cpu")
+        if self.method == "ddp":
+            stats = inner_round(self.model, self.optimizers[0], self.batches(0, r), device)
+            self.phis[0] = snapshot(self.model)
+            self.train_loss = stats.mean_loss
+            self.bytes_sent += self._ddp_bytes()
+            return
+        deltas, losses = [], []
+        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+            phi = self.phis[k % len(self.phis)]
+            load_weights(model, phi)
+            losses.append(inner_round(model, optimizer, self.batches(k, r), device).mean_loss)
+            deltas.append(self._compress(k, pseudo_gradient(phi, snapshot(model), self.layouts[k])))
+        self.train_loss = sum(losses) / len(losses)
+        if self.method.startswith("gossip"):
+            self._gossip(deltas, r)
+        else:
+            self._all_reduce(deltas)
+
+    def _compress(self, k: int, delta: Contribution) -> Contribution:
+        """What a partner receives: the delta through the codec, with this peer's error feedback."""
+        codec = self.config.codec
+        if codec.name == "fp32":
+            return delta
+        out = {n: decode(self.feedback[k].encode(n, t), codec) for n, t in delta.tensors.items()}
+        return Contribution(delta.layout, out)
+
+    def _all_reduce(self, deltas: list[Contribution]) -> None:
+        mean = CoordinateMean(self.phis[0])
+        for d in deltas:
+            mean.add(d)
+        nesterov_step(self.phis[0], self.states[0], mean.mean(), self.outer.lr, self.outer.momentum)
+        self.bytes_sent += self._all_reduce_bytes()
+
+    def _gossip(self, deltas: list[Contribution], r: int) -> None:
+        n = self.config.peers
+        slice_of = [k % len(self.all_slices) for k in range(n)]
+        partners = matchings(n, self.config.fanout, slice_of, self.rng)
+        consensus = self.all_slices[r % len(self.all_slices)]
+        shared = [self._weights_on_wire(weight_slice(phi, consensus)) for phi in self.phis]
+        for k in range(n):
+            received = [deltas[j] for j in sorted(partners[k])]
+            weights = [shared[j] for j in sorted(partners[k])]
+            gossip_step(self.phis[k], self.states[k], deltas[k], received, weights, self.outer)
+        sent = sum(len(p) for p in partners) / n
+        self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus, weights=True)))
+
+    def _weights_on_wire(self, contribution: Contribution) -> Contribution:
+        codec = self.config.weights_codec
+        if codec.name == "fp32":
+            return contribution
+        from protocol.codec import encode
+
+        out = {n: decode(encode(t, codec), codec) for n, t in contribution.tensors.items()}
+        return Contribution(contribution.layout, out)
+
+    def _payload(self, layout: SliceLayout, *, weights: bool = False) -> int:
+        codec = self.config.weights_codec if weights else self.config.codec
+        return sum(payload_size(r.compact_shape(self.shapes[n]), codec) for n, r in layout.items())
+
+    def _all_reduce_bytes(self) -> int:
+        """Bytes one peer sends per round: ring all-reduce (DiLoCo), slice all-reduce + broadcast (PPU)."""
+        n = self.config.peers
+        if self.method == "diloco":
+            return int(2 * (n - 1) / n * self._payload(self.layouts[0]))
+        m = max(1, n // len(self.all_slices))  # owners per slice
+        return int(self._payload(self.layouts[0]) * (2 * (m - 1) + (n - m)) / m)
+
+    def _ddp_bytes(self) -> int:
+        n, params = self.config.peers, sum(torch.Size(s).numel() for s in self.shapes.values())
+        return int(self.config.inner.steps_per_round * 2 * (n - 1) / n * 4 * params)
+
+    def result(self, tokens: int, curve: list[tuple[int, float]], seconds: float) -> MethodResult:
+        config, evaluator = self.config, self.model
+        own = [evaluate(evaluator, phi, self.corpus, config) for phi in self.phis]
+        mean_phi = average(self.phis) if len(self.phis) > 1 else self.phis[0]
+        costs = [slice_cost(config.model, lay) for lay in self.layouts]
+        per_token = sum(c.backward_flops_per_token for c in costs) / len(costs)
+        return MethodResult(
+            val_loss=sum(own) / len(own),
+            val_loss_of_mean_weights=evaluate(evaluator, mean_phi, self.corpus, config),
+            train_loss=self.train_loss,
+            tokens=tokens,
+            bytes_per_peer_per_round=self.bytes_sent // max(1, config.rounds),
+            backward_flops=per_token * tokens,
+            peak_state_bytes_per_peer=max(o.state_bytes() for o in self.optimizers),
+            consensus_distance=consensus_distance(self.phis) if len(self.phis) > 1 else 0.0,
+            wall_seconds=seconds,
+            outer={} if self.outer is None else {"rule": self.outer.rule, "lr": self.outer.lr,
+                                                 "momentum": self.outer.momentum, "consensus": self.outer.consensus},
+            curve=curve,
+        )  # fmt: skip
+
+    def run(self, on_round: Callable[[], None] = lambda: None) -> MethodResult:
+        start, curve = time.perf_counter(), []
+        for r in range(self.config.rounds):
+            self.run_round(r)
+            tokens = (r + 1) * self.config.tokens_per_round
+            if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
+                losses = [evaluate(self.model, phi, self.corpus, self.config) for phi in self.phis]
+                curve.append((tokens, sum(losses) / len(losses)))
+            on_round()
+        return self.result(self.config.rounds * self.config.tokens_per_round, curve, time.perf_counter() - start)
+
+
+def _clone(params: Params) -> Params:
+    return {name: t.clone() for name, t in params.items()}
+
+
+def corpus_entropy(corpus: Corpus) -> float:
+    return unigram_entropy(corpus.train, corpus.vocab_size)
