@@ -85,13 +85,14 @@ def synthetic_heavy_tailed(numel: int = 400_000, seed: int = 0) -> dict[str, tor
     return {"synthetic": x * 1e-4}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def relative_error(decoded: torch.Tensor, x: torch.Tensor) -> float:
@@ -99,28 +100,36 @@ def relative_error(decoded: torch.Tensor, x: torch.Tensor) -> float:
     return float((decoded.float() - x.float()).norm()) / norm if norm else 0.0
 
 
-def speed_rows(numel: int, repeats: int, config_kwargs: dict) -> list[dict]:
-    x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
-    clone = median_seconds(lambda: x.clone(), repeats)
+def speed_rows(numel: int, repeats: int, config_kwargs: dict, device: torch.device) -> list[dict]:
+    """Per codec, clone/encode/decode timed in turn within each repeat, so load drift on a shared
+    machine hits the baseline and the codec alike; ratios are of medians. On CUDA, encode includes
+    the copy of the payload to host memory and decode the copy of the payload to the device."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for name in CODEC_NAMES:
         config = CodecConfig(name=name, **config_kwargs)
         encoded = encode(x, config)
-        encode_s = median_seconds(lambda config=config: encode(x, config), repeats)
-        decode_s = median_seconds(lambda config=config, encoded=encoded: decode(encoded, config), repeats)
+        decode(encoded, config, device=device)  # warm-up
+        times: dict[str, list[float]] = {"clone": [], "encode": [], "decode": []}
+        for _ in range(repeats):
+            times["clone"].append(seconds(lambda: x.clone(), device))
+            times["encode"].append(seconds(lambda config=config: encode(x, config), device))
+            times["decode"].append(
+                seconds(lambda config=config, encoded=encoded: decode(encoded, config, device=device), device)
+            )
+        clone, encode_s, decode_s = (statistics.median(times[key]) for key in ("clone", "encode", "decode"))
         rows.append(
             {
                 "codec": name,
                 "encode_x_clone": encode_s / clone,
                 "decode_x_clone": decode_s / clone,
+                "clone_ms": clone * 1e3,
                 "encode_ms": encode_s * 1e3,
                 "decode_ms": decode_s * 1e3,
                 "compression": 4 * numel / len(encoded.payload),
-                "rel_error_gaussian": relative_error(decode(encoded, config), x),
+                "rel_error_gaussian": relative_error(decode(encoded, config, device=device), x),
             }
         )
-    for row in rows:
-        row["clone_ms"] = clone * 1e3
     return rows
 
 
@@ -143,15 +152,20 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--numel", type=int, default=16 * 2**20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--topk-fraction", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=20, help="AdamW steps for the pseudo-gradient")
+    parser.add_argument("--device", default="cpu", help="where the tensor lives: cpu, cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     config_kwargs = {"block_size": args.block_size, "topk_fraction": args.topk_fraction}
 
-    rows = speed_rows(args.numel, args.repeats, config_kwargs)
+    rows = speed_rows(args.numel, args.repeats, config_kwargs, device)
     delta = pseudo_gradient(args.steps)
     source = f"tiny model, {args.steps} AdamW steps" if delta is not None else "SYNTHETIC heavy-tailed"
     if delta is None:
@@ -163,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "numel": args.numel,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pseudo_gradient": source,
@@ -179,16 +195,18 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(result: dict) -> None:
     rows = result["rows"]
     print(
-        f"codecs on {result['numel']:,} fp32 values, {result['threads']} threads, torch {result['torch']}; "
-        f"clone = {rows[0]['clone_ms']:.1f} ms (median)"
+        f"codecs on {result['numel']:,} fp32 values on {result['device']}, {result['threads']} CPU threads, "
+        f"torch {result['torch']}; "
+        f"speed as a ratio to torch.clone (median of {result['repeats']}, interleaved)"
     )
     print(f"pseudo-gradient: {result['pseudo_gradient']} ({result['pseudo_gradient_numel']:,} values)")
-    header = ("codec", "enc/clone", "dec/clone", "enc ms", "dec ms", "compress", "err gauss", "err pgrad",
-              "compress pgrad")
-    print(("{:<6}" + "{:>11}" * 6 + "{:>11}{:>15}").format(*header))
+    header = ("codec", "enc/clone", "dec/clone", "clone ms", "enc ms", "dec ms", "compress", "err gauss",
+              "err pgrad", "compress pgrad")
+    print(("{:<6}" + "{:>11}" * 8 + "{:>15}").format(*header))
     for r in rows:
         print(
-            f"{r['codec']:<6}{r['encode_x_clone']:>11.2f}{r['decode_x_clone']:>11.2f}{r['encode_ms']:>11.1f}"
+            f"{r['codec']:<6}{r['encode_x_clone']:>11.2f}{r['decode_x_clone']:>11.2f}{r['clone_ms']:>11.1f}"
+            f"{r['encode_ms']:>11.1f}"
             f"{r['decode_ms']:>11.1f}{r['compression']:>11.2f}{r['rel_error_gaussian']:>11.4f}"
             f"{r['rel_error_pseudo_grad']:>11.4f}{r['compression_pseudo_grad']:>15.2f}"
         )

@@ -264,17 +264,23 @@ def _encode_blockwise(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) 
     scales = _quantize(x, config.block_size, _QMAX[name], _scale_limit(name, dtype), q)
     out[:scale_bytes].view(torch.float32).copy_(scales)
     if name == "int4":
-        out[scale_bytes:] = _pack_nibbles(q)
+        _pack_nibbles(q, out[scale_bytes:])
     return [out]
 
 
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-7, 7] -> bytes holding q + 8, low nibble first; an odd tail pads with 8 (zero)."""
-    n = q.numel()
-    biased = torch.full((_ceil_div(n, 2) * 2,), 8, dtype=torch.uint8, device=q.device)
-    biased[:n] = (q + 8).to(torch.uint8)
-    pairs = biased.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+def _pack_nibbles(q: torch.Tensor, packed: torch.Tensor) -> None:
+    """int8 values in [-7, 7] -> bytes holding q + 8, low nibble first; an odd tail pads with 8 (zero).
+
+    Works on q's two's-complement bytes with uint8 wrap-around, writing straight into `packed`:
+    (hi + 8) * 16 keeps only hi's nibble, and (lo + 8) mod 256 lands in [1, 15] so it cannot carry.
+    """
+    pairs = q.numel() // 2
+    raw = q.view(torch.uint8)
+    body = packed[:pairs]
+    torch.add(raw[1 : 2 * pairs : 2], 8, out=body)
+    body.mul_(16).add_(raw[0 : 2 * pairs : 2]).add_(8)
+    if q.numel() % 2:
+        packed[pairs:] = raw[-1:] + (8 + 8 * 16)
 
 
 def _encode_topk(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -388,7 +394,7 @@ def _take_scales(reader: _Reader, count: int, name: str, dtype: torch.dtype) -> 
 
 
 def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 q * scale of its block, the last block possibly partial."""
+    """float32 q * scale of its block, the last block possibly partial (in place when q is float32)."""
     out = q.to(torch.float32)
     full = out.numel() // block * block
     if full:
@@ -401,12 +407,12 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tens
 def _decode_blockwise(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
     scales = _take_scales(reader, _ceil_div(numel, config.block_size), config.name, dtype)
     if config.name == "int8":
-        q = reader.take(torch.int8, numel)
-    else:
-        packed = reader.take(torch.uint8, _ceil_div(numel, 2))
-        nibbles = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)[:numel]
-        q = nibbles.to(torch.int8) - 8
-    return _dequantize(q, scales, config.block_size)
+        return _dequantize(reader.take(torch.int8, numel), scales, config.block_size)
+    packed = reader.take(torch.uint8, _ceil_div(numel, 2))
+    values = torch.empty(numel, dtype=torch.float32, device=reader.device)
+    values[0::2] = packed & 15
+    values[1::2] = packed[: numel // 2] >> 4
+    return _dequantize(values.sub_(8), scales, config.block_size)
 
 
 def _decode_topk(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
