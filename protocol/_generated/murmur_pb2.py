@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protocol/_generated/murmur.proto\x12\tmurmur.v1\"\x83\x01\n\tModelSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x10\n\x08n_layers\x18\x04 \x01(\r\x12\x0f\n\x07n_heads\x18\x05 \x01(\r\x12\x0f\n\x07seq_len\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\",\n\tSliceSpec\x12\x12\n\nnum_slices\x18\x01 \x01(\r\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\"\xa0\x01\n\tInnerSpec\x12\x17\n\x0fsteps_per_round\x18\x01 \x01(\r\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x06 \x01(\x04\x12\x10\n\x08schedule\x18\x07 \x01(\t\x12\x12\n\nbatch_size\x18\x08 \x01(\r\"G\n\tOuterSpec\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x01\"8\n\nGossipSpec\x12\x0e\n\x06\x66\x61nout\x18\x01 \x01(\r\x12\x1a\n\x12\x65xchange_timeout_s\x18\x02 \x01(\x01\"D\n\tCodecSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x15\n\rtopk_fraction\x18\x03 \x01(\x01\";\n\x08\x44\x61taSpec\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\xd2\x02\n\x08Manifest\x12\x12\n\nswarm_name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.murmur.v1.ModelSpec\x12$\n\x06slices\x18\x04 \x01(\x0b\x32\x14.murmur.v1.SliceSpec\x12#\n\x05inner\x18\x05 \x01(\x0b\x32\x14.murmur.v1.InnerSpec\x12#\n\x05outer\x18\x06 \x01(\x0b\x32\x14.murmur.v1.OuterSpec\x12%\n\x06gossip\x18\x07 \x01(\x0b\x32\x15.murmur.v1.GossipSpec\x12#\n\x05\x63odec\x18\x08 \x01(\x0b\x32\x14.murmur.v1.CodecSpec\x12!\n\x04\x64\x61ta\x18\t \x01(\x0b\x32\x13.murmur.v1.DataSpec\x12\x14\n\x0c\x63reated_unix\x18\n \x01(\x04\"O\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x18\n\x10owner_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xa3\x02\n\x10PeerAnnouncement\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x17\n\x0ftls_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0btls_binding\x18\x06 \x01(\x0c\x12\x17\n\x0ftls_certificate\x18\x07 \x01(\x0c\x12\r\n\x05slice\x18\x08 \x01(\r\x12\r\n\x05round\x18\t \x01(\x04\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x18\n\x10software_version\x18\x0b \x01(\t\x12\x18\n\x10protocol_version\x18\x0c \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\r \x01(\x04\"=\n\x12SignedAnnouncement\x12\x14\n\x0c\x61nnouncement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"`\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x16\n\x0epayload_length\x18\x05 \x01(\x04\"\xb8\x01\n\x0cUpdateHeader\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\r\n\x05slice\x18\x04 \x01(\r\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\'\n\x07tensors\x18\x06 \x03(\x0b\x32\x16.murmur.v1.TensorEntry\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"Q\n\x0bUpdateFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.murmur.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\";\n\x11\x46\x65tchStateRequest\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x90\x01\n\x0bStateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.murmur.v1.TensorEntry\x12\x16\n\x0e\x63ontent_sha256\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"O\n\nStateFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.murmur.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"%\n\x0bInfoRequest\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\"\x8e\x01\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\r\n\x05slice\x18\x05 \x01(\r\x12\x0e\n\x06health\x18\x06 \x01(\t\x12\x0f\n\x07peer_id\x18\x07 \x01(\t2\xc8\x01\n\x0bPeerService\x12\x34\n\x04Info\x12\x16.murmur.v1.InfoRequest\x1a\x14.murmur.v1.InfoReply\x12>\n\x08\x45xchange\x12\x16.murmur.v1.UpdateFrame\x1a\x16.murmur.v1.UpdateFrame(\x01\x30\x01\x12\x43\n\nFetchState\x12\x1c.murmur.v1.FetchStateRequest\x1a\x15.murmur.v1.StateFrame0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protocol/_generated/murmur.proto\x12\tmurmur.v1\"\xf1\x01\n\tModelSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x10\n\x08n_layers\x18\x04 \x01(\r\x12\x0f\n\x07n_heads\x18\x05 \x01(\r\x12\x0f\n\x07seq_len\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0b\n\x03mlp\x18\x08 \x01(\t\x12\x10\n\x08\x64_hidden\x18\t \x01(\r\x12\x11\n\tpositions\x18\n \x01(\t\x12\x16\n\x0etie_embeddings\x18\x0b \x01(\x08\x12\x10\n\x08norm_eps\x18\x0c \x01(\x01\x12\x10\n\x08init_std\x18\r \x01(\x01\",\n\tSliceSpec\x12\x12\n\nnum_slices\x18\x01 \x01(\r\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\"\xf2\x01\n\tInnerSpec\x12\x17\n\x0fsteps_per_round\x18\x01 \x01(\r\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x06 \x01(\x04\x12\x10\n\x08schedule\x18\x07 \x01(\t\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x13\n\x0btotal_steps\x18\t \x01(\x04\x12\x14\n\x0cmin_lr_ratio\x18\n \x01(\x01\x12\x11\n\tgrad_clip\x18\x0b \x01(\x01\x12\x12\n\ngrad_accum\x18\x0c \x01(\r\"h\n\tOuterSpec\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x01\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x11\n\tconsensus\x18\x06 \x01(\x01\"8\n\nGossipSpec\x12\x0e\n\x06\x66\x61nout\x18\x01 \x01(\r\x12\x1a\n\x12\x65xchange_timeout_s\x18\x02 \x01(\x01\"D\n\tCodecSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x15\n\rtopk_fraction\x18\x03 \x01(\x01\";\n\x08\x44\x61taSpec\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\xd2\x02\n\x08Manifest\x12\x12\n\nswarm_name\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.murmur.v1.ModelSpec\x12$\n\x06slices\x18\x04 \x01(\x0b\x32\x14.murmur.v1.SliceSpec\x12#\n\x05inner\x18\x05 \x01(\x0b\x32\x14.murmur.v1.InnerSpec\x12#\n\x05outer\x18\x06 \x01(\x0b\x32\x14.murmur.v1.OuterSpec\x12%\n\x06gossip\x18\x07 \x01(\x0b\x32\x15.murmur.v1.GossipSpec\x12#\n\x05\x63odec\x18\x08 \x01(\x0b\x32\x14.murmur.v1.CodecSpec\x12!\n\x04\x64\x61ta\x18\t \x01(\x0b\x32\x13.murmur.v1.DataSpec\x12\x14\n\x0c\x63reated_unix\x18\n \x01(\x04\"O\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x18\n\x10owner_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xb1\x02\n\x10PeerAnnouncement\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x17\n\x0ftls_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0btls_binding\x18\x06 \x01(\x0c\x12\x17\n\x0ftls_certificate\x18\x07 \x01(\x0c\x12\r\n\x05slice\x18\x08 \x01(\r\x12\r\n\x05round\x18\t \x01(\x04\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x18\n\x10software_version\x18\x0b \x01(\t\x12\x18\n\x10protocol_version\x18\x0c \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\r \x01(\x04\x12\x0c\n\x04loss\x18\x0e \x01(\x01\"=\n\x12SignedAnnouncement\x12\x14\n\x0c\x61nnouncement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"`\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x16\n\x0epayload_length\x18\x05 \x01(\x04\"\xb8\x01\n\x0cUpdateHeader\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\r\n\x05slice\x18\x04 \x01(\r\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\'\n\x07tensors\x18\x06 \x03(\x0b\x32\x16.murmur.v1.TensorEntry\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"Q\n\x0bUpdateFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.murmur.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\";\n\x11\x46\x65tchStateRequest\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x90\x01\n\x0bStateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.murmur.v1.TensorEntry\x12\x16\n\x0e\x63ontent_sha256\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"O\n\nStateFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.murmur.v1.StateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"%\n\x0bInfoRequest\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\"\x8e\x01\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x18\n\x10software_version\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\r\n\x05slice\x18\x05 \x01(\r\x12\x0e\n\x06health\x18\x06 \x01(\t\x12\x0f\n\x07peer_id\x18\x07 \x01(\t2\xc8\x01\n\x0bPeerService\x12\x34\n\x04Info\x12\x16.murmur.v1.InfoRequest\x1a\x14.murmur.v1.InfoReply\x12>\n\x08\x45xchange\x12\x16.murmur.v1.UpdateFrame\x1a\x16.murmur.v1.UpdateFrame(\x01\x30\x01\x12\x43\n\nFetchState\x12\x1c.murmur.v1.FetchStateRequest\x1a\x15.murmur.v1.StateFrame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,43 +32,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol._generated.murmur_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELSPEC']._serialized_start=48
-  _globals['_MODELSPEC']._serialized_end=179
-  _globals['_SLICESPEC']._serialized_start=181
-  _globals['_SLICESPEC']._serialized_end=225
-  _globals['_INNERSPEC']._serialized_start=228
-  _globals['_INNERSPEC']._serialized_end=388
-  _globals['_OUTERSPEC']._serialized_start=390
-  _globals['_OUTERSPEC']._serialized_end=461
-  _globals['_GOSSIPSPEC']._serialized_start=463
-  _globals['_GOSSIPSPEC']._serialized_end=519
-  _globals['_CODECSPEC']._serialized_start=521
-  _globals['_CODECSPEC']._serialized_end=589
-  _globals['_DATASPEC']._serialized_start=591
-  _globals['_DATASPEC']._serialized_end=650
-  _globals['_MANIFEST']._serialized_start=653
-  _globals['_MANIFEST']._serialized_end=991
-  _globals['_SIGNEDMANIFEST']._serialized_start=993
-  _globals['_SIGNEDMANIFEST']._serialized_end=1072
-  _globals['_PEERANNOUNCEMENT']._serialized_start=1075
-  _globals['_PEERANNOUNCEMENT']._serialized_end=1366
-  _globals['_SIGNEDANNOUNCEMENT']._serialized_start=1368
-  _globals['_SIGNEDANNOUNCEMENT']._serialized_end=1429
-  _globals['_TENSORENTRY']._serialized_start=1431
-  _globals['_TENSORENTRY']._serialized_end=1527
-  _globals['_UPDATEHEADER']._serialized_start=1530
-  _globals['_UPDATEHEADER']._serialized_end=1714
-  _globals['_UPDATEFRAME']._serialized_start=1716
-  _globals['_UPDATEFRAME']._serialized_end=1797
-  _globals['_FETCHSTATEREQUEST']._serialized_start=1799
-  _globals['_FETCHSTATEREQUEST']._serialized_end=1858
-  _globals['_STATEHEADER']._serialized_start=1861
-  _globals['_STATEHEADER']._serialized_end=2005
-  _globals['_STATEFRAME']._serialized_start=2007
-  _globals['_STATEFRAME']._serialized_end=2086
-  _globals['_INFOREQUEST']._serialized_start=2088
-  _globals['_INFOREQUEST']._serialized_end=2125
-  _globals['_INFOREPLY']._serialized_start=2128
-  _globals['_INFOREPLY']._serialized_end=2270
-  _globals['_PEERSERVICE']._serialized_start=2273
-  _globals['_PEERSERVICE']._serialized_end=2473
+  _globals['_MODELSPEC']._serialized_end=289
+  _globals['_SLICESPEC']._serialized_start=291
+  _globals['_SLICESPEC']._serialized_end=335
+  _globals['_INNERSPEC']._serialized_start=338
+  _globals['_INNERSPEC']._serialized_end=580
+  _globals['_OUTERSPEC']._serialized_start=582
+  _globals['_OUTERSPEC']._serialized_end=686
+  _globals['_GOSSIPSPEC']._serialized_start=688
+  _globals['_GOSSIPSPEC']._serialized_end=744
+  _globals['_CODECSPEC']._serialized_start=746
+  _globals['_CODECSPEC']._serialized_end=814
+  _globals['_DATASPEC']._serialized_start=816
+  _globals['_DATASPEC']._serialized_end=875
+  _globals['_MANIFEST']._serialized_start=878
+  _globals['_MANIFEST']._serialized_end=1216
+  _globals['_SIGNEDMANIFEST']._serialized_start=1218
+  _globals['_SIGNEDMANIFEST']._serialized_end=1297
+  _globals['_PEERANNOUNCEMENT']._serialized_start=1300
+  _globals['_PEERANNOUNCEMENT']._serialized_end=1605
+  _globals['_SIGNEDANNOUNCEMENT']._serialized_start=1607
+  _globals['_SIGNEDANNOUNCEMENT']._serialized_end=1668
+  _globals['_TENSORENTRY']._serialized_start=1670
+  _globals['_TENSORENTRY']._serialized_end=1766
+  _globals['_UPDATEHEADER']._serialized_start=1769
+  _globals['_UPDATEHEADER']._serialized_end=1953
+  _globals['_UPDATEFRAME']._serialized_start=1955
+  _globals['_UPDATEFRAME']._serialized_end=2036
+  _globals['_FETCHSTATEREQUEST']._serialized_start=2038
+  _globals['_FETCHSTATEREQUEST']._serialized_end=2097
+  _globals['_STATEHEADER']._serialized_start=2100
+  _globals['_STATEHEADER']._serialized_end=2244
+  _globals['_STATEFRAME']._serialized_start=2246
+  _globals['_STATEFRAME']._serialized_end=2325
+  _globals['_INFOREQUEST']._serialized_start=2327
+  _globals['_INFOREQUEST']._serialized_end=2364
+  _globals['_INFOREPLY']._serialized_start=2367
+  _globals['_INFOREPLY']._serialized_end=2509
+  _globals['_PEERSERVICE']._serialized_start=2512
+  _globals['_PEERSERVICE']._serialized_end=2712
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelSpec(_message.Message):
-    __slots__ = ("preset", "vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "dtype")
+    __slots__ = ("preset", "vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "dtype", "mlp", "d_hidden", "positions", "tie_embeddings", "norm_eps", "init_std")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,12 @@ class ModelSpec(_message.Message):
     N_HEADS_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MLP_FIELD_NUMBER: _ClassVar[int]
+    D_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TIE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    NORM_EPS_FIELD_NUMBER: _ClassVar[int]
+    INIT_STD_FIELD_NUMBER: _ClassVar[int]
     preset: str
     vocab_size: int
     d_model: int
@@ -22,7 +28,13 @@ class ModelSpec(_message.Message):
     n_heads: int
     seq_len: int
     dtype: str
-    def __init__(self, preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    mlp: str
+    d_hidden: int
+    positions: str
+    tie_embeddings: bool
+    norm_eps: float
+    init_std: float
+    def __init__(self, preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., mlp: _Optional[str] = ..., d_hidden: _Optional[int] = ..., positions: _Optional[str] = ..., tie_embeddings: _Optional[bool] = ..., norm_eps: _Optional[float] = ..., init_std: _Optional[float] = ...) -> None: ...
 
 class SliceSpec(_message.Message):
     __slots__ = ("num_slices", "cut")
@@ -33,7 +45,7 @@ class SliceSpec(_message.Message):
     def __init__(self, num_slices: _Optional[int] = ..., cut: _Optional[str] = ...) -> None: ...
 
 class InnerSpec(_message.Message):
-    __slots__ = ("steps_per_round", "lr", "beta1", "beta2", "weight_decay", "warmup_steps", "schedule", "batch_size")
+    __slots__ = ("steps_per_round", "lr", "beta1", "beta2", "weight_decay", "warmup_steps", "schedule", "batch_size", "total_steps", "min_lr_ratio", "grad_clip", "grad_accum")
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +54,10 @@ class InnerSpec(_message.Message):
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
     steps_per_round: int
     lr: float
     beta1: float
@@ -50,19 +66,27 @@ class InnerSpec(_message.Message):
     warmup_steps: int
     schedule: str
     batch_size: int
-    def __init__(self, steps_per_round: _Optional[int] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    total_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    grad_accum: int
+    def __init__(self, steps_per_round: _Optional[int] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., batch_size: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., grad_clip: _Optional[float] = ..., grad_accum: _Optional[int] = ...) -> None: ...
 
 class OuterSpec(_message.Message):
-    __slots__ = ("method", "lr", "momentum", "clip")
+    __slots__ = ("method", "lr", "momentum", "clip", "rule", "consensus")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    CONSENSUS_FIELD_NUMBER: _ClassVar[int]
     method: str
     lr: float
     momentum: float
     clip: float
-    def __init__(self, method: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., clip: _Optional[float] = ...) -> None: ...
+    rule: str
+    consensus: float
+    def __init__(self, method: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., clip: _Optional[float] = ..., rule: _Optional[str] = ..., consensus: _Optional[float] = ...) -> None: ...
 
 class GossipSpec(_message.Message):
     __slots__ = ("fanout", "exchange_timeout_s")
@@ -127,7 +151,7 @@ class SignedManifest(_message.Message):
     def __init__(self, manifest: _Optional[bytes] = ..., owner_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PeerAnnouncement(_message.Message):
-    __slots__ = ("peer_id", "public_key", "run_id", "endpoint", "tls_fingerprint", "tls_binding", "tls_certificate", "slice", "round", "tokens_per_second", "software_version", "protocol_version", "expires_unix")
+    __slots__ = ("peer_id", "public_key", "run_id", "endpoint", "tls_fingerprint", "tls_binding", "tls_certificate", "slice", "round", "tokens_per_second", "software_version", "protocol_version", "expires_unix", "loss")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +165,7 @@ class PeerAnnouncement(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     public_key: bytes
     run_id: str
@@ -154,7 +179,8 @@ class PeerAnnouncement(_message.Message):
     software_version: str
     protocol_version: str
     expires_unix: int
-    def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., run_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., tls_fingerprint: _Optional[str] = ..., tls_binding: _Optional[bytes] = ..., tls_certificate: _Optional[bytes] = ..., slice: _Optional[int] = ..., round: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., software_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+    loss: float
+    def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., run_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., tls_fingerprint: _Optional[str] = ..., tls_binding: _Optional[bytes] = ..., tls_certificate: _Optional[bytes] = ..., slice: _Optional[int] = ..., round: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., software_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., expires_unix: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class SignedAnnouncement(_message.Message):
     __slots__ = ("announcement", "signature")
