@@ -130,10 +130,10 @@ def encode(tensor: torch.Tensor, config: CodecConfig) -> Encoded:
     dtype_name = _dtype_name(tensor.dtype)
     shape = tuple(int(d) for d in tensor.shape)
     flat = tensor.detach().reshape(-1)
-    if config.name == "fp32":
-        parts = [_checked_cast(flat, torch.float32)]
-    elif config.name == "bf16":
-        parts = [_checked_cast(flat, torch.bfloat16)]
+    if config.name in ("fp32", "bf16"):
+        parts = [flat.to(torch.float32 if config.name == "fp32" else torch.bfloat16)]
+        if not _within(parts[0], float(torch.finfo(tensor.dtype).max)):
+            raise ValueError("refusing to encode NaN/inf, or values the original dtype cannot hold")
     elif config.name in ("int8", "int4"):
         parts = _encode_blockwise(flat.float(), config, tensor.dtype)
     else:
@@ -149,24 +149,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"cannot encode dtype {dtype}; expected one of {tuple(DTYPES)}")
 
 
-def _checked_cast(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast, then refuse non-finite results (this also catches float32 overflowing bfloat16)."""
-    out = flat.to(dtype)
-    if not _all_finite(out):
-        raise ValueError("refusing to encode a tensor with NaN or inf")
-    return out
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """One reduction, no tensor-sized temporary: min and max propagate NaN and show inf."""
+def _within(t: torch.Tensor, bound: float) -> bool:
+    """All finite and |t| <= bound, in one reduction with no tensor-sized temporary (min/max
+    propagate NaN). The encoder and decoder share it: we never send what a receiver would refuse,
+    e.g. float32 that overflows bfloat16, or an fp16 tensor's 65504 that bf16 rounds to 65536."""
     if t.numel() == 0:
         return True
-    low, high = torch.aminmax(t)
-    return math.isfinite(float(low)) and math.isfinite(float(high))
+    low, high = (float(v) for v in torch.aminmax(t))
+    return math.isfinite(low) and math.isfinite(high) and -bound <= low and high <= bound
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    """Payload bytes in host memory; from CUDA through pinned memory (several times faster)."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        t = host.copy_(t)
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -326,10 +324,10 @@ def decode(
         detail = f"payload is {len(payload)} bytes, {config.name} {encoded.shape} needs {expected_len}"
         raise MalformedPayload(Reason.GARBAGE, detail)
     reader = _Reader(bytearray(payload), torch.device(device))
-    if config.name == "fp32":
-        flat = _finite_values(reader.take(torch.float32, numel))
-    elif config.name == "bf16":
-        flat = _finite_values(reader.take(torch.bfloat16, numel))
+    if config.name in ("fp32", "bf16"):
+        flat = reader.take(torch.float32 if config.name == "fp32" else torch.bfloat16, numel)
+        if not _within(flat, float(torch.finfo(dtype).max)):
+            raise RejectedUpdate(Reason.NON_FINITE, f"payload holds NaN, inf or values beyond {encoded.dtype}")
     elif config.name in ("int8", "int4"):
         flat = _decode_blockwise(reader, numel, config, dtype)
     else:
@@ -346,7 +344,7 @@ def _check_metadata(
 ) -> torch.dtype:
     if encoded.codec != config.name:
         raise MalformedPayload(Reason.GARBAGE, f"codec {encoded.codec!r}, the run uses {config.name!r}")
-    if encoded.dtype not in DTYPES:
+    if not isinstance(encoded.dtype, str) or encoded.dtype not in DTYPES:
         raise RejectedUpdate(Reason.WRONG_DTYPE, f"dtype {encoded.dtype!r} is not one of {tuple(DTYPES)}")
     if expected_dtype is not None and encoded.dtype != expected_dtype:
         raise RejectedUpdate(Reason.WRONG_DTYPE, f"dtype {encoded.dtype}, expected {expected_dtype}")
@@ -380,16 +378,10 @@ class _Reader:
         return out.to(self.device)
 
 
-def _finite_values(values: torch.Tensor) -> torch.Tensor:
-    if not _all_finite(values):
-        raise RejectedUpdate(Reason.NON_FINITE, "payload holds NaN or inf")
-    return values
-
-
 def _take_scales(reader: _Reader, count: int, name: str, dtype: torch.dtype) -> torch.Tensor:
-    scales = _finite_values(reader.take(torch.float32, count))
-    if scales.numel() and float(scales.abs().max()) > _scale_limit(name, dtype):
-        raise RejectedUpdate(Reason.NON_FINITE, f"a scale would overflow {dtype}")
+    scales = reader.take(torch.float32, count)
+    if not _within(scales, _scale_limit(name, dtype)):
+        raise RejectedUpdate(Reason.NON_FINITE, f"a scale is NaN, inf or would overflow {dtype}")
     return scales
 
 
@@ -446,7 +438,11 @@ class ErrorFeedback:
         self._residuals: dict[str, torch.Tensor] = {}
 
     def encode(self, name: str, tensor: torch.Tensor) -> Encoded:
-        """encode(tensor + residual); the new residual is exactly what the receiver did not get."""
+        """encode(tensor + residual); the new residual is exactly what the receiver did not get.
+
+        A residual whose shape no longer matches (the tensor was re-cut) is dropped; on ValueError
+        (non-finite input) the stored residual is left as it was.
+        """
         corrected = tensor.detach().float()
         residual = self._residuals.get(name)
         if residual is not None and residual.shape == corrected.shape:

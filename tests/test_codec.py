@@ -255,6 +255,24 @@ def test_decode_rejects_bad_scales(name: str, scale: float) -> None:
     _raises(RejectedUpdate, Reason.NON_FINITE, _with(encoded, payload=forged), config)
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "topk"])
+def test_decode_rejects_scales_that_overflow_float16(name: str) -> None:
+    config = CodecConfig(name=name, block_size=64, topk_fraction=0.05)
+    encoded = encode(torch.randn(1000).to(torch.float16), config)
+    forged = struct.pack("<f", 1e4) + encoded.payload[4:]  # 1e4 * 7 > 65504
+    _raises(RejectedUpdate, Reason.NON_FINITE, _with(encoded, payload=forged), config)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_decode_rejects_values_beyond_the_dtype(name: str) -> None:
+    config = CodecConfig(name=name)
+    encoded = encode(torch.full((10,), 1e10), config)
+    _raises(RejectedUpdate, Reason.NON_FINITE, _with(encoded, dtype="float16"), config)
+    if name == "bf16":
+        with pytest.raises(ValueError):  # 65504 rounds to 65536 in bf16: the receiver would get inf
+            encode(torch.tensor([65504.0], dtype=torch.float16), config)
+
+
 @pytest.mark.parametrize("name", ["fp32", "bf16"])
 def test_decode_rejects_non_finite_values(name: str) -> None:
     encoded, config = _sample(name)
