@@ -19,6 +19,7 @@ refused but not banned (an honest peer's retry looks like a replay). Every refus
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -138,9 +139,7 @@ class PeerServer:
 
     async def start(self) -> None:
         """Bind (TLS with the identity's P-256 certificate) and serve."""
-        server = grpc.aio.server(
-            options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs
-        )
+        server = grpc.aio.server(options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
         server.add_generic_rpc_handlers((self._handler(),))
         credentials = grpc.ssl_server_credentials([(self.identity.tls_key_pem, self.identity.tls_cert_pem)])
         self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", credentials)
@@ -192,7 +191,9 @@ class PeerServer:
         self.rejections[reason] += 1
         if refusal.blame is not None and reason not in (Reason.REPLAY, Reason.TIMEOUT):
             self.bans.ban(refusal.blame, reason.value)
-        log.info("refused %s from %s: %s", reason.value, context.peer(), refusal.error)
+        # Unauthenticated refusals are anyone's to cause: counted always, logged quietly.
+        level = logging.INFO if refusal.blame is not None else logging.DEBUG
+        log.log(level, "refused %s from %s (%s): %s", reason.value, refusal.blame, context.peer(), refusal.error)
         await context.abort(
             STATUS_FOR_REASON[reason],
             str(refusal.error)[:500],
@@ -273,19 +274,13 @@ class PeerServer:
             raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {seen}")
         buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
         await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
-        async for raw in requests:
-            if buffer.received == buffer.total:
-                break
+        async for raw in requests:  # until the caller half-closes; PayloadBuffer refuses any excess
             frame = _parse(pb.UpdateFrame, raw)
             if frame.WhichOneof("body") != "chunk":
                 raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
             buffer.add(frame.chunk)
-            if buffer.received == buffer.total:
-                break
         buffer.finish()
-        tensors = await asyncio.to_thread(
-            decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype
-        )
+        tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
         return ReceivedUpdate(
             sender=header.sender,
             run_id=header.run_id,
@@ -298,9 +293,7 @@ class PeerServer:
 
     # ------------------------------------------------------------------------------- FetchState
 
-    async def _fetch_state(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StateFrame]:
+    async def _fetch_state(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateFrame]:
         try:
             snapshot = self._checked_state_request(request)
         except _REFUSALS as exc:
@@ -310,9 +303,7 @@ class PeerServer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no state to serve yet")
             return
         if self._fetch_slots.locked():
-            await self._refuse(
-                context, _Refusal(MalformedPayload(Reason.RATE_LIMITED, "too many downloads"), None)
-            )
+            await self._refuse(context, _Refusal(MalformedPayload(Reason.RATE_LIMITED, "too many downloads"), None))
             return
         async with self._fetch_slots:
             yield pb.StateFrame(header=self._state_header(snapshot))

@@ -100,7 +100,9 @@ class Outcome:
     responses: list[bytes]
 
 
-async def push_frames(channel: grpc.aio.Channel, frames: Sequence[bytes], timeout: float = 10.0) -> Outcome:
+async def push_frames(
+    channel: grpc.aio.Channel, frames: Sequence[bytes], timeout: float = 10.0, half_close: bool = True
+) -> Outcome:
     """Send raw Exchange frames the way PeerClient does, read every response, report status and reason.
 
     After the first frame it waits for the server's go-ahead (`murmur-accept`) and sends nothing more
@@ -116,7 +118,8 @@ async def push_frames(channel: grpc.aio.Channel, frames: Sequence[bytes], timeou
             if index == 0 and (ACCEPT_KEY, "1") not in tuple(await call.initial_metadata() or ()):
                 break
         else:
-            await call.done_writing()
+            if half_close:
+                await call.done_writing()
     except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
         pass  # the server ended the call early; its status says why
     responses: list[bytes] = []

@@ -38,6 +38,7 @@ from protocol.errors import (
     Reason,
     RejectedUpdate,
 )
+from protocol.service import ServerConfig
 from protocol.updates import CHUNK_BYTES, chunked, make_state_snapshot
 
 S = grpc.StatusCode
@@ -438,3 +439,57 @@ def test_50m_parameter_int8_exchange_wire_bytes_within_10_percent_of_payload() -
     )
     assert 1.0 <= ratio < 1.10
     assert upstream < payload_each * 1.10 and downstream < payload_each * 1.10
+
+
+@pytest.mark.timeout(60)
+def test_client_refuses_an_invalid_reply() -> None:
+    wire = Wire()
+    bad_reply = _with_nan(wire)
+
+    async def scenario():
+        async with serving(wire, reply_for=lambda r, s: bad_reply) as server, connect(server, wire) as client:
+            with pytest.raises(RejectedUpdate) as refused:
+                await client.exchange(wire.update(2))
+            return refused.value
+
+    assert run(scenario).reason is Reason.NON_FINITE
+    assert len(wire.received) == 1, "the push itself was fine"
+
+
+@pytest.mark.timeout(60)
+def test_stalled_exchange_times_out_on_the_server_without_a_ban() -> None:
+    wire = Wire()
+
+    async def scenario():
+        async with serving(wire, config=ServerConfig(exchange_timeout_s=0.5)) as server:
+            channel = pinned_channel(server)
+            try:
+                frames = update_frames(wire.update(1))
+                stalled = await push_frames(channel, frames[:-1], timeout=10.0, half_close=False)
+            finally:
+                await channel.close()
+            return stalled, server
+
+    stalled, server = run(scenario)
+    assert (stalled.code, stalled.reason) == (S.DEADLINE_EXCEEDED, "timeout")
+    assert server.rejections == {Reason.TIMEOUT: 1}
+    assert not server.bans.is_banned(CLIENT_ID.peer_id) and wire.received == []
+
+
+@pytest.mark.timeout(60)
+def test_fetch_state_is_rate_limited() -> None:
+    wire = Wire()
+    snapshot = make_state_snapshot(1, {"w": torch.ones(4)})
+
+    async def scenario():
+        config = ServerConfig(max_concurrent_fetches=0)
+        async with serving(wire, state_provider=lambda: snapshot, config=config) as server:
+            channel = pinned_channel(server)
+            try:
+                request = pb.FetchStateRequest(protocol_major=PROTOCOL_MAJOR, run_id=RUN_ID).SerializeToString()
+                return await unary(channel, "FetchState", request)
+            finally:
+                await channel.close()
+
+    result = run(scenario)
+    assert (result.code, result.reason) == (S.RESOURCE_EXHAUSTED, "rate_limited")
