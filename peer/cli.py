@@ -113,13 +113,20 @@ def _check_cut(config: object) -> None:
 
 
 def _progress_bars(tqdm: Callable, rounds: int) -> Callable[[str], Callable[[], None]]:
+    """A bar per method on a terminal; a plain line per round otherwise (logs, CI)."""
+    on_tty = sys.stderr.isatty()
+
     def start(label: str) -> Callable[[], None]:
-        bar = tqdm(total=rounds, desc=f"{label:<22}", unit="round", file=sys.stderr, leave=True,
-                   disable=None)  # fmt: skip
+        bar = tqdm(total=rounds, desc=f"{label:<22}", unit="round", file=sys.stderr) if on_tty else None
+        done = [0]
 
         def tick() -> None:
+            done[0] += 1
+            if bar is None:
+                click.echo(f"{label}: round {done[0]}/{rounds}", err=True)
+                return
             bar.update(1)
-            if bar.n >= rounds:
+            if done[0] >= rounds:
                 bar.close()
 
         return tick

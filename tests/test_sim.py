@@ -1,0 +1,85 @@
+"""`murmur simulate` end to end on a small budget: the JSON contract, falling losses, cost columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from peer.cli import main
+from peer.model import PRESETS
+from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
+
+pytestmark = pytest.mark.timeout(240)
+
+KEYS = {"val_loss", "train_loss", "tokens", "bytes_per_peer_per_round", "backward_flops",
+        "peak_state_bytes_per_peer", "consensus_distance"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("sim") / "sim.json"
+    plot = out.with_suffix(".png")
+    # 4 peers x 3 rounds x H=8 x batch 4 x 128 tokens = 49,152 tokens per method
+    args = ["simulate", "--preset", "tiny", "--peers", "4", "--methods", "ddp,diloco,ppu,gossip-ppu",
+            "--slices", "4", "--tokens", "49152", "-H", "8", "--batch-size", "4", "--lr", "0.004",
+            "--json", str(out), "--plot", str(plot)]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "gossip-ppu" in result.output and "unigram entropy" in result.output
+    assert plot.stat().st_size > 10_000
+    return json.loads(out.read_text())
+
+
+def test_json_has_the_contracted_keys(report: dict) -> None:
+    assert isinstance(report["unigram_entropy_nats"], float)
+    assert set(report["methods"]) == {"ddp", "diloco", "ppu", "gossip-ppu"}
+    for name, method in report["methods"].items():
+        assert KEYS <= set(method), name
+        assert method["tokens"] == 49152
+        assert isinstance(method["tokens"], int) and isinstance(method["bytes_per_peer_per_round"], int)
+
+
+def test_every_method_learns(report: dict) -> None:
+    # ln(256) = 5.55 nats at initialisation; a few dozen steps already learn byte frequencies
+    for name, method in report["methods"].items():
+        assert method["val_loss"] < 4.0, name
+        assert method["curve"][-1][1] < 5.0
+
+
+def test_slices_cut_state_and_backward_as_the_parameter_counts_predict(report: dict) -> None:
+    methods = report["methods"]
+    shapes = parameter_shapes(PRESETS["tiny"])
+    total = sum(c.params for c in [slice_cost(PRESETS["tiny"], full_layout(shapes))])
+    layouts = partition(PRESETS["tiny"], SliceConfig(num_slices=4))
+    largest = max(slice_cost(PRESETS["tiny"], lay).params for lay in layouts)
+    assert methods["diloco"]["peak_state_bytes_per_peer"] == 12 * total
+    for name in ("ppu", "gossip-ppu"):
+        ratio = methods[name]["peak_state_bytes_per_peer"] / methods["diloco"]["peak_state_bytes_per_peer"]
+        assert ratio == pytest.approx(largest / total)
+        assert 0.2 < ratio < 0.3  # about a quarter with K=4
+        mean_backward = sum(slice_cost(PRESETS["tiny"], lay).backward_flops_per_token for lay in layouts) / 4
+        full_backward = slice_cost(PRESETS["tiny"], full_layout(shapes)).backward_flops_per_token
+        flops_ratio = methods[name]["backward_flops"] / methods["diloco"]["backward_flops"]
+        assert flops_ratio == pytest.approx(mean_backward / full_backward)
+        assert flops_ratio < 0.6
+    assert methods["ddp"]["backward_flops"] == methods["diloco"]["backward_flops"]
+
+
+def test_gossip_peers_stay_close_and_all_reduce_peers_are_identical(report: dict) -> None:
+    assert report["methods"]["diloco"]["consensus_distance"] == 0.0
+    assert 0.0 < report["methods"]["gossip-ppu"]["consensus_distance"] < 0.5
+
+
+def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad_method = runner.invoke(main, ["simulate", "--methods", "ddp,sgd"])
+    assert bad_method.exit_code == 2 and "sgd" in bad_method.output
+    too_few = runner.invoke(main, ["simulate", "--tokens", "10"])
+    assert too_few.exit_code == 2 and "less than one round" in too_few.output
+    bad_cut = runner.invoke(main, ["simulate", "--slices", "8", "--tokens", "200000"])
+    assert bad_cut.exit_code == 2 and "n_layers" in bad_cut.output
+    missing = runner.invoke(main, ["simulate", "--data", str(tmp_path / "nope.txt")])
+    assert missing.exit_code == 2 and "nope.txt" in missing.output
