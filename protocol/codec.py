@@ -143,10 +143,10 @@ def encode(tensor: torch.Tensor, config: CodecConfig) -> Encoded:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    for name, candidate in DTYPES.items():
-        if candidate == dtype:
-            return name
-    raise ValueError(f"cannot encode dtype {dtype}; expected one of {tuple(DTYPES)}")
+    names = {candidate: name for name, candidate in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"cannot encode dtype {dtype}; expected one of {tuple(DTYPES)}")
+    return names[dtype]
 
 
 def _within(t: torch.Tensor, bound: float) -> bool:
@@ -336,12 +336,10 @@ def decode(
 
 
 def _check_metadata(
-    encoded: Encoded,
-    config: CodecConfig,
-    expected_shape: tuple[int, ...] | None,
-    expected_dtype: str | None,
-    max_numel: int | None,
+    encoded: Encoded, config: CodecConfig, expected_shape: tuple[int, ...] | None,
+    expected_dtype: str | None, max_numel: int | None,
 ) -> torch.dtype:
+    """Everything that can be checked without reading the payload; returns the torch dtype."""
     if encoded.codec != config.name:
         raise MalformedPayload(Reason.GARBAGE, f"codec {encoded.codec!r}, the run uses {config.name!r}")
     if not isinstance(encoded.dtype, str) or encoded.dtype not in DTYPES:
@@ -375,6 +373,8 @@ class _Reader:
             return torch.empty(0, dtype=dtype, device=self.device)
         out = torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.offset)
         self.offset += count * out.element_size()
+        if self.device.type == "cuda":
+            out = out.pin_memory()  # pageable host-to-device copies are several times slower
         return out.to(self.device)
 
 
