@@ -98,7 +98,7 @@ async def probe_certificate(endpoint: str, timeout: float) -> bytes:
     try:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
-        writer.close()
+        writer.transport.abort()  # no TLS shutdown dance: we only wanted the certificate
     if not der:
         raise PeerUnreachable(f"{endpoint}: presented no certificate")
     return der

@@ -102,7 +102,12 @@ class _Refusal(Exception):
 
 
 class PeerServer:
-    """A grpc.aio PeerService on a TLS port. `await start()`, then `await stop()` (or `async with`)."""
+    """A grpc.aio PeerService on a TLS port. `await start()`, then `await stop()` (or `async with`).
+
+    `on_update` is awaited once per accepted update, before the reply is sent; keep it short (queue
+    the update). `reply_for(round, slice)` and `state_provider()` run on the event loop: return
+    ready, pre-encoded objects (`OutgoingUpdate`, `make_state_snapshot`'s result), never compute.
+    """
 
     def __init__(
         self,
