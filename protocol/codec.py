@@ -44,8 +44,6 @@ MAX_NDIM = 32
 MAX_NUMEL = 2**34
 
 _QMAX = {"int8": 127, "int4": 7, "topk": 127}
-# Largest |q| a payload can hold (the encoder never writes -128 or nibble 0, a forger can).
-_QMAX_WIRE = {"int8": 128, "int4": 8, "topk": 128}
 _SCALE_BYTES = 4
 
 
@@ -191,15 +189,12 @@ def _quantize(x: torch.Tensor, block: int, qmax: int, limit: float, q: torch.Ten
     scratch = torch.empty(min(step, numel), dtype=torch.float32, device=x.device)
     for start in range(0, numel, step):
         stop = min(numel, start + step)
-        chunk_scales = _block_absmax(x[start:stop], block).div_(qmax)
+        absmax = _block_absmax(x[start:stop], block)
+        if not _within(absmax, math.inf):
+            raise ValueError("refusing to encode a tensor with NaN or inf")
+        chunk_scales = absmax.div_(qmax).clamp_(max=limit)
         scales[start // block : start // block + chunk_scales.numel()] = chunk_scales
         _quantize_chunk(x[start:stop], chunk_scales, block, qmax, q[start:stop], scratch)
-    if numel:
-        biggest = float(scales.max())
-        if not math.isfinite(biggest):
-            raise ValueError("refusing to encode a tensor with NaN or inf")
-        if biggest > limit:
-            raise ValueError(f"values too large for {qmax}-level blocks of this dtype: scale {biggest}")
     return scales
 
 
@@ -245,9 +240,17 @@ def _largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
 _TOPK_SAMPLE = 2**16
 
 
-def _scale_limit(name: str, dtype: torch.dtype) -> float:
-    """Largest scale whose worst wire value still fits the original dtype (q * scale never overflows)."""
-    return float(torch.finfo(dtype).max) / _QMAX_WIRE[name]
+def _scale_limit(qmax: int, dtype: torch.dtype) -> float:
+    """Largest float32 scale with qmax * scale <= the dtype's max, so no decoded value overflows.
+
+    The encoder caps its scales here (a block at the dtype's very edge then rounds to qmax anyway)
+    and the decoder refuses anything above; q itself is clamped to [-qmax, qmax] on decode.
+    """
+    exact = float(torch.finfo(dtype).max) / qmax
+    limit = torch.tensor(exact, dtype=torch.float32)
+    if float(limit) > exact:
+        limit = torch.nextafter(limit, torch.zeros_like(limit))
+    return float(limit)
 
 
 def _encode_blockwise(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -259,7 +262,7 @@ def _encode_blockwise(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) 
         q = out[scale_bytes:].view(torch.int8)
     else:
         q = torch.empty(numel, dtype=torch.int8, device=x.device)
-    scales = _quantize(x, config.block_size, _QMAX[name], _scale_limit(name, dtype), q)
+    scales = _quantize(x, config.block_size, _QMAX[name], _scale_limit(_QMAX[name], dtype), q)
     out[:scale_bytes].view(torch.float32).copy_(scales)
     if name == "int4":
         _pack_nibbles(q, out[scale_bytes:])
@@ -292,7 +295,7 @@ def _encode_topk(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> li
     indices = _largest(magnitude, k)
     del magnitude
     q = torch.empty(k, dtype=torch.int8, device=x.device)
-    scales = _quantize(x[indices], config.block_size, _QMAX["topk"], _scale_limit("topk", dtype), q)
+    scales = _quantize(x[indices], config.block_size, 127, _scale_limit(127, dtype), q)
     return [scales, indices.to(_INDEX_DTYPES[index_width(numel)]), q]
 
 
@@ -380,14 +383,18 @@ class _Reader:
 
 def _take_scales(reader: _Reader, count: int, name: str, dtype: torch.dtype) -> torch.Tensor:
     scales = reader.take(torch.float32, count)
-    if not _within(scales, _scale_limit(name, dtype)):
+    if not _within(scales, _scale_limit(_QMAX[name], dtype)):
         raise RejectedUpdate(Reason.NON_FINITE, f"a scale is NaN, inf or would overflow {dtype}")
     return scales
 
 
-def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 q * scale of its block, the last block possibly partial (in place when q is float32)."""
-    out = q.to(torch.float32)
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int, qmax: int) -> torch.Tensor:
+    """float32 clamp(q) * scale of its block, the last block possibly partial (in place for float32 q).
+
+    The clamp turns a forged -128 (or int4 nibble 0) into -qmax, so |value| <= qmax * scale <= the
+    dtype's max, which _take_scales guaranteed.
+    """
+    out = q.to(torch.float32).clamp_(-qmax, qmax)
     full = out.numel() // block * block
     if full:
         out[:full].view(-1, block).mul_(scales[: full // block, None])
@@ -399,12 +406,12 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tens
 def _decode_blockwise(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
     scales = _take_scales(reader, _ceil_div(numel, config.block_size), config.name, dtype)
     if config.name == "int8":
-        return _dequantize(reader.take(torch.int8, numel), scales, config.block_size)
+        return _dequantize(reader.take(torch.int8, numel), scales, config.block_size, 127)
     packed = reader.take(torch.uint8, _ceil_div(numel, 2))
     values = torch.empty(numel, dtype=torch.float32, device=reader.device)
     values[0::2] = packed & 15
     values[1::2] = packed[: numel // 2] >> 4
-    return _dequantize(values.sub_(8), scales, config.block_size)
+    return _dequantize(values.sub_(8), scales, config.block_size, 7)
 
 
 def _decode_topk(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
@@ -416,7 +423,7 @@ def _decode_topk(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.
             raise MalformedPayload(Reason.GARBAGE, f"topk index out of range for {numel} elements")
         if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise MalformedPayload(Reason.GARBAGE, "topk indices must be strictly increasing")
-    values = _dequantize(reader.take(torch.int8, k), scales, config.block_size)
+    values = _dequantize(reader.take(torch.int8, k), scales, config.block_size, 127)
     out = torch.zeros(numel, dtype=torch.float32, device=reader.device)
     out[indices] = values
     return out
