@@ -1,0 +1,264 @@
+"""DHT records of a swarm: which keys a swarm name maps to, and the signed values stored under them.
+
+Keys (namespaced by `murmur`, versioned by the record format `v1`, then the swarm name):
+
+    murmur/v1/<swarm>/manifest   subkey = run owner's public key (hex)  value = tagged SignedManifest
+    murmur/v1/<swarm>/peers      subkey = peer id (hex)                 value = tagged SignedAnnouncement
+
+Every value is a short tag followed by the proto bytes (`MANIFEST_TAG`, `ANNOUNCEMENT_TAG`): the two
+proto messages share a layout, so the tag keeps one from being read as the other.
+
+Contracts:
+- A record is valid only when the key that signed it is the one its subkey names: an announcement under
+  subkey P must be signed by the key whose hash is P, a manifest under subkey K by owner key K. So a
+  record signed by another key can never replace a peer's (or an owner's) record; the most it can do is
+  sit under its own signer's subkey, where readers see it for what it is.
+- `RecordValidator` applies exactly these checks inside hivemind's DHT (on store and on fetch), and
+  refuses anything that is not a murmur record: a murmur DHT holds murmur records only, which also stops
+  a plain value from shadowing a swarm's dictionary.
+- Readers verify again (`verify_announcement`), because a DHT node that skipped validation may answer.
+  Verification never raises anything but `InvalidRecord`, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer
+
+from protocol import PROTOCOL_MAJOR
+from protocol._generated import murmur_pb2 as pb
+from protocol.errors import ProtocolViolation, Reason
+from protocol.identity import Identity, peer_id_from_public_key, verify, verify_tls_binding
+
+KEY_PREFIX = "murmur/v1"
+MANIFEST_TAG = b"murmur/manifest/v1\0"
+ANNOUNCEMENT_TAG = b"murmur/announce/v1\0"
+# A DHT expiration may exceed the signed `expires_unix` by this much (clock skew between peers).
+EXPIRY_SLACK_S = 30.0
+# Values larger than this are refused before parsing (a manifest is a few hundred bytes).
+MAX_RECORD_BYTES = 64 * 1024
+_SWARM_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class InvalidRecord(ProtocolViolation):
+    """A DHT record that does not check: garbage, wrong tag, bad signature, wrong subkey, expired."""
+
+
+def check_swarm_name(name: str) -> str:
+    """Return `name` if it is a valid swarm name (lowercase letters, digits, '.', '_', '-'; <= 63)."""
+    if not _SWARM_NAME.match(name):
+        raise ValueError(
+            f"invalid swarm name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (e.g. tinystories-124m)"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmKeys:
+    """The DHT keys a swarm name maps to."""
+
+    manifest: str
+    peers: str
+
+
+def swarm_keys(swarm: str) -> SwarmKeys:
+    """The DHT keys of `swarm` (validated)."""
+    check_swarm_name(swarm)
+    return SwarmKeys(manifest=f"{KEY_PREFIX}/{swarm}/manifest", peers=f"{KEY_PREFIX}/{swarm}/peers")
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A verified peer announcement (the fields of PeerAnnouncement, typed)."""
+
+    peer_id: str
+    public_key: bytes
+    run_id: str
+    endpoint: str
+    tls_fingerprint: str
+    slice: int
+    round: int
+    tokens_per_second: float
+    loss: float
+    software_version: str
+    protocol_version: str
+    expires_unix: float
+
+    @property
+    def client_only(self) -> bool:
+        """True for a peer that accepts no connections (it initiates every exchange itself)."""
+        return not self.endpoint
+
+    def to_json(self) -> dict:
+        """The fields `murmur status --json` prints (NaN loss becomes null)."""
+        return {
+            "peer_id": self.peer_id,
+            "endpoint": self.endpoint or None,
+            "client_only": self.client_only,
+            "slice": self.slice,
+            "round": self.round,
+            "tokens_per_s": self.tokens_per_second,
+            "loss": self.loss if math.isfinite(self.loss) else None,
+            "version": self.software_version,
+            "protocol_version": self.protocol_version,
+            "run_id": self.run_id,
+            "tls_fingerprint": self.tls_fingerprint,
+            "expires_unix": self.expires_unix,
+        }
+
+
+def sign_announcement(
+    identity: Identity,
+    *,
+    run_id: str,
+    endpoint: str,
+    slice_index: int,
+    round: int,
+    tokens_per_second: float,
+    loss: float,
+    software_version: str,
+    protocol_version: str,
+    expires_unix: float,
+) -> bytes:
+    """The DHT value announcing `identity`: tag + SignedAnnouncement, signed by the identity."""
+    message = pb.PeerAnnouncement(
+        peer_id=identity.peer_id,
+        public_key=identity.public_key,
+        run_id=run_id,
+        endpoint=endpoint,
+        tls_fingerprint=identity.tls_fingerprint,
+        tls_binding=identity.tls_binding,
+        slice=slice_index,
+        round=round,
+        tokens_per_second=tokens_per_second,
+        loss=loss,
+        software_version=software_version,
+        protocol_version=protocol_version,
+        expires_unix=math.ceil(expires_unix),
+    )
+    body = message.SerializeToString(deterministic=True)
+    signed = pb.SignedAnnouncement(announcement=body, signature=identity.sign(ANNOUNCEMENT_TAG + body))
+    return ANNOUNCEMENT_TAG + signed.SerializeToString(deterministic=True)
+
+
+def _untag(value: object, tag: bytes) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidRecord(Reason.GARBAGE, f"record value is {type(value).__name__}, not bytes")
+    if len(value) > MAX_RECORD_BYTES:
+        raise InvalidRecord(Reason.OVERSIZE, f"record of {len(value)} bytes (max {MAX_RECORD_BYTES})")
+    if not value.startswith(tag):
+        raise InvalidRecord(Reason.GARBAGE, f"record does not start with {tag!r}")
+    return value[len(tag) :]
+
+
+def verify_announcement(value: object, *, subkey: object = None, now: float | None = None) -> Announcement:
+    """Parse and check an announcement value; raise InvalidRecord on any failure.
+
+    Checks: tag, proto, peer id = hash(public key), signature by that key over tag + announcement bytes,
+    TLS binding, subkey = peer id (when given), protocol major, and expiry (when `now` is given).
+    """
+    body = _untag(value, ANNOUNCEMENT_TAG)
+    try:
+        signed = pb.SignedAnnouncement.FromString(body)
+        ann = pb.PeerAnnouncement.FromString(signed.announcement)
+    except DecodeError as exc:
+        raise InvalidRecord(Reason.GARBAGE, f"announcement does not parse: {exc}") from exc
+    try:
+        peer_id = peer_id_from_public_key(ann.public_key)
+    except ValueError as exc:
+        raise InvalidRecord(Reason.BAD_SIGNATURE, str(exc)) from exc
+    if ann.peer_id != peer_id:
+        raise InvalidRecord(Reason.BAD_SIGNATURE, f"peer id {ann.peer_id[:16]} is not the hash of its key")
+    if not verify(ann.public_key, ANNOUNCEMENT_TAG + signed.announcement, signed.signature):
+        raise InvalidRecord(Reason.BAD_SIGNATURE, f"announcement of {peer_id[:16]} has a bad signature")
+    if subkey is not None and subkey != peer_id:
+        raise InvalidRecord(Reason.BAD_SIGNATURE, f"announcement of {peer_id[:16]} stored under {subkey!r:.24}")
+    if not verify_tls_binding(ann.public_key, ann.tls_fingerprint, ann.tls_binding):
+        raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]} does not vouch for its TLS fingerprint")
+    if _major(ann.protocol_version) != PROTOCOL_MAJOR:
+        raise InvalidRecord(Reason.INCOMPATIBLE_VERSION, f"{peer_id[:16]} speaks protocol {ann.protocol_version}")
+    if now is not None and ann.expires_unix < now:
+        raise InvalidRecord(Reason.REPLAY, f"announcement of {peer_id[:16]} expired {now - ann.expires_unix:.0f}s ago")
+    return Announcement(
+        peer_id=peer_id,
+        public_key=ann.public_key,
+        run_id=ann.run_id,
+        endpoint=ann.endpoint,
+        tls_fingerprint=ann.tls_fingerprint,
+        slice=ann.slice,
+        round=ann.round,
+        tokens_per_second=ann.tokens_per_second,
+        loss=ann.loss,
+        software_version=ann.software_version,
+        protocol_version=ann.protocol_version,
+        expires_unix=float(ann.expires_unix),
+    )
+
+
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".", 1)[0])
+    except ValueError:
+        return -1
+
+
+def encode_manifest_record(signed_manifest: bytes) -> bytes:
+    """The DHT value of a manifest: tag + serialised SignedManifest."""
+    return MANIFEST_TAG + signed_manifest
+
+
+def manifest_record_signer(value: object) -> tuple[bytes, bytes]:
+    """(SignedManifest bytes, owner key) of a manifest value whose signature checks; InvalidRecord otherwise.
+
+    Only the signature is checked here; what the manifest says is protocol/manifest.py's business.
+    """
+    body = _untag(value, MANIFEST_TAG)
+    try:
+        signed = pb.SignedManifest.FromString(body)
+    except DecodeError as exc:
+        raise InvalidRecord(Reason.GARBAGE, f"manifest record does not parse: {exc}") from exc
+    if not verify(signed.owner_public_key, signed.manifest, signed.signature):
+        raise InvalidRecord(Reason.BAD_SIGNATURE, "manifest record has a bad signature")
+    return body, signed.owner_public_key
+
+
+def check_record(subkey: object, value: object, expiration_time: float) -> None:
+    """The DHT-layer rule for one (subkey, value): signed by the key the subkey names; InvalidRecord if not."""
+    if not isinstance(subkey, str) or not _HEX64.match(subkey):
+        raise InvalidRecord(Reason.GARBAGE, "murmur records live under a 64-hex subkey")
+    if isinstance(value, bytes) and value.startswith(MANIFEST_TAG):
+        _, owner = manifest_record_signer(value)
+        if owner.hex() != subkey:
+            raise InvalidRecord(Reason.BAD_SIGNATURE, "manifest stored under another owner's subkey")
+        return
+    ann = verify_announcement(value, subkey=subkey)
+    if expiration_time > ann.expires_unix + EXPIRY_SLACK_S:
+        raise InvalidRecord(Reason.REPLAY, "DHT expiration outlives the signed expiry")
+
+
+class RecordValidator(RecordValidatorBase):
+    """hivemind validator that admits only murmur records whose signer matches their subkey.
+
+    Pass it to every murmur DHT (peers and bootstrap nodes): stores of forged records are refused by
+    honest nodes, and forged answers from dishonest ones are dropped on fetch.
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        """True for a valid murmur dictionary record; False for anything else, never raising."""
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+        except Exception:  # msgpack raises many exception types on hostile bytes; each means "not ours"
+            return False
+        try:
+            check_record(subkey, value, record.expiration_time)
+        except InvalidRecord:
+            return False
+        return True
