@@ -219,21 +219,23 @@ def _largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted indices of the k largest entries, exactly (ties broken arbitrarily).
 
     torch.topk over tens of millions of entries takes seconds on a CPU, so big tensors first keep
-    the entries at or above a threshold estimated from a fixed random sample (aiming at about 2k
-    of them), then run topk on those; when the estimate keeps fewer than k, fall back to the full
-    topk. Either way the result is the exact top k, since everything dropped is below the threshold.
+    the entries above a threshold estimated from a fixed random sample (aiming at about 2k of
+    them), then run topk on those; entries equal to the threshold fill up when fewer than k are
+    above it (a mostly-zero delta). Everything dropped is below the threshold, so the result is the
+    exact top k; only when the threshold overshot does it fall back to the full topk.
     """
     numel = magnitude.numel()
     if numel > _TOPK_SAMPLE * 4 and k * 8 < numel:
         generator = torch.Generator().manual_seed(0)
         picks = torch.randint(numel, (_TOPK_SAMPLE,), generator=generator).to(magnitude.device)
-        sample = magnitude[picks]
-        rank = max(1, min(_TOPK_SAMPLE, _TOPK_SAMPLE - (2 * k * _TOPK_SAMPLE) // numel))
-        threshold = sample.kthvalue(rank).values
-        candidates = (magnitude >= threshold).nonzero().view(-1)
-        if candidates.numel() >= k:
-            best = torch.topk(magnitude[candidates], k, sorted=False).indices
-            return candidates[best].sort().values
+        rank = max(1, _TOPK_SAMPLE - (2 * k * _TOPK_SAMPLE) // numel)
+        threshold = magnitude[picks].kthvalue(rank).values
+        above = (magnitude > threshold).nonzero().view(-1)
+        if above.numel() >= k:
+            return above[torch.topk(magnitude[above], k, sorted=False).indices].sort().values
+        ties = (magnitude == threshold).nonzero().view(-1)
+        if above.numel() + ties.numel() >= k:
+            return torch.cat([above, ties[: k - above.numel()]]).sort().values
     return torch.topk(magnitude, k, sorted=False).indices.sort().values
 
 

@@ -165,13 +165,20 @@ def test_topk_keeps_fraction_as_written() -> None:
     assert topk_count(3, 1.0) == 3
 
 
-def test_topk_exact_on_large_tensor() -> None:
-    """The sampled-threshold path must still return exactly the k largest."""
+@pytest.mark.parametrize("nonzero", [600_000, 300, 0])
+def test_topk_exact_on_large_tensor(nonzero: int) -> None:
+    """The sampled-threshold path returns exactly the k largest, also when most entries are zero."""
     x = torch.randn(600_000, generator=torch.Generator().manual_seed(1))
+    x[nonzero:] = 0
     config = CodecConfig(name="topk", topk_fraction=0.001)
     encoded = encode(x, config)
     kept = topk_indices(encoded, config)
-    assert torch.equal(kept, torch.topk(x.abs(), kept.numel()).indices.sort().values)
+    assert kept.numel() == 600 and bool((kept[1:] > kept[:-1]).all())
+    smallest_kept = float(x[kept].abs().min())
+    dropped = torch.ones(x.numel(), dtype=torch.bool)
+    dropped[kept] = False
+    assert float(x[dropped].abs().max()) <= smallest_kept
+    assert bool((decode(encoded, config)[dropped] == 0).all())
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
