@@ -89,6 +89,8 @@ class ServerConfig:
     """The most one Exchange may take on our side, whatever deadline the caller set."""
     max_concurrent_rpcs: int = 32
     max_concurrent_fetches: int = 2
+    fetch_timeout_s: float = 600.0
+    """The most one FetchState may take on our side (a reader that stalls is cut off)."""
     """FetchState streams served at once; more are refused with RATE_LIMITED."""
 
 
@@ -226,20 +228,22 @@ class PeerServer:
 
     # --------------------------------------------------------------------------------- Exchange
 
-    async def _exchange(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.UpdateFrame]:
+    async def _exchange(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         blame: list[str] = []  # the authenticated sender, once the signature checked
+        limit = self.config.exchange_timeout_s
         try:
-            receiving = self._receive(requests, blame, context)
-            update = await asyncio.wait_for(receiving, self.config.exchange_timeout_s)
+            # One budget for the whole call, reply included: a caller that stops reading is cut off too.
+            await asyncio.wait_for(self._exchange_within(requests, context, blame), limit)
         except asyncio.TimeoutError:
-            error = RejectedUpdate(Reason.TIMEOUT, f"exchange took over {self.config.exchange_timeout_s} s")
+            error = RejectedUpdate(Reason.TIMEOUT, f"exchange took over {limit} s")
             await self._refuse(context, _Refusal(error, blame[0] if blame else None))
-            return
         except _REFUSALS as exc:
             await self._refuse(context, _Refusal(exc, blame[0] if blame else None))
-            return
+
+    async def _exchange_within(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext, blame: list[str]
+    ) -> None:
+        update = await self._receive(requests, blame, context)
         self.accepted += 1
         try:
             await self._on_update(update)
@@ -252,9 +256,9 @@ class PeerServer:
         header = await asyncio.to_thread(
             seal_update, outgoing, identity=self.identity, run_id=self.policy.run_id, recipient=update.sender
         )
-        yield pb.UpdateFrame(header=header)
+        await context.write(pb.UpdateFrame(header=header))
         for chunk in chunked(enc.payload for enc in outgoing.tensors.values()):
-            yield pb.UpdateFrame(chunk=chunk)
+            await context.write(pb.UpdateFrame(chunk=chunk))
 
     async def _receive(
         self, requests: AsyncIterator[bytes], blame: list[str], context: grpc.aio.ServicerContext
@@ -298,22 +302,25 @@ class PeerServer:
 
     # ------------------------------------------------------------------------------- FetchState
 
-    async def _fetch_state(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StateFrame]:
+    async def _fetch_state(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
             snapshot = self._checked_state_request(request)
+            if snapshot is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "no state to serve yet")
+            if self._fetch_slots.locked():
+                raise MalformedPayload(Reason.RATE_LIMITED, "too many downloads from this peer; try another")
+            async with self._fetch_slots:
+                await asyncio.wait_for(self._stream_state(context, snapshot), self.config.fetch_timeout_s)
+        except asyncio.TimeoutError:
+            error = RejectedUpdate(Reason.TIMEOUT, f"download took over {self.config.fetch_timeout_s} s")
+            await self._refuse(context, _Refusal(error, None))
         except _REFUSALS as exc:
             await self._refuse(context, _Refusal(exc, None))
-            return
-        if snapshot is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no state to serve yet")
-            return
-        if self._fetch_slots.locked():
-            await self._refuse(context, _Refusal(MalformedPayload(Reason.RATE_LIMITED, "too many downloads"), None))
-            return
-        async with self._fetch_slots:
-            yield pb.StateFrame(header=self._state_header(snapshot))
-            for chunk in chunked(enc.payload for enc in snapshot.tensors.values()):
-                yield pb.StateFrame(chunk=chunk)
+
+    async def _stream_state(self, context: grpc.aio.ServicerContext, snapshot: StateSnapshot) -> None:
+        await context.write(pb.StateFrame(header=self._state_header(snapshot)))
+        for chunk in chunked(enc.payload for enc in snapshot.tensors.values()):
+            await context.write(pb.StateFrame(chunk=chunk))
 
     def _checked_state_request(self, request: bytes) -> StateSnapshot | None:
         parsed = _parse(pb.FetchStateRequest, request)

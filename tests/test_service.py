@@ -493,3 +493,23 @@ def test_fetch_state_is_rate_limited() -> None:
 
     result = run(scenario)
     assert (result.code, result.reason) == (S.RESOURCE_EXHAUSTED, "rate_limited")
+
+
+@pytest.mark.timeout(60)
+def test_fetch_state_that_overruns_the_server_budget_is_cut_off() -> None:
+    wire = Wire()
+    snapshot = make_state_snapshot(1, {"w": torch.randn(4096, 1024)})  # 16 MiB: many chunks
+
+    async def scenario():
+        config = ServerConfig(fetch_timeout_s=0.001)
+        async with serving(wire, state_provider=lambda: snapshot, config=config) as server:
+            channel = pinned_channel(server)
+            try:
+                request = pb.FetchStateRequest(protocol_major=PROTOCOL_MAJOR, run_id=RUN_ID).SerializeToString()
+                return await unary(channel, "FetchState", request)
+            finally:
+                await channel.close()
+
+    result = run(scenario)
+    assert (result.code, result.reason) == (S.DEADLINE_EXCEEDED, "timeout")
+    assert len(result.responses) < 17
