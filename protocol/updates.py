@@ -302,7 +302,7 @@ def decode_payload(
 # ------------------------------------------------------------------------------------------- state
 
 
-STATE_CODECS = {"float32": "fp32", "bfloat16": "bf16"}
+STATE_CODECS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
 """The lossless codec FetchState uses for each dtype it carries."""
 
 
@@ -320,7 +320,7 @@ class StateSnapshot:
 
 
 def make_state_snapshot(round: int, tensors: Mapping[str, torch.Tensor]) -> StateSnapshot:
-    """Encode float32/bfloat16 weights losslessly and hash them (blocking: run off-loop)."""
+    """Encode float32/bfloat16/float16 weights losslessly and hash them (blocking: run off-loop)."""
     encoded: dict[str, Encoded] = {}
     for name, tensor in tensors.items():
         codec = STATE_CODECS.get(str(tensor.dtype).removeprefix("torch."))

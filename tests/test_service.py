@@ -349,6 +349,7 @@ def test_fetch_state_streams_weights_with_a_verified_hash() -> None:
     shapes = {"emb": (300, 1024), "head.w": (1024, 700), "norm": (1024,)}  # ~3.8 MB: several chunks
     weights = {name: torch.randn(shape) for name, shape in shapes.items()}
     weights["norm"] = weights["norm"].bfloat16()
+    weights["head.w"] = weights["head.w"].half()
     snapshot = make_state_snapshot(9, weights)
 
     async def scenario():
