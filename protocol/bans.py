@@ -76,6 +76,16 @@ class ReplayGuard:
             del self._highest[next(iter(self._highest))]
         return True
 
+    def release(self, peer_id: str, slice_index: int, round: int, previous: int | None) -> None:
+        """Undo `claim` of `round` (its transfer died before delivery), restoring `previous`."""
+        key = (peer_id, slice_index)
+        if self._highest.get(key) != round:
+            return  # a newer round was claimed meanwhile; keep it
+        if previous is None:
+            del self._highest[key]
+        else:
+            self._highest[key] = previous
+
     def highest(self, peer_id: str, slice_index: int) -> int | None:
         """The highest round accepted from (peer, slice), or None."""
         return self._highest.get((peer_id, slice_index))

@@ -10,6 +10,9 @@ parse -> protocol version -> sender banned? -> run id -> sender known -> signatu
 chunks (each 1..1 MiB, never beyond the announced total) -> signed digest and decode in a worker
 thread (shape, dtype, finiteness) -> `on_update` -> our reply, signed for the caller.
 
+Replays: the round is claimed when the header is accepted, and given back if the transfer dies
+(timeout, caller gone) before delivery, so an honest retry of the same round is not a replay.
+
 Bans: only failures after the signature checked are bans, because before it the claimed peer id
 proves nothing (banning it would let anyone get an honest peer banned). Replays and timeouts are
 refused but not banned (an honest peer's retry looks like a replay). Every refusal is counted in
@@ -92,6 +95,16 @@ class ServerConfig:
     fetch_timeout_s: float = 600.0
     """The most one FetchState may take on our side (a reader that stalls is cut off)."""
     """FetchState streams served at once; more are refused with RATE_LIMITED."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    """What one Exchange call has established so far."""
+
+    sender: str | None = None
+    """The sender, once its signature checked: from then on its failures are its own (bans)."""
+    claim: tuple[str, int, int, int | None] | None = None
+    """(peer, slice, round, previous round) claimed in the replay guard and not yet delivered."""
 
 
 class _Refusal(Exception):
@@ -229,21 +242,31 @@ class PeerServer:
     # --------------------------------------------------------------------------------- Exchange
 
     async def _exchange(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        blame: list[str] = []  # the authenticated sender, once the signature checked
+        stream = _Stream()
         limit = self.config.exchange_timeout_s
         try:
             # One budget for the whole call, reply included: a caller that stops reading is cut off too.
-            await asyncio.wait_for(self._exchange_within(requests, context, blame), limit)
+            await asyncio.wait_for(self._exchange_within(requests, context, stream), limit)
         except asyncio.TimeoutError:
+            self._undo_claim(stream)
             error = RejectedUpdate(Reason.TIMEOUT, f"exchange took over {limit} s")
-            await self._refuse(context, _Refusal(error, blame[0] if blame else None))
+            await self._refuse(context, _Refusal(error, stream.sender))
         except _REFUSALS as exc:
-            await self._refuse(context, _Refusal(exc, blame[0] if blame else None))
+            await self._refuse(context, _Refusal(exc, stream.sender))
+        except asyncio.CancelledError:
+            self._undo_claim(stream)  # the caller went away mid-transfer: its retry is not a replay
+            raise
+
+    def _undo_claim(self, stream: _Stream) -> None:
+        if stream.claim is not None:
+            self.replay.release(*stream.claim)
+            stream.claim = None
 
     async def _exchange_within(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext, blame: list[str]
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext, stream: _Stream
     ) -> None:
-        update = await self._receive(requests, blame, context)
+        update = await self._receive(requests, stream, context)
+        stream.claim = None  # delivered: the round is used up
         self.accepted += 1
         try:
             await self._on_update(update)
@@ -261,10 +284,10 @@ class PeerServer:
             await context.write(pb.UpdateFrame(chunk=chunk))
 
     async def _receive(
-        self, requests: AsyncIterator[bytes], blame: list[str], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[bytes], stream: _Stream, context: grpc.aio.ServicerContext
     ) -> ReceivedUpdate:
-        """Read, check and decode one pushed update; raises a refusal. Appends the sender to `blame`
-        as soon as its signature checked."""
+        """Read, check and decode one pushed update; raises a refusal. Records the authenticated
+        sender and the replay claim in `stream` as soon as they exist."""
         first = await anext(aiter(requests), None)
         if first is None:
             raise MalformedPayload(Reason.GARBAGE, "empty stream")
@@ -276,11 +299,12 @@ class PeerServer:
         if self.bans.is_banned(header.sender):
             raise BannedPeer(f"peer {header.sender[:16]} is banned here for a while")
         authenticate_header(header, self.policy, self.identity.peer_id)
-        blame.append(header.sender)
+        stream.sender = header.sender
         planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
+        previous = self.replay.highest(header.sender, header.slice)
         if not self.replay.claim(header.sender, header.slice, header.round):
-            seen = self.replay.highest(header.sender, header.slice)
-            raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {seen}")
+            raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {previous}")
+        stream.claim = (header.sender, header.slice, header.round, previous)
         buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
         await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
         async for raw in requests:  # until the caller half-closes; PayloadBuffer refuses any excess

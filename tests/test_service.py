@@ -28,7 +28,7 @@ from conftest_wire import (
 
 from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
-from protocol.bans import BanList
+from protocol.bans import BanList, ReplayGuard
 from protocol.client import PeerClient
 from protocol.codec import decode
 from protocol.errors import (
@@ -467,14 +467,39 @@ def test_stalled_exchange_times_out_on_the_server_without_a_ban() -> None:
             try:
                 frames = update_frames(wire.update(1))
                 stalled = await push_frames(channel, frames[:-1], timeout=10.0, half_close=False)
+                assert wire.received == []
+                retry = await push_frames(channel, frames)
             finally:
                 await channel.close()
-            return stalled, server
+            return stalled, retry, server
 
-    stalled, server = run(scenario)
+    stalled, retry, server = run(scenario)
     assert (stalled.code, stalled.reason) == (S.DEADLINE_EXCEEDED, "timeout")
     assert server.rejections == {Reason.TIMEOUT: 1}
-    assert not server.bans.is_banned(CLIENT_ID.peer_id) and wire.received == []
+    assert not server.bans.is_banned(CLIENT_ID.peer_id)
+    assert retry.code is S.OK, "a retry of a round whose transfer died is not a replay"
+    assert [u.round for u in wire.received] == [1]
+
+
+@pytest.mark.timeout(10)
+def test_replay_guard_and_ban_list() -> None:
+    guard = ReplayGuard(max_entries=2)
+    assert guard.claim("a", 0, 5) and not guard.claim("a", 0, 5) and not guard.claim("a", 0, 4)
+    assert guard.claim("a", 1, 1), "slices are separate"
+    guard.release("a", 0, 5, None)
+    assert guard.claim("a", 0, 5)
+    assert guard.claim("a", 0, 6)
+    guard.release("a", 0, 5, None)  # stale release: a newer round stands
+    assert guard.highest("a", 0) == 6
+    assert guard.claim("b", 0, 1) and guard.highest("a", 1) is None, "oldest key dropped past max_entries"
+    now = [0.0]
+    bans = BanList(duration_s=10, clock=lambda: now[0])
+    bans.ban("p", "test")
+    assert bans.is_banned("p") and bans.banned() == ["p"] and not bans.is_banned("q")
+    now[0] = 9.9
+    assert bans.is_banned("p")
+    now[0] = 10.0
+    assert not bans.is_banned("p") and bans.banned() == []
 
 
 @pytest.mark.timeout(60)
