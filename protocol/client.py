@@ -153,7 +153,11 @@ class PeerClient:
         if tls_certificate is None:
             der = await probe_certificate(endpoint, deadline)
             tls_certificate = ssl.DER_cert_to_PEM_cert(der).encode()
-        if certificate_fingerprint(tls_certificate) != tls_fingerprint.lower():
+        try:
+            fingerprint = certificate_fingerprint(tls_certificate)
+        except ValueError as exc:  # an announcement's certificate is a stranger's bytes
+            raise PeerUnreachable(f"{endpoint}: unreadable TLS certificate ({exc})") from exc
+        if fingerprint != tls_fingerprint.lower():
             raise PeerUnreachable(f"{endpoint}: TLS certificate does not match the pinned fingerprint")
         credentials = grpc.ssl_channel_credentials(root_certificates=tls_certificate)
         options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME)]

@@ -23,6 +23,7 @@ reaches the caller intact (grpc.aio reports a write that races the server's fina
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 
 import grpc
@@ -70,6 +71,7 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+@functools.cache
 def software_version() -> str:
     """The installed murmur distribution's version ("0+unknown" when running from a bare tree)."""
     try:

@@ -397,6 +397,9 @@ def test_tls_pin_mismatch_fails() -> None:
                 client.deadline = 3.0
                 with pytest.raises(PeerUnreachable):
                     await client.info()
+            with pytest.raises(PeerUnreachable, match="unreadable"):
+                async with connect(server, wire, tls_certificate=b"-----BEGIN CERTIFICATE-----\nAAAA\n"):
+                    pass
             # And the right pin, given directly, works.
             async with connect(server, wire, tls_certificate=SERVER_ID.tls_cert_pem) as client:
                 return await client.info()
