@@ -119,10 +119,6 @@ def _refusal_case(wire: Wire, frames: list[bytes], *, expect_ban: bool, pre: lis
     return result, server
 
 
-def _header_only(update, **kwargs) -> list[bytes]:
-    return update_frames(update, **kwargs)[:1]
-
-
 def _with_header(frames: list[bytes], mutate) -> list[bytes]:
     frame = pb.UpdateFrame.FromString(frames[0])
     mutate(frame.header)
