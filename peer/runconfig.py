@@ -96,7 +96,7 @@ class RunConfig:
         data = dict(data)
         top = {k: data.pop(k) for k in ("swarm", "method", "preset", "dtype") if k in data}
         if "swarm" not in top:
-            raise ValueError("a run config needs `swarm = \"name\"`")
+            raise ValueError('a run config needs `swarm = "name"`')
         method = top.get("method", "gossip-ppu")
         outer = dict(data.pop("outer", {}))
         clip = float(outer.pop("clip", 0.0))
@@ -127,20 +127,43 @@ class RunConfig:
         return pb.Manifest(
             swarm_name=self.swarm,
             protocol_version=PROTOCOL_VERSION,
-            model=pb.ModelSpec(preset=self.preset, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                               n_heads=m.n_heads, seq_len=m.seq_len, dtype=self.dtype, mlp=m.mlp,
-                               d_hidden=m.d_hidden, positions=m.positions, tie_embeddings=m.tie_embeddings,
-                               norm_eps=m.norm_eps, init_std=m.init_std),  # fmt: skip
+            model=pb.ModelSpec(
+                preset=self.preset,
+                vocab_size=m.vocab_size,
+                d_model=m.d_model,
+                n_layers=m.n_layers,
+                n_heads=m.n_heads,
+                seq_len=m.seq_len,
+                dtype=self.dtype,
+                mlp=m.mlp,
+                d_hidden=m.d_hidden,
+                positions=m.positions,
+                tie_embeddings=m.tie_embeddings,
+                norm_eps=m.norm_eps,
+                init_std=m.init_std,
+            ),  # fmt: skip
             slices=pb.SliceSpec(num_slices=self.slices.num_slices, cut=self.slices.cut),
-            inner=pb.InnerSpec(steps_per_round=i.steps_per_round, lr=i.lr, beta1=i.betas[0], beta2=i.betas[1],
-                               weight_decay=i.weight_decay, warmup_steps=i.warmup_steps, schedule="cosine",
-                               batch_size=i.batch_size, total_steps=i.total_steps, min_lr_ratio=i.min_lr_ratio,
-                               grad_clip=i.grad_clip, grad_accum=i.grad_accum),  # fmt: skip
-            outer=pb.OuterSpec(method=self.method, lr=o.lr, momentum=o.momentum, clip=self.clip, rule=o.rule,
-                               consensus=o.consensus),  # fmt: skip
+            inner=pb.InnerSpec(
+                steps_per_round=i.steps_per_round,
+                lr=i.lr,
+                beta1=i.betas[0],
+                beta2=i.betas[1],
+                weight_decay=i.weight_decay,
+                warmup_steps=i.warmup_steps,
+                schedule="cosine",
+                batch_size=i.batch_size,
+                total_steps=i.total_steps,
+                min_lr_ratio=i.min_lr_ratio,
+                grad_clip=i.grad_clip,
+                grad_accum=i.grad_accum,
+            ),  # fmt: skip
+            outer=pb.OuterSpec(
+                method=self.method, lr=o.lr, momentum=o.momentum, clip=self.clip, rule=o.rule, consensus=o.consensus
+            ),  # fmt: skip
             gossip=pb.GossipSpec(fanout=self.gossip.fanout, exchange_timeout_s=self.gossip.exchange_timeout_s),
-            codec=pb.CodecSpec(name=self.codec.name, block_size=self.codec.block_size,
-                               topk_fraction=self.codec.topk_fraction),  # fmt: skip
+            codec=pb.CodecSpec(
+                name=self.codec.name, block_size=self.codec.block_size, topk_fraction=self.codec.topk_fraction
+            ),  # fmt: skip
             data=pb.DataSpec(source=self.data.source, tokenizer=self.data.tokenizer, seed=self.data.seed),
             created_unix=int(time.time()) if created_unix is None else created_unix,
         )

@@ -1,0 +1,147 @@
+"""A bootstrap node: a long-lived DHT node at a stable address that peers find their swarm through.
+
+It trains nothing. It keeps a persistent libp2p identity (`--identity`, created on first start) so its
+`/p2p/<id>` stays the same across restarts, prints its full multiaddrs (one per line, stdout, flushed)
+and optionally writes them to a file, refreshes its routing table on a timer (re-dialling the other
+bootstrap nodes it was given), logs the swarm activity it stores, dials peers' announced endpoints on
+request (bootstrap/reachability.py), and on SIGTERM/SIGINT shuts the DHT (and its p2pd) down and
+returns 0.
+
+Only `protocol/` and hivemind are used here, so the bootstrap image needs no training code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from hivemind.dht import DHT, DHTNode
+from hivemind.dht.storage import DictionaryDHTValue
+
+from bootstrap.reachability import serve_reachability
+from protocol.identity import Identity
+from protocol.logs import get_logger
+from protocol.records import InvalidRecord, refresh_routing, start_dht, verify_announcement
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BootstrapConfig:
+    """How a bootstrap node listens and whom it knows."""
+
+    identity_path: Path
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/31337",)
+    announce_maddrs: tuple[str, ...] = ()
+    """Public addresses to advertise (e.g. /ip4/203.0.113.7/tcp/31337) when behind a port forward."""
+    initial_peers: tuple[str, ...] = ()
+    """Other bootstrap nodes; several nodes listing each other form one swarm entry point."""
+    addrs_file: Path | None = None
+    startup_timeout_s: float = 60.0
+    refresh_every_s: float = 60.0
+    activity_every_s: float = 30.0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def _stored_activity(_dht: DHT, node: DHTNode) -> dict[str, int]:
+    """Inside the DHT process: live, verified announcements this node stores, counted per run id."""
+    runs: Counter[str] = Counter()
+    for _key, stored in node.protocol.storage.items():
+        if not isinstance(stored.value, DictionaryDHTValue):
+            continue
+        for subkey, (value_bytes, _expiry) in stored.value.items():
+            try:
+                ann = verify_announcement(node.protocol.serializer.loads(value_bytes), subkey=subkey)
+            except InvalidRecord:
+                continue  # manifests, and anything stale or odd, are not peers
+            runs[ann.run_id[:12]] += 1
+    return dict(runs)
+
+
+class BootstrapNode:
+    """One bootstrap node. `await run(stop)` serves until `stop` is set; always shuts down cleanly."""
+
+    def __init__(self, config: BootstrapConfig) -> None:
+        self.config = config
+        self.dht: DHT | None = None
+        self.maddrs: list[str] = []
+
+    async def start(self) -> None:
+        """Start the DHT (blocking work in a thread), publish addresses, serve reachability checks."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.dht = await loop.run_in_executor(
+            None,
+            lambda: start_dht(initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
+                              announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path,
+                              startup_timeout_s=cfg.startup_timeout_s),
+        )  # fmt: skip
+        self.maddrs = [str(m) for m in await loop.run_in_executor(None, self.dht.get_visible_maddrs)]
+        for maddr in self.maddrs:
+            print(maddr, flush=True)
+        if cfg.addrs_file is not None:
+            write_atomically(cfg.addrs_file, "".join(f"{m}\n" for m in self.maddrs))
+        p2p = await self.dht.replicate_p2p()
+        await serve_reachability(p2p, Identity.generate())
+        log.info("bootstrap node up: %s (peers join with --initial-peers %s)", self.maddrs[0], self.maddrs[0])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh routing and log activity on timers until `stop` is set; then shut the DHT down."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+            next_refresh = next_activity = loop.time()
+            while not stop.is_set():
+                now = loop.time()
+                if now >= next_refresh:
+                    next_refresh = now + self.config.refresh_every_s
+                    size = await loop.run_in_executor(None, refresh_routing, self.dht, self.config.initial_peers)
+                    log.debug("routing table refreshed: %d nodes", size)
+                if now >= next_activity:
+                    next_activity = now + self.config.activity_every_s
+                    await self._log_activity()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self.shutdown()
+
+    async def _log_activity(self) -> None:
+        assert self.dht is not None
+        runs = await self.dht.run_coroutine(_stored_activity, return_future=True)
+        if runs:
+            summary = ", ".join(f"run {run}…: {n} peer(s)" for run, n in sorted(runs.items()))
+            log.info("swarm activity stored here: %s", summary)
+
+    async def shutdown(self) -> None:
+        """Stop the DHT and its p2pd (idempotent)."""
+        if self.dht is not None:
+            dht, self.dht = self.dht, None
+            await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+            log.info("bootstrap node stopped")
+
+
+async def _main(config: BootstrapConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await BootstrapNode(config).run(stop)
+
+
+def run_bootstrap(config: BootstrapConfig) -> None:
+    """Run a bootstrap node under uvloop until SIGTERM/SIGINT. Raises DHTStartError if it cannot start."""
+    uvloop.run(_main(config))

@@ -1,0 +1,70 @@
+"""The outside view of a peer's endpoint: a bootstrap node dials what a peer announces, on request.
+
+A peer behind NAT cannot tell from inside whether its port is open, so it asks a bootstrap node over
+libp2p (`REACHABILITY_HANDLER`), sending its signed announcement. The node checks the signature, dials
+the announced endpoint with murmur's own client (TLS pinned to the announced fingerprint) and calls
+Info; the reply is that Info, with `health` "ok" when the endpoint answered as the announcing peer, or
+"unreachable: <why>" otherwise. Only signed announcements are dialled, and only their own endpoint, so a
+bootstrap node cannot be used to probe arbitrary hosts on behalf of strangers beyond one Info call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hivemind.p2p import P2P, P2PContext
+
+from protocol._generated import murmur_pb2 as pb
+from protocol.client import PeerClient
+from protocol.errors import MurmurError
+from protocol.identity import Identity
+from protocol.logs import get_logger
+from protocol.records import ANNOUNCEMENT_TAG, REACHABILITY_HANDLER, InvalidRecord, verify_announcement
+
+log = get_logger(__name__)
+
+DIAL_TIMEOUT_S = 5.0
+
+
+async def dial_announced(
+    request: pb.SignedAnnouncement, identity: Identity, timeout_s: float = DIAL_TIMEOUT_S
+) -> pb.InfoReply:
+    """Dial the endpoint a signed announcement names and report what answered (never raises)."""
+    try:
+        ann = verify_announcement(ANNOUNCEMENT_TAG + request.SerializeToString(deterministic=True))
+    except InvalidRecord as exc:
+        return pb.InfoReply(health=f"refused: {exc}")
+    if ann.client_only:
+        return pb.InfoReply(peer_id=ann.peer_id, health="unreachable: the announcement is client-only")
+    try:
+        async with PeerClient.connect(
+            ann.endpoint,
+            peer_id=ann.peer_id,
+            tls_fingerprint=ann.tls_fingerprint,
+            identity=identity,
+            deadline=timeout_s,
+        ) as client:
+            info = await asyncio.wait_for(client.info(), timeout_s)
+    except (MurmurError, OSError, asyncio.TimeoutError) as exc:
+        log.info("reachability: %s at %s is unreachable (%s)", ann.peer_id[:16], ann.endpoint, exc)
+        return pb.InfoReply(peer_id=ann.peer_id, health=f"unreachable: {exc}")
+    health = "ok" if info.peer_id == ann.peer_id else f"unreachable: {ann.endpoint} answered as {info.peer_id[:16]}"
+    log.info("reachability: %s at %s -> %s", ann.peer_id[:16], ann.endpoint, health)
+    return pb.InfoReply(
+        protocol_version=info.protocol_version,
+        software_version=info.software_version,
+        run_id=info.run_id,
+        round=info.round,
+        slice=info.slice,
+        health=health,
+        peer_id=info.peer_id,
+    )
+
+
+async def serve_reachability(p2p: P2P, identity: Identity) -> None:
+    """Register the reachability handler on `p2p` (a replica of the DHT's P2P)."""
+
+    async def handler(request: pb.SignedAnnouncement, context: P2PContext) -> pb.InfoReply:
+        return await dial_announced(request, identity)
+
+    await p2p.add_protobuf_handler(REACHABILITY_HANDLER, handler, pb.SignedAnnouncement)
