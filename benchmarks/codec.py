@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from protocol.codec import CODEC_NAMES, CodecConfig, decode, encode
+from protocol.codec import CODEC_NAMES, CodecConfig, ErrorFeedback, decode, encode
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -33,6 +33,9 @@ SENTENCES = (
     "It was the best of times, it was the worst of times.",
     "Every update is signed, checked, clipped and only then averaged.",
 )
+
+
+EF_ROUNDS = 10
 
 
 def structured_text(n_bytes: int, seed: int = 0) -> torch.Tensor:
@@ -147,6 +150,20 @@ def pseudo_gradient_errors(delta: dict[str, torch.Tensor], config: CodecConfig) 
     return math.sqrt(err_sq / norm_sq) if norm_sq else 0.0, raw / payload if payload else math.inf
 
 
+def error_feedback_error(delta: dict[str, torch.Tensor], config: CodecConfig, rounds: int) -> float:
+    """Relative error of the sum of `rounds` messages each carrying `delta`, with error feedback:
+    ||sum decoded - rounds * delta|| / ||rounds * delta||, i.e. what is still owed at the end."""
+    feedback = ErrorFeedback(config)
+    err_sq = norm_sq = 0.0
+    for name, tensor in delta.items():
+        received = torch.zeros_like(tensor)
+        for _ in range(rounds):
+            received += decode(feedback.encode(name, tensor), config)
+        err_sq += float((received - rounds * tensor).square().sum())
+        norm_sq += float((rounds * tensor).square().sum())
+    return math.sqrt(err_sq / norm_sq) if norm_sq else 0.0
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,9 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
     if delta is None:
         delta = synthetic_heavy_tailed()
     for row in rows:
-        error, compression = pseudo_gradient_errors(delta, CodecConfig(name=row["codec"], **config_kwargs))
+        config = CodecConfig(name=row["codec"], **config_kwargs)
+        error, compression = pseudo_gradient_errors(delta, config)
         row["rel_error_pseudo_grad"] = error
         row["compression_pseudo_grad"] = compression
+        row[f"rel_error_pseudo_grad_ef{EF_ROUNDS}"] = error_feedback_error(delta, config, EF_ROUNDS)
 
     result = {
         "numel": args.numel,
@@ -199,16 +218,20 @@ def print_table(result: dict) -> None:
         f"torch {result['torch']}; "
         f"speed as a ratio to torch.clone (median of {result['repeats']}, interleaved)"
     )
-    print(f"pseudo-gradient: {result['pseudo_gradient']} ({result['pseudo_gradient_numel']:,} values)")
+    print(
+        f"pseudo-gradient: {result['pseudo_gradient']} ({result['pseudo_gradient_numel']:,} values); "
+        f"'err EF x{EF_ROUNDS}': error of the sum of {EF_ROUNDS} messages of it with error feedback"
+    )
     header = ("codec", "enc/clone", "dec/clone", "clone ms", "enc ms", "dec ms", "compress", "err gauss",
-              "err pgrad", "compress pgrad")
-    print(("{:<6}" + "{:>11}" * 8 + "{:>15}").format(*header))
+              "err pgrad", "compress pgrad", f"err EF x{EF_ROUNDS}")
+    print(("{:<6}" + "{:>11}" * 8 + "{:>15}{:>11}").format(*header))
     for r in rows:
         print(
             f"{r['codec']:<6}{r['encode_x_clone']:>11.2f}{r['decode_x_clone']:>11.2f}{r['clone_ms']:>11.1f}"
             f"{r['encode_ms']:>11.1f}"
             f"{r['decode_ms']:>11.1f}{r['compression']:>11.2f}{r['rel_error_gaussian']:>11.4f}"
             f"{r['rel_error_pseudo_grad']:>11.4f}{r['compression_pseudo_grad']:>15.2f}"
+            f"{r[f'rel_error_pseudo_grad_ef{EF_ROUNDS}']:>11.4f}"
         )
 
 

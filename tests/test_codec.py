@@ -398,6 +398,10 @@ def test_cuda_round_trip_matches_cpu(name: str) -> None:
     y = decode(on_gpu, config, device="cuda")
     assert y.device.type == "cuda"
     assert torch.allclose(y.cpu(), decode(encode(x, config), config), atol=1e-6)
+    feedback = ErrorFeedback(config)
+    feedback.encode("w", x.cuda())
+    assert feedback.state_dict()["w"].device.type == "cuda"
+    assert feedback.encode("w", x.cuda()).shape == (5000, 3)
 
 
 # ------------------------------------------------------------------------------- real pseudo-gradient
