@@ -192,11 +192,14 @@ class Swarm:
                 raise UntrustedOwner(
                     f"swarm {swarm!r} has manifests by several owners ({owners}); pick one with --run-key"
                 )
-            if verified and time.monotonic() >= deadline:
+            if verified:  # only other owners' manifests: waiting will not change whom we trust
                 if run_key is None and len(verified) == 1:
-                    accept_owner(swarm, next(iter(verified.values())), None, pins)  # raises the pin message
+                    accept_owner(swarm, next(iter(verified.values())), None, pins)  # raises, naming --run-key
                 owners = ", ".join(sorted(k.hex() for k in verified))
-                raise UntrustedOwner(f"swarm {swarm!r}: no manifest signed by your run key (found owners: {owners})")
+                raise UntrustedOwner(
+                    f"swarm {swarm!r}: no manifest signed by the run key you trust (found owners: {owners}); "
+                    "if the run changed hands, rerun with --run-key OWNER_KEY"
+                )
             if time.monotonic() >= deadline:
                 why = ("; refused: " + "; ".join(refused)) if refused else ""
                 raise ManifestError(f"no valid manifest for swarm {swarm!r} in the DHT after {timeout_s:.0f}s{why}")

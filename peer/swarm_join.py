@@ -125,7 +125,9 @@ async def _check_endpoint(member: Member, server: PeerServer, opts: JoinOptions)
 
 
 async def _refresh_until(stop: asyncio.Event, member: Member) -> None:
+    """Refresh every TTL/3; print a line to stdout whenever the live set or this peer's slice changes."""
     every = member.swarm.config.refresh_every_s
+    shown: tuple = ()
     while True:
         try:
             await asyncio.wait_for(stop.wait(), timeout=every)
@@ -137,8 +139,11 @@ async def _refresh_until(stop: asyncio.Event, member: Member) -> None:
         except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
             log.warning("refresh failed (%r); retrying in %.0fs", exc, every)
             continue
-        log.info("%d live peer(s); slice coverage %s; mine %d", len(member.peers),
-                 slice_counts(member.peers, member.num_slices), member.slice)  # fmt: skip
+        coverage = slice_counts(member.peers, member.num_slices)
+        state = (tuple(p.peer_id for p in member.peers), member.slice)
+        if state != shown:
+            shown = state
+            print(f"peers: {len(member.peers)} live, slice coverage {coverage}, mine {member.slice}", flush=True)
 
 
 async def run_join(opts: JoinOptions, *, software_version: str) -> None:
