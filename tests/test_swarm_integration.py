@@ -84,16 +84,18 @@ def test_three_peers_join_by_name_and_a_killed_one_expires(procs: Procs, tmp_pat
     for peer in peers:  # pinned on first use
         assert json.loads((tmp_path / f"home-{peer.name}" / "pins.json").read_text()) == {"loop": run_key}
 
-    def spread() -> bool:
-        listed = status_json(procs, m2, f"status{time.monotonic_ns()}")
-        return len(listed) == 4 and {p["slice"] for p in listed} == {0, 1, 2}
+    def current_slice(proc: Proc) -> int:
+        return [int(m.group(1)) for line in proc.lines if (m := re.search(r"(?:slice|mine) (\d+)", line))][-1]
 
-    wait_until(spread, 40, "slices spread over K=3", members)
+    covered = lambda: sorted({current_slice(p) for p in members}) == [0, 1, 2]  # noqa: E731
+    spread_s = wait_until(covered, 30, "slices spread", members)
+    print(f"slices cover K=3 {spread_s:.1f}s after everyone saw everyone")
     listed = status_json(procs, m1, "status-json")
     assert len(listed) == 4
     for entry in listed:
         assert {"peer_id", "endpoint", "slice", "round", "tokens_per_s", "loss", "version"} <= set(entry)
         assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["endpoint"]) and entry["version"]
+    assert {e["slice"] for e in listed} == {0, 1, 2}
     table = procs.run("status-table", murmur("status", "--swarm", "loop", "--initial-peers", m1, "--wait", "1"))
     assert "4 live peer(s)" in table.lines[0] and "endpoint" in table.lines[1] and len(table.lines) == 6
 

@@ -1,0 +1,66 @@
+"""Slice and partner choice (pure functions, no network), and the volunteer-facing messages."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from peer.swarm import Reachability, choose_partners, choose_slice, rebalance, slice_counts
+from protocol.records import Announcement
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def peer(pid: str, slice_index: int, endpoint: str = "127.0.0.1:1") -> Announcement:
+    return Announcement(peer_id=pid, public_key=b"", run_id="r", endpoint=endpoint, tls_fingerprint="",
+                        slice=slice_index, round=0, tokens_per_second=0.0, loss=0.0, software_version="0",
+                        protocol_version="1.0", expires_unix=0.0)  # fmt: skip
+
+
+def test_new_peer_takes_the_least_covered_slice_ties_at_random() -> None:
+    peers = [peer("a", 0), peer("b", 0), peer("c", 1), peer("d", 9)]  # slice 9 is out of range: ignored
+    assert slice_counts(peers, 3) == [2, 1, 0]
+    assert {choose_slice(peers, 3, random.Random(s)) for s in range(20)} == {2}
+    tie = Counter(choose_slice([peer("a", 0)], 3, random.Random(s)) for s in range(200))
+    assert set(tie) == {1, 2} and min(tie.values()) > 60
+
+
+def test_rebalance_moves_exactly_one_peer_off_a_crowded_slice() -> None:
+    peers = [peer("a", 0), peer("b", 0), peer("c", 0), peer("d", 1)]
+    rng = random.Random(0)
+    assert rebalance(peers, "a", 0, 3, rng) == 2  # lowest id of the crowd moves to the empty slice
+    assert rebalance(peers, "b", 0, 3, rng) is None and rebalance(peers, "c", 0, 3, rng) is None
+    assert rebalance(peers, "d", 1, 3, rng) is None
+    assert rebalance([peer("a", 0), peer("b", 1)], "a", 0, 3, rng) is None  # [1, 1, 0] is not badly skewed
+    # Simulated refresh rounds converge from everyone-on-one-slice to max - min <= 1, without flapping.
+    slices = {f"p{i}": 0 for i in range(7)}
+    for _ in range(10):
+        view = [peer(pid, s) for pid, s in slices.items()]
+        for pid in slices:
+            target = rebalance(view, pid, slices[pid], 3, rng)
+            if target is not None:
+                slices[pid] = target
+    counts = slice_counts([peer(p, s) for p, s in slices.items()], 3)
+    assert max(counts) - min(counts) <= 1, counts
+
+
+def test_partners_prefer_missing_slices_and_skip_self_banned_and_client_only() -> None:
+    peers = [peer("me", 0), peer("same", 0), peer("one", 1), peer("one-b", 1), peer("two", 2),
+             peer("banned", 2), peer("nat", 1, endpoint="")]  # fmt: skip
+    for seed in range(30):
+        chosen = choose_partners(peers, me="me", own_slice=0, fanout=2, rng=random.Random(seed), avoid={"banned"})
+        assert {p.slice for p in chosen} == {1, 2}, chosen
+        assert not {"me", "banned", "nat"} & {p.peer_id for p in chosen}
+    everyone = choose_partners(peers, me="me", own_slice=0, fanout=10, rng=random.Random(1), avoid={"banned"})
+    assert [p.peer_id for p in everyone][-1] == "same" and len(everyone) == 4
+    assert choose_partners([peer("me", 0)], me="me", own_slice=0, fanout=2, rng=random.Random(0)) == []
+
+
+def test_reachability_advice_names_the_port_and_client_only() -> None:
+    bad = Reachability(False, via="/ip4/1.2.3.4/tcp/31337/p2p/Qm", detail="unreachable: refused")
+    text = bad.advice("198.51.100.4:7000")
+    assert "Open TCP port 7000" in text and "--client-only" in text and "--announce" in text
+    assert "OK" in Reachability(True, via="x", detail="ok").advice("h:1")
+    assert "--client-only" in Reachability(None, via="", detail="no node").advice("h:1")
