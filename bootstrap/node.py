@@ -89,10 +89,10 @@ class BootstrapNode:
                               startup_timeout_s=cfg.startup_timeout_s),
         )  # fmt: skip
         self.maddrs = [str(m) for m in await loop.run_in_executor(None, self.dht.get_visible_maddrs)]
+        if cfg.addrs_file is not None:  # before printing: whoever reads our stdout may read the file next
+            write_atomically(cfg.addrs_file, "".join(f"{m}\n" for m in self.maddrs))
         for maddr in self.maddrs:
             print(maddr, flush=True)
-        if cfg.addrs_file is not None:
-            write_atomically(cfg.addrs_file, "".join(f"{m}\n" for m in self.maddrs))
         p2p = await self.dht.replicate_p2p()
         await serve_reachability(p2p, Identity.generate())
         log.info("bootstrap node up: %s (peers join with --initial-peers %s)", self.maddrs[0], self.maddrs[0])

@@ -1,0 +1,118 @@
+"""Bootstrap node lifecycle and trust over a real DHT: forged records, wrong keys, pins, reachability.
+
+One bootstrap node and the run owner's peer; then, concurrently:
+- a DHT node *without* murmur's validator writes forged records (a peer's subkey with another key's
+  announcement, an owner's subkey with another key's manifest, a plain value over the peers key): honest
+  nodes refuse to store them and readers never show them;
+- a peer that trusts another run key, and one that pinned another key, are refused with messages that
+  name `--run-key`;
+- a peer that announces an endpoint nobody can reach is told which port to open and goes client-only.
+Then SIGTERM stops the bootstrap node with exit code 0 and no p2pd; restarted on the same identity file
+it keeps its peer id; and a DHT that cannot reach its initial peers says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import hivemind
+import pytest
+from hivemind.utils import get_dht_time
+from procs import Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+from peer.runconfig import RunConfig
+from protocol import PROTOCOL_VERSION
+from protocol import manifest as M
+from protocol.identity import Identity
+from protocol.records import encode_manifest_record, sign_announcement, swarm_keys
+
+MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
+
+
+def write_manifest(path: Path, owner: Identity) -> M.SignedRunManifest:
+    signed = M.sign(RunConfig.from_dict({"swarm": "trust", "slices": {"num_slices": 2}}).to_manifest(), owner)
+    path.write_text(signed.to_json())
+    return signed
+
+
+def join(procs: Procs, name: str, maddr: str, *extra: str, pins: dict | None = None):
+    home = procs.workdir / f"home-{name}"
+    if pins is not None:
+        home.mkdir()
+        (home / "pins.json").write_text(json.dumps(pins))
+    args = ["join", "--swarm", "trust", "--initial-peers", maddr, "--identity", f"{name}.id", "--announce-ttl", "6"]
+    return procs.start(name, murmur(*args, *extra), env={"MURMUR_HOME": str(home)})
+
+
+def forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger: Identity, tmp_path: Path) -> list[bool]:
+    """Store one valid and three forged records through a DHT node without validator; what store() said."""
+    keys = swarm_keys("trust")
+    dht = hivemind.DHT(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        now = get_dht_time()
+        fake = sign_announcement(stranger, run_id="x" * 64, endpoint="203.0.113.66:666", slice_index=0, round=0,
+                                 tokens_per_second=0.0, loss=0.0, software_version="evil",
+                                 protocol_version=PROTOCOL_VERSION, expires_unix=now + 600)  # fmt: skip
+        other_manifest = write_manifest(tmp_path / "other.json", stranger)
+        control = sign_announcement(stranger, run_id="x" * 64, endpoint="", slice_index=0, round=0,
+                                    tokens_per_second=0.0, loss=0.0, software_version="control",
+                                    protocol_version=PROTOCOL_VERSION, expires_unix=now + 3)  # fmt: skip
+        return [
+            dht.store(keys.peers, control, now + 3, subkey=stranger.peer_id),  # valid: proves stores work
+            dht.store(keys.peers, fake, now + 600, subkey=owner_peer_id),
+            dht.store(keys.manifest, encode_manifest_record(other_manifest.to_bytes()), now + 600,
+                      subkey=owner_key_hex),  # fmt: skip
+            dht.store(keys.peers, b"plain value", now + 900),
+        ]
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_path: Path) -> None:
+    owner_key = Identity.load_or_create(tmp_path / "owner.key")
+    signed = write_manifest(tmp_path / "manifest.json", owner_key)
+    stranger = Identity.generate()
+    boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
+    maddr, boot_id = boot.wait_for(MADDR, timeout=40).groups()
+    owner = join(procs, "owner", maddr, "--manifest", "manifest.json", "--key", "owner.key", "--listen", "127.0.0.1:0")
+    owner_id = owner.wait_for(r"^joined swarm trust as ([0-9a-f]{64})", timeout=40).group(1)
+
+    wrong_key = join(procs, "wrongkey", maddr, "--run-key", stranger.public_key.hex(), "--client-only")
+    pinned = join(procs, "pinned", maddr, "--client-only", pins={"trust": stranger.public_key.hex()})
+    closed = join(procs, "closed", maddr, "--listen", "127.0.0.1:0", "--announce", "127.0.0.1:1")
+    stored = forge(maddr, owner_id, signed.owner_key_hex, stranger, tmp_path)
+    assert stored == [True, False, False, False], "honest nodes must store valid records and refuse forged ones"
+
+    assert wrong_key.wait_exit(40) == 1
+    assert "no manifest signed by the run key you trust" in wrong_key.stderr_path.read_text()
+    assert pinned.wait_exit(40) == 1
+    assert f"rerun with --run-key {signed.owner_key_hex}" in pinned.stderr_path.read_text()
+    assert closed.wait_for(r"could NOT reach 127\.0\.0\.1:1 .*Open TCP port 1 .*--client-only", timeout=40)
+    closed.wait_for(r"^joined swarm trust as [0-9a-f]{64} slice \d endpoint client-only$", timeout=20)
+    assert json.loads((tmp_path / "home-closed" / "pins.json").read_text()) == {"trust": signed.owner_key_hex}
+
+    time.sleep(2.5)  # one refresh of the owner's record after the forgery attempt
+    status = procs.run("status", murmur("status", "--swarm", "trust", "--initial-peers", maddr, "--json"))
+    listed = {p["peer_id"]: p for p in json.loads("\n".join(status.lines))}
+    assert set(listed) == {owner_id, closed.wait_for(r"as ([0-9a-f]{64})").group(1)}
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", listed[owner_id]["endpoint"]) and listed[owner_id]["version"] != "evil"
+
+    for proc in (owner, closed):
+        assert proc.terminate() == 0, proc.logs()
+    pgid = boot.pgid
+    assert any("p2pd" in Path(f"/proc/{pid}/cmdline").read_text() for pid in group_pids(pgid))
+    assert boot.terminate() == 0, boot.logs()
+    assert group_pids(pgid) == [], "the bootstrap node left p2pd behind"
+
+    again = procs.start("boot-again", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                                             "--identity", "boot.key", "--addrs-file", "addrs.txt"))  # fmt: skip
+    dead = procs.start("status-dead", murmur("status", "--swarm", "trust", "--initial-peers", maddr))
+    assert again.wait_for(MADDR, timeout=40).group(2) == boot_id, "peer id must survive a restart"
+    assert (tmp_path / "addrs.txt").read_text().strip().endswith(f"/p2p/{boot_id}")
+    assert dead.wait_exit(40) == 1
+    assert "none of the --initial-peers answered" in dead.stderr_path.read_text()
+    assert again.terminate() == 0
