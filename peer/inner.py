@@ -3,8 +3,10 @@
 `SliceOptimizer` keeps gradients and AdamW moments for the owned coordinates only. Under the
 `blocks` cut unowned parameters have `requires_grad=False`, so autograd neither computes nor stores
 their gradients and stops below the lowest trainable block. Under the `units` cut every matrix is
-partly owned: a post-accumulate hook copies the owned rows of each gradient into a compact buffer
-and frees the full gradient at once, so peak gradient memory stays one parameter wide.
+partly owned: its linear layer runs through `RowGradLinear`, which computes the weight gradient of
+the owned output rows only (dW[rows] = dY[:, rows]^T X) straight into a compact buffer, so neither
+the FLOPs nor the memory of unowned weight gradients are spent. Other partly owned tensors (norm
+weights) get their full gradient cut down to the owned part by a post-accumulate hook.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peer.model import Transformer
-from peer.subsets import Region, SliceLayout
+from peer.subsets import Region, SliceLayout, trains_input_embedding
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,6 +64,37 @@ def lr_at(step: int, config: InnerConfig) -> float:
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class RowGradLinear(torch.autograd.Function):
+    """y = x W^T whose backward gives dX in full but the weight gradient of `rows` only.
+
+    The weight itself is frozen; `anchor` is a scalar leaf that makes autograd call this backward
+    even when nothing else upstream needs a gradient. The owned rows' gradient goes to `sink`.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        anchor: torch.Tensor,
+        rows: torch.Tensor,
+        sink: Callable[[torch.Tensor], None],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, rows)
+        ctx.sink = sink
+        return F.linear(x, weight)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple:
+        x, weight, rows = ctx.saved_tensors
+        dy_rows = dy.reshape(-1, dy.shape[-1]).index_select(1, rows)  # (B*T, owned rows)
+        ctx.sink((dy_rows.t() @ x.reshape(-1, x.shape[-1])).float())  # (owned rows, in)
+        dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, torch.zeros((), device=dy.device), None, None
+
+
 @dataclass(slots=True)
 class _Owned:
     """One owned part of a parameter: the view to update, its gradient buffer, its AdamW moments."""
@@ -86,6 +120,10 @@ class SliceOptimizer:
         unknown = set(layout) - set(params)
         if unknown:
             raise ValueError(f"slice names parameters the model lacks: {sorted(unknown)[:3]}")
+        model.detach_input_embedding = not trains_input_embedding(layout)
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._patched: list[nn.Linear] = []
+        linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         for name, param in params.items():
             region = layout.get(name)
             param.requires_grad_(region is not None)
@@ -93,9 +131,25 @@ class SliceOptimizer:
             if region is None:
                 continue
             owned = _Owned(name, param, region, compact=not region.is_whole(tuple(param.shape)))
-            if owned.compact:
+            if owned.compact and region.dim == 0 and name in linears:
+                param.requires_grad_(False)
+                self._patch(linears[name], owned)
+            elif owned.compact:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._compact_hook(owned)))
             self._owned.append(owned)
+
+    def _patch(self, linear: nn.Linear, owned: _Owned) -> None:
+        rows = torch.cat([torch.arange(a, b) for a, b in owned.region.ranges]).to(owned.param.device)
+        anchor = self._anchor
+
+        def sink(grad: torch.Tensor) -> None:
+            owned.grad = grad if owned.grad is None else owned.grad.add_(grad)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return RowGradLinear.apply(x, linear.weight, anchor.to(x.device), rows.to(x.device), sink)
+
+        linear.forward = forward
+        self._patched.append(linear)
 
     @staticmethod
     def _compact_hook(owned: _Owned) -> Callable[[torch.Tensor], None]:
@@ -174,9 +228,13 @@ class SliceOptimizer:
                 setattr(o, key, None if value is None else value.to(o.param.device, torch.float32).clone())
 
     def close(self) -> None:
+        """Undo hooks and patched layers, so the model can take another slice."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        for linear in self._patched:
+            del linear.forward
+        self._patched.clear()
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.detach_input_embedding = False
+        """Set by a slice that trains the (tied) embedding only as the output head: no backward below."""
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.seq_len, config.d_model)
@@ -209,6 +211,8 @@ class Transformer(nn.Module):
         if T > self.config.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's seq_len={self.config.seq_len}")
         x = self.embed(idx)  # (B, T, C)
+        if self.detach_input_embedding:
+            x = x.detach()
         if self.config.positions == "learned":
             x = x + self.pos_embed(torch.arange(T, device=idx.device))
         for block in self.blocks:

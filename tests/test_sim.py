@@ -59,12 +59,12 @@ def test_slices_cut_state_and_backward_as_the_parameter_counts_predict(report: d
     for name in ("ppu", "gossip-ppu"):
         ratio = methods[name]["peak_state_bytes_per_peer"] / methods["diloco"]["peak_state_bytes_per_peer"]
         assert ratio == pytest.approx(largest / total)
-        assert 0.2 < ratio < 0.3  # about a quarter with K=4
+        assert 0.2 < ratio < 0.32  # about a quarter with K=4 (the shared head adds 5% on tiny)
         mean_backward = sum(slice_cost(PRESETS["tiny"], lay).backward_flops_per_token for lay in layouts) / 4
         full_backward = slice_cost(PRESETS["tiny"], full_layout(shapes)).backward_flops_per_token
         flops_ratio = methods[name]["backward_flops"] / methods["diloco"]["backward_flops"]
         assert flops_ratio == pytest.approx(mean_backward / full_backward)
-        assert flops_ratio < 0.6
+        assert flops_ratio < 0.75
     assert methods["ddp"]["backward_flops"] == methods["diloco"]["backward_flops"]
 
 
@@ -79,7 +79,9 @@ def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
     assert bad_method.exit_code == 2 and "sgd" in bad_method.output
     too_few = runner.invoke(main, ["simulate", "--tokens", "10"])
     assert too_few.exit_code == 2 and "less than one round" in too_few.output
-    bad_cut = runner.invoke(main, ["simulate", "--slices", "8", "--tokens", "200000"])
+    bad_cut = runner.invoke(main, ["simulate", "--slices", "8", "--cut", "blocks", "--tokens", "200000"])
     assert bad_cut.exit_code == 2 and "n_layers" in bad_cut.output
+    bad_units = runner.invoke(main, ["simulate", "--slices", "3", "--tokens", "200000"])
+    assert bad_units.exit_code == 2 and "n_heads" in bad_units.output
     missing = runner.invoke(main, ["simulate", "--data", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2 and "nope.txt" in missing.output

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from peer.inner import InnerConfig, SliceOptimizer
 from peer.model import ModelConfig, Transformer
-from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
+from peer.subsets import SliceConfig, full_layout, head_parameters, parameter_shapes, partition, slice_cost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -16,14 +16,17 @@ MODEL = ModelConfig(d_model=32, n_layers=4, n_heads=4, seq_len=16)
 
 
 @pytest.mark.parametrize("cut", ["blocks", "units"])
-def test_every_coordinate_is_owned_exactly_once(cut: str) -> None:
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_every_coordinate_is_owned_once_and_the_head_by_all(cut: str, shared_head: bool) -> None:
     shapes = parameter_shapes(MODEL)
     owners = {name: torch.zeros(shape) for name, shape in shapes.items()}
-    for layout in partition(MODEL, SliceConfig(num_slices=4, cut=cut)):
+    for layout in partition(MODEL, SliceConfig(num_slices=4, cut=cut, shared_head=shared_head)):
         for name, region in layout.items():
             for view in region.views(owners[name]):
                 view += 1
-    assert all(torch.all(count == 1) for count in owners.values())
+    for name, count in owners.items():
+        expected = 4 if shared_head and name in head_parameters(MODEL) else 1
+        assert torch.all(count == expected), name
 
 
 def test_units_cut_keeps_heads_whole() -> None:
@@ -82,8 +85,9 @@ def test_slice_state_is_a_quarter_of_the_full_model() -> None:
     for cut in ("blocks", "units"):
         layouts = partition(MODEL, SliceConfig(num_slices=4, cut=cut))
         sizes = [SliceOptimizer(Transformer(MODEL), lay, InnerConfig()).state_bytes() for lay in layouts]
-        assert sum(sizes) == full_bytes
-        assert all(0.15 < s / full_bytes < 0.35 for s in sizes), sizes
+        head = sum(torch.Size(shapes[n]).numel() for n in head_parameters(MODEL)) * 12
+        assert sum(sizes) == full_bytes + 3 * head  # the shared head is held by every slice
+        assert all(0.15 < s / full_bytes < 0.4 for s in sizes), sizes
 
 
 def _measured_backward_flops(layout: dict) -> float:
@@ -96,6 +100,33 @@ def _measured_backward_flops(layout: dict) -> float:
     with counter:
         loss.backward()
     return counter.get_total_flops()
+
+
+def test_units_cut_computes_only_owned_weight_gradients() -> None:
+    shapes = parameter_shapes(MODEL)
+    full_measured = _measured_backward_flops(full_layout(shapes))
+    full_estimate = slice_cost(MODEL, full_layout(shapes)).backward_flops_per_token
+    layout = partition(MODEL, SliceConfig(num_slices=4, cut="units"))[1]
+    measured = _measured_backward_flops(layout) / full_measured
+    assert measured == pytest.approx(slice_cost(MODEL, layout).backward_flops_per_token / full_estimate, rel=0.1)
+    assert measured < 0.8
+
+
+def test_row_gradients_equal_the_rows_of_the_full_gradient() -> None:
+    torch.manual_seed(0)
+    reference, sliced = Transformer(MODEL), Transformer(MODEL)
+    sliced.load_state_dict(reference.state_dict())
+    layout = partition(MODEL, SliceConfig(num_slices=4, cut="units"))[2]
+    optimizer = SliceOptimizer(sliced, layout, InnerConfig())
+    x = torch.randint(0, 256, (2, MODEL.seq_len))
+    reference.loss(x, x.roll(-1, 1)).backward()
+    sliced.loss(x, x.roll(-1, 1)).backward()
+    grads = {o.name: o.grad if o.compact else o.param.grad for o in optimizer._owned}
+    full = dict(reference.named_parameters())
+    for name, region in layout.items():
+        assert torch.allclose(grads[name], region.extract(full[name].grad), atol=1e-6), name
+    optimizer.close()
+    assert "forward" not in vars(sliced.blocks[0].attn.qkv)
 
 
 def test_blocks_cut_backward_flops_match_the_estimate() -> None:
