@@ -41,6 +41,9 @@ class BootstrapConfig:
     """Public addresses to advertise (e.g. /ip4/203.0.113.7/tcp/31337) when behind a port forward."""
     initial_peers: tuple[str, ...] = ()
     """Other bootstrap nodes; several nodes listing each other form one swarm entry point."""
+    initial_peers_files: tuple[Path, ...] = ()
+    """Other nodes' --addrs-file (e.g. on a shared volume): read at start if present, re-read at every
+    refresh, so two nodes can list each other whichever starts first."""
     addrs_file: Path | None = None
     startup_timeout_s: float = 60.0
     refresh_every_s: float = 60.0
@@ -70,6 +73,17 @@ async def _stored_activity(_dht: DHT, node: DHTNode) -> dict[str, int]:
     return dict(runs)
 
 
+def read_addrs_files(paths: tuple[Path, ...]) -> list[str]:
+    """Multiaddrs listed in the files that exist (one per line); missing files are not an error yet."""
+    found = []
+    for path in paths:
+        try:
+            found += [line.strip() for line in path.read_text().splitlines() if "/p2p/" in line]
+        except FileNotFoundError:
+            continue
+    return found
+
+
 class BootstrapNode:
     """One bootstrap node. `await run(stop)` serves until `stop` is set; always shuts down cleanly."""
 
@@ -77,6 +91,17 @@ class BootstrapNode:
         self.config = config
         self.dht: DHT | None = None
         self.maddrs: list[str] = []
+        self.known: list[str] = []
+
+    def known_peers(self) -> list[str]:
+        """The other bootstrap nodes: flags plus addrs files (re-read each call), without ourselves."""
+        peers = [*self.config.initial_peers, *read_addrs_files(self.config.initial_peers_files)]
+        own = {m.rsplit("/p2p/", 1)[-1] for m in self.maddrs}
+        peers = [p for p in dict.fromkeys(peers) if p.rsplit("/p2p/", 1)[-1] not in own]
+        for new in set(peers) - set(self.known):
+            log.info("knows bootstrap node %s", new)
+        self.known = peers
+        return peers
 
     async def start(self) -> None:
         """Start the DHT (blocking work in a thread), publish addresses, serve reachability checks."""
@@ -84,7 +109,7 @@ class BootstrapNode:
         cfg = self.config
         self.dht = await loop.run_in_executor(
             None,
-            lambda: start_dht(initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
+            lambda: start_dht(initial_peers=self.known_peers(), host_maddrs=cfg.host_maddrs,
                               announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path,
                               startup_timeout_s=cfg.startup_timeout_s),
         )  # fmt: skip
@@ -107,7 +132,7 @@ class BootstrapNode:
                 now = loop.time()
                 if now >= next_refresh:
                     next_refresh = now + self.config.refresh_every_s
-                    size = await loop.run_in_executor(None, refresh_routing, self.dht, self.config.initial_peers)
+                    size = await loop.run_in_executor(None, refresh_routing, self.dht, self.known_peers())
                     log.debug("routing table refreshed: %d nodes", size)
                 if now >= next_activity:
                     next_activity = now + self.config.activity_every_s

@@ -31,10 +31,13 @@ def _maddrs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @click.option("--initial-peers", multiple=True, callback=_maddrs, help="Other bootstrap nodes. " + _MADDR_HELP)
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="libp2p key file; created on first start, keeps the /p2p/ id stable across restarts.")  # fmt: skip
+@click.option("--initial-peers-file", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Another node's --addrs-file; read if present, re-read every minute.")  # fmt: skip
 @click.option("--addrs-file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the multiaddrs here.")
 @click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True, help="Seconds.")
 def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], initial_peers: tuple[str, ...],
-              identity: Path, addrs_file: Path | None, dht_start_timeout: float) -> None:  # fmt: skip
+              initial_peers_file: tuple[Path, ...], identity: Path, addrs_file: Path | None,
+              dht_start_timeout: float) -> None:  # fmt: skip
     """Run a bootstrap node: print its multiaddrs (one per line) and serve until SIGTERM.
 
     \b
@@ -46,7 +49,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], in
 
     config = BootstrapConfig(
         identity_path=identity, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-        initial_peers=initial_peers, addrs_file=addrs_file, startup_timeout_s=dht_start_timeout,
+        initial_peers=initial_peers, initial_peers_files=initial_peers_file, addrs_file=addrs_file,
+        startup_timeout_s=dht_start_timeout,
     )  # fmt: skip
     try:
         run_bootstrap(config)

@@ -1,0 +1,42 @@
+# murmur peer: trains on one NVIDIA GPU. Build from the repository root:
+#   docker build -f docker/peer.Dockerfile -t murmur-peer .
+# Run (needs the NVIDIA container toolkit):
+#   docker run --gpus all -p 7000:7000 -v murmur-peer:/data murmur-peer --swarm NAME --initial-peers MADDR ...
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DEBIAN_FRONTEND=noninteractive \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    MURMUR_HOME=/data
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv \
+ && useradd --create-home --uid 10001 murmur \
+ && mkdir -p /data && chown murmur:murmur /data
+
+WORKDIR /app
+
+# Dependencies first: torch built for CUDA 12.8, then the rest of pyproject.toml's dependencies.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+COPY pyproject.toml ./
+RUN mkdir peer protocol bootstrap \
+ && touch README.md peer/__init__.py protocol/__init__.py bootstrap/__init__.py \
+ && pip install . \
+ && pip uninstall -y murmur \
+ && rm -rf peer protocol bootstrap README.md build *.egg-info
+
+COPY . .
+RUN pip install --no-deps . && rm -rf build *.egg-info
+
+USER murmur
+# /data: identity, pins, checkpoints. 7000: the PeerService (open it, or run with --client-only).
+VOLUME ["/data"]
+EXPOSE 7000/tcp
+
+ENTRYPOINT ["murmur", "run"]
+CMD ["--help"]
