@@ -142,7 +142,9 @@ class RunConfig:
                 norm_eps=m.norm_eps,
                 init_std=m.init_std,
             ),  # fmt: skip
-            slices=pb.SliceSpec(num_slices=self.slices.num_slices, cut=self.slices.cut),
+            slices=pb.SliceSpec(
+                num_slices=self.slices.num_slices, cut=self.slices.cut, shared_head=self.slices.shared_head
+            ),
             inner=pb.InnerSpec(
                 steps_per_round=i.steps_per_round,
                 lr=i.lr,
@@ -183,7 +185,8 @@ class RunConfig:
                             grad_accum=i.grad_accum)  # fmt: skip
         return cls(
             swarm=manifest.swarm_name, method=o.method, preset=ms.preset, model=model, dtype=ms.dtype,
-            slices=SliceConfig(num_slices=manifest.slices.num_slices, cut=manifest.slices.cut), inner=inner,
+            slices=SliceConfig(num_slices=manifest.slices.num_slices, cut=manifest.slices.cut,
+                               shared_head=manifest.slices.shared_head), inner=inner,
             outer=OuterConfig(rule=o.rule, lr=o.lr, momentum=o.momentum, consensus=o.consensus), clip=o.clip,
             gossip=GossipConfig(fanout=manifest.gossip.fanout, exchange_timeout_s=manifest.gossip.exchange_timeout_s),
             codec=CodecConfig(name=manifest.codec.name, block_size=manifest.codec.block_size,

@@ -36,7 +36,8 @@ def test_run_config_round_trips_through_the_manifest(config: RunConfig) -> None:
     odd = RunConfig.from_dict({
         "swarm": "odd", "method": "gossip-ppu-gasloc", "preset": "small", "dtype": "bfloat16",
         "model": {"mlp": "gelu", "positions": "learned", "tie_embeddings": False, "norm_eps": 1e-6},
-        "slices": {"num_slices": 5, "cut": "units"}, "inner": {"grad_accum": 3, "total_steps": 77},
+        "slices": {"num_slices": 5, "cut": "blocks", "shared_head": False},
+        "inner": {"grad_accum": 3, "total_steps": 77},
         "outer": {"clip": 2.5, "consensus": 0.25}, "gossip": {"fanout": 3}, "codec": {"name": "topk"},
         "data": {"source": "hf:x", "seed": 9},
     })  # fmt: skip

@@ -37,12 +37,14 @@ class ModelSpec(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., n_layers: _Optional[int] = ..., n_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., mlp: _Optional[str] = ..., d_hidden: _Optional[int] = ..., positions: _Optional[str] = ..., tie_embeddings: _Optional[bool] = ..., norm_eps: _Optional[float] = ..., init_std: _Optional[float] = ...) -> None: ...
 
 class SliceSpec(_message.Message):
-    __slots__ = ("num_slices", "cut")
+    __slots__ = ("num_slices", "cut", "shared_head")
     NUM_SLICES_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_HEAD_FIELD_NUMBER: _ClassVar[int]
     num_slices: int
     cut: str
-    def __init__(self, num_slices: _Optional[int] = ..., cut: _Optional[str] = ...) -> None: ...
+    shared_head: bool
+    def __init__(self, num_slices: _Optional[int] = ..., cut: _Optional[str] = ..., shared_head: _Optional[bool] = ...) -> None: ...
 
 class InnerSpec(_message.Message):
     __slots__ = ("steps_per_round", "lr", "beta1", "beta2", "weight_decay", "warmup_steps", "schedule", "batch_size", "total_steps", "min_lr_ratio", "grad_clip", "grad_accum")
