@@ -40,7 +40,13 @@ from hivemind.utils.multiaddr import Multiaddr
 from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
 from protocol.errors import MurmurError, ProtocolViolation, Reason
-from protocol.identity import Identity, peer_id_from_public_key, verify, verify_tls_binding
+from protocol.identity import (
+    Identity,
+    certificate_fingerprint,
+    peer_id_from_public_key,
+    verify,
+    verify_tls_binding,
+)
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -96,6 +102,8 @@ class Announcement:
     run_id: str
     endpoint: str
     tls_fingerprint: str
+    tls_certificate: bytes
+    """PEM, so a client can pin without probing (empty when the peer did not include it)."""
     slice: int
     round: int
     tokens_per_second: float
@@ -148,6 +156,7 @@ def sign_announcement(
         endpoint=endpoint,
         tls_fingerprint=identity.tls_fingerprint,
         tls_binding=identity.tls_binding,
+        tls_certificate=identity.tls_cert_pem,
         slice=slice_index,
         round=round,
         tokens_per_second=tokens_per_second,
@@ -195,6 +204,8 @@ def verify_announcement(value: object, *, subkey: object = None, now: float | No
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"announcement of {peer_id[:16]} stored under {subkey!r:.24}")
     if not verify_tls_binding(ann.public_key, ann.tls_fingerprint, ann.tls_binding):
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]} does not vouch for its TLS fingerprint")
+    if ann.tls_certificate and _fingerprint_or_none(ann.tls_certificate) != ann.tls_fingerprint:
+        raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]}'s certificate does not match its fingerprint")
     if _major(ann.protocol_version) != PROTOCOL_MAJOR:
         raise InvalidRecord(Reason.INCOMPATIBLE_VERSION, f"{peer_id[:16]} speaks protocol {ann.protocol_version}")
     if now is not None and ann.expires_unix < now:
@@ -205,6 +216,7 @@ def verify_announcement(value: object, *, subkey: object = None, now: float | No
         run_id=ann.run_id,
         endpoint=ann.endpoint,
         tls_fingerprint=ann.tls_fingerprint,
+        tls_certificate=ann.tls_certificate,
         slice=ann.slice,
         round=ann.round,
         tokens_per_second=ann.tokens_per_second,
@@ -213,6 +225,13 @@ def verify_announcement(value: object, *, subkey: object = None, now: float | No
         protocol_version=ann.protocol_version,
         expires_unix=float(ann.expires_unix),
     )
+
+
+def _fingerprint_or_none(cert: bytes) -> str | None:
+    try:
+        return certificate_fingerprint(cert)
+    except ValueError:
+        return None
 
 
 def _major(version: str) -> int:

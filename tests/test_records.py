@@ -119,3 +119,14 @@ def test_manifest_record_must_sit_under_its_owner(alice: Identity, mallory: Iden
     forged = pb.SignedManifest(manifest=payload, owner_public_key=alice.public_key, signature=mallory.sign(payload))
     with pytest.raises(InvalidRecord, match="bad signature"):
         check_record(alice.public_key.hex(), encode_manifest_record(forged.SerializeToString()), time.time())
+
+
+def test_announced_certificate_must_match_the_signed_fingerprint(alice: Identity, mallory: Identity) -> None:
+    assert verify_announcement(announce(alice)).tls_certificate == alice.tls_cert_pem
+    signed = pb.SignedAnnouncement.FromString(announce(alice)[len(ANNOUNCEMENT_TAG) :])
+    ann = pb.PeerAnnouncement.FromString(signed.announcement)
+    ann.tls_certificate = mallory.tls_cert_pem
+    body = ann.SerializeToString()
+    swapped = pb.SignedAnnouncement(announcement=body, signature=alice.sign(ANNOUNCEMENT_TAG + body))
+    with pytest.raises(InvalidRecord, match="certificate does not match"):
+        verify_announcement(ANNOUNCEMENT_TAG + swapped.SerializeToString())

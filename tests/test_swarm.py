@@ -15,8 +15,8 @@ pytestmark = pytest.mark.timeout(30)
 
 def peer(pid: str, slice_index: int, endpoint: str = "127.0.0.1:1") -> Announcement:
     return Announcement(peer_id=pid, public_key=b"", run_id="r", endpoint=endpoint, tls_fingerprint="",
-                        slice=slice_index, round=0, tokens_per_second=0.0, loss=0.0, software_version="0",
-                        protocol_version="1.0", expires_unix=0.0)  # fmt: skip
+                        tls_certificate=b"", slice=slice_index, round=0, tokens_per_second=0.0, loss=0.0,
+                        software_version="0", protocol_version="1.0", expires_unix=0.0)  # fmt: skip
 
 
 def test_new_peer_takes_the_least_covered_slice_ties_at_random() -> None:
@@ -64,3 +64,29 @@ def test_reachability_advice_names_the_port_and_client_only() -> None:
     assert "Open TCP port 7000" in text and "--client-only" in text and "--announce" in text
     assert "OK" in Reachability(True, via="x", detail="ok").advice("h:1")
     assert "--client-only" in Reachability(None, via="", detail="no node").advice("h:1")
+
+
+class FakeDHT:
+    """Records the coroutines a Swarm asks the DHT process to run."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run_coroutine(self, fn: object) -> int:
+        self.calls += 1
+        return 3
+
+
+def test_too_few_peers_triggers_a_rate_limited_rebootstrap() -> None:
+    from peer.swarm import Swarm, SwarmConfig
+
+    dht = FakeDHT()
+    swarm = Swarm(dht, SwarmConfig(swarm="s", initial_peers=("/ip4/1.2.3.4/tcp/1/p2p/Qm",), min_peers=2))
+    swarm.maybe_rebootstrap(seen=5)
+    assert dht.calls == 0
+    swarm.maybe_rebootstrap(seen=1)
+    swarm.maybe_rebootstrap(seen=0)  # within rebootstrap_every_s: not again
+    assert dht.calls == 1
+    swarm._last_rebootstrap -= swarm.config.rebootstrap_every_s
+    swarm.maybe_rebootstrap(seen=0)
+    assert dht.calls == 2
