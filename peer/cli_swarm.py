@@ -129,7 +129,12 @@ def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, dht_start_
     import time
 
     from peer.swarm import Swarm, SwarmConfig
-    from protocol.records import DHTStartError, start_dht
+    from protocol.records import DHTStartError, check_swarm_name, start_dht
+
+    try:
+        check_swarm_name(swarm)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--swarm") from exc
 
     try:
         dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",),

@@ -21,7 +21,7 @@ from peer.swarm import Member, Swarm, SwarmConfig, check_reachability, slice_cou
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import ManifestError, PinStore, SignedRunManifest, accept_owner, load_json, parse_run_key
-from protocol.records import start_dht
+from protocol.records import check_swarm_name, start_dht
 from protocol.service import PeerServer, PeerStatus, ServerConfig
 from protocol.updates import ReceivedUpdate, WirePolicy
 
@@ -48,6 +48,7 @@ class JoinOptions:
     @classmethod
     def from_cli(cls, o: dict) -> JoinOptions:
         """Build from the click options; ValueError names the flag that is wrong."""
+        check_swarm_name(o["swarm"])
         if bool(o["listen"]) == bool(o["client_only"]):
             raise ValueError("give either --listen HOST:PORT (peers can dial you) or --client-only (behind NAT)")
         if o["owner_key"] and not o["manifest_path"]:

@@ -90,3 +90,26 @@ def test_too_few_peers_triggers_a_rate_limited_rebootstrap() -> None:
     swarm._last_rebootstrap -= swarm.config.rebootstrap_every_s
     swarm.maybe_rebootstrap(seen=0)
     assert dht.calls == 2
+
+
+def test_cli_create_run_prints_the_run_key_last_and_usage_errors_exit_2(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from peer.cli import main
+    from protocol.identity import Identity
+    from protocol.manifest import load_json
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    made = runner.invoke(main, ["create-run", "--swarm", "cli", "--preset", "tiny", "--slices", "3",
+                                "--key", "owner.key", "--out", "m.json"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    run_key = made.output.strip().splitlines()[-1]
+    assert run_key == Identity.load(tmp_path / "owner.key").public_key.hex()
+    signed = load_json(tmp_path / "m.json", swarm="cli", trusted_key=bytes.fromhex(run_key))
+    assert signed.manifest.slices.num_slices == 3 and signed.run_id in made.output
+    bad = runner.invoke(main, ["status", "--swarm", "Bad Name", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm"])
+    assert bad.exit_code == 2 and "invalid swarm name" in bad.output
+    neither = runner.invoke(main, ["join", "--swarm", "cli", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
+                                   "--identity", "p.key"])  # fmt: skip
+    assert neither.exit_code == 2 and "--client-only" in neither.output
