@@ -127,3 +127,27 @@ def test_pin_store_uses_murmur_home(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         store.load()
     with pytest.raises(M.ManifestError, match="64 hex"):
         M.parse_run_key("abc")
+
+
+def test_create_run_from_a_toml_file_with_flag_overrides(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from peer.cli import main
+
+    (tmp_path / "run.toml").write_text(
+        'swarm = "from-toml"\nmethod = "gossip-ppu-gasloc"\n[slices]\nnum_slices = 2\ncut = "blocks"\n'
+        "[inner]\nbetas = [0.8, 0.9]\nsteps_per_round = 7\n[outer]\nclip = 1.5\n[gossip]\nfanout = 3\n"
+    )
+    assert RunConfig.from_toml(tmp_path / "run.toml").inner.betas == (0.8, 0.9)
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["create-run", "--config", str(tmp_path / "run.toml"), "--slices", "5",
+                                       "--key", str(tmp_path / "k.key"), "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = RunConfig.from_manifest(M.load_json(out).manifest)
+    assert (config.swarm, config.method) == ("from-toml", "gossip-ppu-gasloc")
+    assert (config.slices.num_slices, config.slices.cut) == (5, "blocks")
+    assert (config.inner.steps_per_round, config.clip, config.gossip.fanout) == (7, 1.5, 3)
+    (tmp_path / "bad.toml").write_text('swarm = "x"\n[inner]\nlr_typo = 1\n')
+    key = str(tmp_path / "k.key")
+    bad = CliRunner().invoke(main, ["create-run", "--config", str(tmp_path / "bad.toml"), "--key", key])
+    assert bad.exit_code == 1 and "lr_typo" in bad.output
