@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
+from protocol.errors import MurmurError
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import ManifestError, PinStore, SignedRunManifest, UntrustedOwner, accept_owner, parse_signed
@@ -45,6 +47,10 @@ from protocol.records import (
 )
 
 log = get_logger(__name__)
+
+
+class JoinInterrupted(MurmurError):
+    """SIGTERM/SIGINT arrived while joining (e.g. waiting for a manifest); the caller shuts down quietly."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,11 +175,14 @@ class Swarm:
                 refused.append(f"record under {str(subkey)[:16]}…: {exc}")
         return verified, refused
 
-    def fetch_manifest(self, *, run_key: bytes | None, pins: PinStore, timeout_s: float = 30.0) -> SignedRunManifest:
+    def fetch_manifest(
+        self, *, run_key: bytes | None, pins: PinStore, timeout_s: float = 30.0, halt: threading.Event | None = None
+    ) -> SignedRunManifest:
         """The swarm's manifest, verified against the run key (or the pin; pinned on first use).
 
-        Waits up to `timeout_s` for one to appear. Raises UntrustedOwner when only other owners' manifests
-        exist (the message says how to override) and ManifestError when none checks.
+        Waits up to `timeout_s` for one to appear (JoinInterrupted as soon as `halt` is set). Raises
+        UntrustedOwner when only other owners' manifests exist (the message says how to override) and
+        ManifestError when none checks.
         """
         swarm = self.config.swarm
         deadline = time.monotonic() + timeout_s
@@ -203,7 +212,8 @@ class Swarm:
             if time.monotonic() >= deadline:
                 why = ("; refused: " + "; ".join(refused)) if refused else ""
                 raise ManifestError(f"no valid manifest for swarm {swarm!r} in the DHT after {timeout_s:.0f}s{why}")
-            time.sleep(1.0)
+            if (halt or threading.Event()).wait(1.0):
+                raise JoinInterrupted(f"stopped while waiting for the manifest of swarm {swarm!r}")
 
     def live_peers(self, run_id: str | None = None) -> list[Announcement]:
         """Verified, unexpired announcements (of `run_id` when given); forged records are dropped and logged."""

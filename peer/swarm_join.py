@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
 from peer.runconfig import RunConfig
-from peer.swarm import Member, Swarm, SwarmConfig, check_reachability, slice_counts
+from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, check_reachability, slice_counts
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import ManifestError, PinStore, SignedRunManifest, accept_owner, load_json, parse_run_key
@@ -77,11 +78,11 @@ class JoinOptions:
         )
 
 
-def obtain_manifest(swarm: Swarm, opts: JoinOptions) -> SignedRunManifest:
+def obtain_manifest(swarm: Swarm, opts: JoinOptions, halt: threading.Event | None = None) -> SignedRunManifest:
     """Publish the manifest file (owner, or anyone holding a trusted one) or fetch it from the DHT."""
     pins = PinStore(opts.pins_path)
     if opts.manifest_path is None:
-        return swarm.fetch_manifest(run_key=opts.run_key, pins=pins)
+        return swarm.fetch_manifest(run_key=opts.run_key, pins=pins, halt=halt)
     signed = load_json(opts.manifest_path, swarm=opts.swarm)
     if opts.owner_key is not None:
         if Identity.load(opts.owner_key).public_key != signed.owner_public_key:
@@ -149,10 +150,10 @@ async def _refresh_until(stop: asyncio.Event, member: Member) -> None:
 
 async def run_join(opts: JoinOptions, *, software_version: str) -> None:
     """Join and stay until SIGTERM/SIGINT; raises DHTStartError/ManifestError (MurmurError) on failure."""
-    stop = asyncio.Event()
+    stop, halt = asyncio.Event(), threading.Event()  # halt: the same signal, for work in threads
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: (stop.set(), halt.set()))
     identity = Identity.load_or_create(opts.identity)
     dht = await asyncio.to_thread(
         start_dht, initial_peers=opts.initial_peers, host_maddrs=opts.host_maddrs,
@@ -163,7 +164,8 @@ async def run_join(opts: JoinOptions, *, software_version: str) -> None:
     try:
         config = SwarmConfig(swarm=opts.swarm, initial_peers=opts.initial_peers, announce_ttl_s=opts.announce_ttl_s)
         swarm = Swarm(dht, config)
-        signed = await asyncio.to_thread(obtain_manifest, swarm, opts)
+        print(f"DHT up; looking for swarm {opts.swarm} via {len(opts.initial_peers)} initial peer(s)", flush=True)
+        signed = await asyncio.to_thread(obtain_manifest, swarm, opts, halt)
         try:
             run = RunConfig.from_manifest(signed.manifest)
         except ValueError as exc:
@@ -180,6 +182,8 @@ async def run_join(opts: JoinOptions, *, software_version: str) -> None:
         print(f"joined swarm {opts.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
         await _refresh_until(stop, member)
+    except JoinInterrupted as exc:
+        log.info("%s", exc)
     finally:
         if server is not None:
             await server.stop()

@@ -6,7 +6,8 @@ One bootstrap node and the run owner's peer; then, concurrently:
   nodes refuse to store them and readers never show them;
 - a peer that trusts another run key, and one that pinned another key, are refused with messages that
   name `--run-key`;
-- a peer that announces an endpoint nobody can reach is told which port to open and goes client-only.
+- a peer that announces an endpoint nobody can reach is told which port to open and goes client-only;
+- a peer still waiting for a manifest stops at once on SIGTERM (exit code 0).
 Then SIGTERM stops the bootstrap node with exit code 0 and no p2pd; restarted on the same identity file
 it keeps its peer id; and a DHT that cannot reach its initial peers says so.
 """
@@ -84,9 +85,15 @@ def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_
     wrong_key = join(procs, "wrongkey", maddr, "--run-key", stranger.public_key.hex(), "--client-only")
     pinned = join(procs, "pinned", maddr, "--client-only", pins={"trust": stranger.public_key.hex()})
     closed = join(procs, "closed", maddr, "--listen", "127.0.0.1:0", "--announce", "127.0.0.1:1")
+    waiting = procs.start("waiting", murmur("join", "--swarm", "nobody", "--initial-peers", maddr,
+                                            "--identity", "w.id", "--client-only"))  # fmt: skip
     stored = forge(maddr, owner_id, signed.owner_key_hex, stranger, tmp_path)
     assert stored == [True, False, False, False], "honest nodes must store valid records and refuse forged ones"
 
+    waiting.wait_for(r"^DHT up; looking for swarm nobody", timeout=40)
+    t_term = time.monotonic()
+    assert waiting.terminate(timeout=10) == 0, waiting.logs()  # SIGTERM while waiting for a manifest
+    assert time.monotonic() - t_term < 5
     assert wrong_key.wait_exit(40) == 1
     assert "no manifest signed by the run key you trust" in wrong_key.stderr_path.read_text()
     assert pinned.wait_exit(40) == 1
