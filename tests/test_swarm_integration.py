@@ -90,13 +90,14 @@ def test_three_peers_join_by_name_and_a_killed_one_expires(procs: Procs, tmp_pat
     covered = lambda: sorted({current_slice(p) for p in members}) == [0, 1, 2]  # noqa: E731
     spread_s = wait_until(covered, 30, "slices spread", members)
     print(f"slices cover K=3 {spread_s:.1f}s after everyone saw everyone")
+    table = procs.start("status-table", murmur("status", "--swarm", "loop", "--initial-peers", m1, "--wait", "0.5"))
     listed = status_json(procs, m1, "status-json")
     assert len(listed) == 4
     for entry in listed:
         assert {"peer_id", "endpoint", "slice", "round", "tokens_per_s", "loss", "version"} <= set(entry)
         assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["endpoint"]) and entry["version"]
     assert {e["slice"] for e in listed} == {0, 1, 2}
-    table = procs.run("status-table", murmur("status", "--swarm", "loop", "--initial-peers", m1, "--wait", "0.5"))
+    assert table.wait_exit() == 0, table.logs()
     assert "4 live peer(s)" in table.lines[0] and "endpoint" in table.lines[1] and len(table.lines) == 6
 
     victim = peers[2]
