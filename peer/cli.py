@@ -87,7 +87,7 @@ def simulate(
                             total_steps=total, warmup_steps=min(50, max(1, total // 10)))  # fmt: skip
         config = SimConfig(model=model, inner=inner, slices=SliceConfig(num_slices=slices, cut=cut),
                            codec=CodecConfig(name=codec), peers=peers, rounds=rounds, fanout=fanout,
-                           seed=seed, eval_every=max(1, rounds // 10))  # fmt: skip
+                           seed=seed, eval_every=max(1, rounds // 5))  # fmt: skip
         _check_cut(config)
     except (ValueError, FileNotFoundError) as error:
         raise click.UsageError(str(error)) from error

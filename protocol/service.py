@@ -314,15 +314,7 @@ class PeerServer:
             buffer.add(frame.chunk)
         buffer.finish()
         tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
-        return ReceivedUpdate(
-            sender=header.sender,
-            run_id=header.run_id,
-            round=header.round,
-            slice=header.slice,
-            tensors=tensors,
-            payload_sha256=header.payload_sha256,
-            payload_bytes=buffer.total,
-        )
+        return ReceivedUpdate.from_header(header, tensors, buffer.total)
 
     # ------------------------------------------------------------------------------- FetchState
 

@@ -60,6 +60,21 @@ class ReceivedUpdate:
     payload_bytes: int
     """Codec payload bytes received (the sum of the header's payload lengths)."""
 
+    @classmethod
+    def from_header(
+        cls, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor], payload_bytes: int
+    ) -> ReceivedUpdate:
+        """The update a verified header and its decoded tensors describe."""
+        return cls(
+            sender=header.sender,
+            run_id=header.run_id,
+            round=header.round,
+            slice=header.slice,
+            tensors=tensors,
+            payload_sha256=header.payload_sha256,
+            payload_bytes=payload_bytes,
+        )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WirePolicy:
