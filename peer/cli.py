@@ -135,12 +135,12 @@ def _progress_bars(tqdm: Callable, rounds: int) -> Callable[[str], Callable[[], 
     return start
 
 
-if __name__ == "__main__":
-    main()
-
 from peer import cli_swarm  # noqa: E402 - the swarm commands register on the group above
 
 main.add_command(cli_swarm.bootstrap)
 main.add_command(cli_swarm.create_run)
 main.add_command(cli_swarm.status)
 main.add_command(cli_swarm.join)
+
+if __name__ == "__main__":
+    main()

@@ -78,18 +78,19 @@ class RowGradLinear(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         anchor: torch.Tensor,
-        rows: torch.Tensor,
+        rows: torch.Tensor | slice,
         sink: Callable[[torch.Tensor], None],
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, rows)
-        ctx.sink = sink
+        ctx.save_for_backward(x, weight)
+        ctx.rows, ctx.sink = rows, sink
         return F.linear(x, weight)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple:
-        x, weight, rows = ctx.saved_tensors
-        dy_rows = dy.reshape(-1, dy.shape[-1]).index_select(1, rows)  # (B*T, owned rows)
+        x, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy_rows = dy2[:, ctx.rows] if isinstance(ctx.rows, slice) else dy2.index_select(1, ctx.rows)
         ctx.sink((dy_rows.t() @ x.reshape(-1, x.shape[-1])).float())  # (owned rows, in)
         dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
         return dx, None, torch.zeros((), device=dy.device), None, None
@@ -121,7 +122,8 @@ class SliceOptimizer:
         if unknown:
             raise ValueError(f"slice names parameters the model lacks: {sorted(unknown)[:3]}")
         model.detach_input_embedding = not trains_input_embedding(layout)
-        self._anchor = torch.zeros((), requires_grad=True)
+        device = next(model.parameters()).device
+        self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._patched: list[nn.Linear] = []
         linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         for name, param in params.items():
@@ -139,14 +141,17 @@ class SliceOptimizer:
             self._owned.append(owned)
 
     def _patch(self, linear: nn.Linear, owned: _Owned) -> None:
-        rows = torch.cat([torch.arange(a, b) for a, b in owned.region.ranges]).to(owned.param.device)
+        ranges = owned.region.ranges
+        # one contiguous range is sliced as a view; several (q|k|v heads, gate|up) gathered
+        rows = slice(*ranges[0]) if len(ranges) == 1 else torch.cat([torch.arange(a, b) for a, b in ranges])
+        rows = rows.to(owned.param.device) if isinstance(rows, torch.Tensor) else rows
         anchor = self._anchor
 
         def sink(grad: torch.Tensor) -> None:
             owned.grad = grad if owned.grad is None else owned.grad.add_(grad)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return RowGradLinear.apply(x, linear.weight, anchor.to(x.device), rows.to(x.device), sink)
+            return RowGradLinear.apply(x, linear.weight, anchor, rows, sink)
 
         linear.forward = forward
         self._patched.append(linear)
