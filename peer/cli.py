@@ -141,6 +141,7 @@ main.add_command(cli_swarm.bootstrap)
 main.add_command(cli_swarm.create_run)
 main.add_command(cli_swarm.status)
 main.add_command(cli_swarm.join)
+main.add_command(__import__("peer.cli_run", fromlist=["run"]).run)
 
 if __name__ == "__main__":
     main()

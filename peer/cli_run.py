@@ -1,0 +1,76 @@
+"""`murmur run`: the peer daemon's command. Thin: parse flags, build DaemonOptions, run peer/daemon.py.
+
+It takes every option of `murmur join` (same meaning) plus what training needs. User errors exit 1
+(ClickException) or 2 (UsageError); SIGTERM/SIGINT end the loop after the current step and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from peer import __version__
+from peer.cli_swarm import _MADDR_HELP, _maddrs
+from protocol.errors import MurmurError
+
+
+@click.command("run")
+@click.option("--swarm", required=True, help="Swarm name, e.g. tinystories-124m.")
+@click.option("--initial-peers", multiple=True, callback=_maddrs, required=True, help=_MADDR_HELP)
+@click.option("--run-key", help="Trust only manifests signed by this owner key (64 hex); overrides a pin.")
+@click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A manifest file to publish (the owner does this; --key proves ownership).")  # fmt: skip
+@click.option("--key", "owner_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The run owner's key, with --manifest.")  # fmt: skip
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="This peer's Ed25519 key (created if missing); its DHT key lives beside it.")  # fmt: skip
+@click.option("--listen", help="host:port of this peer's gRPC service, e.g. 0.0.0.0:7000 (port 0: any).")
+@click.option("--announce", help="host:port others dial, when it differs from --listen (port forward).")
+@click.option("--client-only", is_flag=True, help="Accept no connections; dial every exchange yourself (NAT).")
+@click.option("--host-maddrs", multiple=True, callback=_maddrs, default=("/ip4/0.0.0.0/tcp/0",), show_default=True)
+@click.option("--announce-ttl", type=click.FloatRange(3), default=60.0, show_default=True, help="Seconds.")
+@click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True, help="Seconds.")
+@click.option("--pins", type=click.Path(dir_okay=False, path_type=Path),
+              help="Pin file. [default: $MURMUR_HOME/pins.json or ~/.local/share/murmur/pins.json]")  # fmt: skip
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to save this peer's state on exit.")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Prometheus metrics on this port.")
+@click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus.")
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Micro-batch; must divide the run's batch (the rest is gradient accumulation).")  # fmt: skip
+@click.option("--rounds", "max_rounds", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop after this many rounds (0: until SIGTERM/Ctrl-C).")  # fmt: skip
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def run(**options: object) -> None:
+    """Join a swarm by name and train it: H local steps on this peer's slice, then swap updates with
+    random partners, until SIGTERM or Ctrl-C (exit 0).
+
+    \b
+    Example:
+      murmur run --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... \\
+                 --run-key 23ad4316... --identity peer.key --listen 0.0.0.0:7000 --announce 198.51.100.4:7000
+    """
+    from peer.daemon import DaemonOptions, run_daemon
+    from peer.swarm_join import JoinOptions
+
+    if options["log_level"]:
+        logging.getLogger("murmur").setLevel(str(options["log_level"]).upper())
+    try:
+        opts = DaemonOptions(
+            join=JoinOptions.from_cli(options), device=str(options["device"]),
+            checkpoint_dir=options["checkpoint_dir"], metrics_port=options["metrics_port"], data=options["data"],
+            batch_size=options["batch_size"], max_rounds=int(options["max_rounds"]),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if opts.metrics_port is not None:  # SEAM: peer/metrics.py (in progress) serves this port
+        click.echo("--metrics-port: metrics are not served yet (peer/metrics.py has not landed)", err=True)
+    import uvloop
+
+    try:
+        uvloop.run(run_daemon(opts, software_version=__version__))
+    except (MurmurError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc

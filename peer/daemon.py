@@ -1,0 +1,348 @@
+"""`murmur run`: the peer daemon. Join a swarm by name, then train it: inner -> exchange -> outer -> announce.
+
+Order of a start: identity -> DHT -> manifest (published or fetched and verified, as `murmur join` does)
+-> RunConfig -> model, data and slice optimiser (`Trainer`) -> PeerService with this run's wire policy
+-> slice and announcement -> reachability -> the round loop, until SIGTERM/SIGINT -> checkpoint ->
+server -> DHT; exit 0.
+
+One round (`Daemon.run_round`), DESIGN.md section 3:
+1. H inner steps on this peer's slice, in a worker thread (the event loop keeps serving partners);
+   pseudo-gradient; encode it with error feedback (`peer/exchange.py`).
+2. Push-pull with `fanout` random live partners (`choose_partners`, other slices first), each bounded
+   by the manifest's exchange timeout; a failure skips that partner (logged with its peer id) and
+   rests it for two rounds. No barrier: nobody waits for a given partner.
+3. Updates that partners pushed to our server during the round join the replies (`Inbox`); one per
+   sender, stale ones dropped.
+4. `gossip_step` through `compose_outer_step`, the same call the simulator makes; announce round,
+   loss and tokens/s with the next refresh.
+
+Round numbers work like a Lamport clock: a peer's next round is one past the highest round it has
+seen (its own or a partner's), so peers that started at different times agree on "now" after their
+first exchange, and "stale" means really behind (a stuck or much slower peer), not merely late to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import torch
+
+from peer.data import TokenStream, load_corpus, stream_index_for
+from peer.exchange import Inbox, compose_outer_step, encode_update, update_shapes
+from peer.inner import InnerConfig, SliceOptimizer, inner_round
+from peer.model import Transformer
+from peer.outer import Contribution, initial_state, pseudo_gradient
+from peer.runconfig import RunConfig
+from peer.subsets import parameter_shapes, partition
+from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
+from peer.swarm_join import JoinOptions, _check_endpoint, _refresh_until, obtain_manifest
+from protocol.client import PeerClient
+from protocol.codec import ErrorFeedback
+from protocol.errors import MurmurError
+from protocol.identity import Identity
+from protocol.logs import get_logger
+from protocol.manifest import ManifestError
+from protocol.records import Announcement, start_dht
+from protocol.service import PeerServer, PeerStatus, ServerConfig
+from protocol.updates import OutgoingUpdate, ReceivedUpdate, WirePolicy
+
+log = get_logger(__name__)
+
+REST_ROUNDS = 2
+"""Rounds a partner whose exchange failed is left out of partner choice."""
+
+
+class Halted(Exception):
+    """Raised inside the inner loop when SIGTERM/SIGINT arrived: the round is abandoned after this step."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DaemonOptions:
+    """What `murmur run` was told beyond `murmur join`'s options."""
+
+    join: JoinOptions
+    device: str = "auto"
+    checkpoint_dir: Path | None = None
+    metrics_port: int | None = None
+    data: str | None = None
+    """A local corpus path; None uses the manifest's source (the embedded corpus)."""
+    batch_size: int | None = None
+    """Micro-batch; the manifest's batch is kept by gradient accumulation, so every peer trains alike."""
+    max_rounds: int = 0
+    """Stop after this many rounds (0: until a signal)."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedRound:
+    """What one inner round produced: the update to send, the delta as sent, and its statistics."""
+
+    update: OutgoingUpdate
+    own: Contribution
+    loss: float
+    tokens: int
+
+
+class Trainer:
+    """Model, data, slice optimiser, outer state and error feedback of one peer. Blocking: use it from
+    the training thread (one call at a time)."""
+
+    def __init__(self, run: RunConfig, peer_id: str, device: torch.device, *, data: str | None = None,
+                 micro_batch: int | None = None) -> None:  # fmt: skip
+        self.run, self.device = run, device
+        torch.manual_seed(run.data.seed)  # every peer starts from the same phi
+        self.model = Transformer(run.model).to(device)
+        self.phi = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        self.state = initial_state(self.phi, run.outer)
+        self.shapes = parameter_shapes(run.model)
+        self.layouts = partition(run.model, run.slices)
+        self.inner = _inner_config(run, micro_batch)
+        source = data if data is not None else (None if run.data.source in ("embedded", "default") else run.data.source)
+        corpus = load_corpus(source)
+        windows = corpus.train.numel() // (run.model.seq_len + 1)
+        num_streams = max(1, min(1024, windows // (2 * self.inner.batch_size)))
+        self.stream = TokenStream(
+            corpus.train, run.model.seq_len, stream_index=stream_index_for(bytes.fromhex(peer_id), num_streams),
+            num_streams=num_streams, steps_per_round=self.inner.steps_per_round * self.inner.grad_accum,
+            seed=run.data.seed,
+        )  # fmt: skip
+        self.slice = -1
+        self.optimizer: SliceOptimizer | None = None
+        self.feedback = ErrorFeedback(run.codec)
+
+    def take_slice(self, index: int) -> None:
+        """Train slice `index` from now on: fresh optimiser state and error feedback for it."""
+        if self.optimizer is not None:
+            self.optimizer.close()
+        self.optimizer = SliceOptimizer(self.model, self.layouts[index], self.inner)
+        self.feedback = ErrorFeedback(self.run.codec)
+        self.slice = index
+
+    def train_round(self, round: int, halt: threading.Event) -> TrainedRound:
+        """H inner steps from phi, then the encoded pseudo-gradient. Raises Halted when `halt` is set."""
+        assert self.optimizer is not None, "take_slice first"
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(self.phi[name])
+        accum, batch = self.inner.grad_accum, self.inner.batch_size
+        H = self.inner.steps_per_round
+
+        def batches(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if halt.is_set():
+                raise Halted(f"stopped during round {round}")
+            return self.stream.batch(round, (step % H) * accum + micro, batch)
+
+        stats = inner_round(self.model, self.optimizer, batches, self.device)
+        theta = {name: p.detach() for name, p in self.model.named_parameters()}
+        delta = pseudo_gradient(self.phi, theta, self.layouts[self.slice])
+        update, own = encode_update(round, self.slice, delta, self.phi, self.layouts, self.feedback)
+        return TrainedRound(update, own, stats.mean_loss, stats.tokens)
+
+    def outer_step(self, own: Contribution, updates: list[ReceivedUpdate]) -> None:
+        compose_outer_step(self.phi, self.state, own, updates, self.layouts, self.run.outer)
+
+
+def _inner_config(run: RunConfig, micro_batch: int | None) -> InnerConfig:
+    """The manifest's inner config, with the batch split into `micro_batch` x accumulation if asked."""
+    inner = run.inner
+    if micro_batch is None or micro_batch == inner.batch_size:
+        return inner
+    if inner.batch_size % micro_batch:
+        raise ValueError(f"--batch-size {micro_batch} must divide the run's batch size {inner.batch_size}")
+    return replace(inner, batch_size=micro_batch, grad_accum=inner.grad_accum * (inner.batch_size // micro_batch))
+
+
+class Daemon:
+    """The round loop of one joined peer, and the server callbacks that feed it."""
+
+    def __init__(self, trainer: Trainer, member: Member, identity: Identity, run: RunConfig) -> None:
+        self.trainer, self.member, self.identity, self.run = trainer, member, identity, run
+        self.inbox = Inbox()
+        self.outgoing: OutgoingUpdate | None = None
+        self.clock = -1
+        """Highest round seen, own or a partner's (Lamport): the next round is clock + 1."""
+        self.rested: dict[str, int] = {}
+        self.server: PeerServer | None = None
+        self.pushed_to_us = 0
+        tables = [update_shapes(trainer.layouts, trainer.shapes, k) for k in range(len(trainer.layouts))]
+        self.policy = WirePolicy(
+            run_id=member.manifest.run_id,
+            expected_shapes=lambda k: tables[k] if 0 <= k < len(tables) else None,
+            lookup=member.lookup,
+            codec=run.codec,
+            accepted_codecs=frozenset({"bf16"}),
+        )
+
+    async def on_update(self, update: ReceivedUpdate) -> None:
+        """A partner pushed its update to our server: keep it for this round's outer step."""
+        self.pushed_to_us += 1
+        self.inbox.add(update)
+
+    def reply_for(self, _round: int, _slice: int) -> OutgoingUpdate | None:
+        return self.outgoing
+
+    def status(self) -> PeerStatus:
+        return PeerStatus(round=self.member.round, slice=self.member.slice)
+
+    async def run_round(self, halt: threading.Event, stop: asyncio.Event) -> bool:
+        """One round; False when a signal ended it early (the partial round is dropped)."""
+        r = self.clock + 1
+        if self.member.slice != self.trainer.slice:
+            await asyncio.to_thread(self.trainer.take_slice, self.member.slice)
+        start = time.perf_counter()
+        try:
+            trained = await asyncio.to_thread(self.trainer.train_round, r, halt)
+        except Halted:
+            return False
+        self.outgoing = trained.update
+        partners = choose_partners(self.member.peers, me=self.identity.peer_id, own_slice=self.trainer.slice,
+                                   fanout=self.run.gossip.fanout, rng=self.member.rng,
+                                   avoid=[p for p, until in self.rested.items() if until >= r])  # fmt: skip
+        exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
+        if not await _unless_stopped(exchanges, stop):
+            return False
+        ok = sum(1 for done in exchanges.result() if done)
+        updates = self.inbox.take(r)
+        await asyncio.to_thread(self.trainer.outer_step, trained.own, updates)
+        self.clock = max([r, *(u.round for u in updates)])
+        seconds = time.perf_counter() - start
+        self.member.round, self.member.loss = r, trained.loss
+        self.member.tokens_per_second = trained.tokens / seconds
+        print(f"round {r} loss {trained.loss:.4f} tok/s {trained.tokens / seconds:.0f} slice {self.trainer.slice} "
+              f"exchanged {ok}/{len(partners)} mixed {len(updates)} pushed-to-us {self.pushed_to_us} "
+              f"stale-dropped {self.inbox.dropped_stale} {seconds:.2f}s", flush=True)  # fmt: skip
+        return True
+
+    async def _exchange_with(self, partner: Announcement, update: OutgoingUpdate, r: int) -> bool:
+        """Push-pull with one partner within the manifest's timeout; a failure skips it (and rests it)."""
+        timeout = self.run.gossip.exchange_timeout_s
+        try:
+            async with PeerClient.connect(
+                partner.endpoint, peer_id=partner.peer_id, tls_fingerprint=partner.tls_fingerprint,
+                identity=self.identity, policy=self.policy, tls_certificate=partner.tls_certificate or None,
+                deadline=timeout,
+            ) as client:  # fmt: skip
+                reply = await asyncio.wait_for(client.exchange(update), timeout)
+        except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
+            log.warning("round %d: exchange with %s at %s failed, skipped: %r", r, partner.peer_id[:16],
+                        partner.endpoint, exc)  # fmt: skip
+            self.rested[partner.peer_id] = r + REST_ROUNDS
+            return False
+        if reply is not None:
+            self.inbox.add(reply)
+        log.info("round %d: exchanged with %s (slice %d), reply round %s", r, partner.peer_id[:16], partner.slice,
+                 None if reply is None else reply.round)  # fmt: skip
+        return True
+
+
+async def _unless_stopped(work: asyncio.Future, stop: asyncio.Event) -> bool:
+    """Wait for `work`; if `stop` is set first, cancel it and return False."""
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if work.done():
+        return True
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return False
+
+
+def _checkpoint(daemon: Daemon, directory: Path | None) -> None:
+    """SEAM for peer/checkpoint.py (being written in parallel): save phi, outer state, optimiser, feedback."""
+    if directory is None:
+        return
+    try:
+        from peer import checkpoint  # noqa: F401
+    except ImportError:
+        log.warning("no peer/checkpoint.py yet: nothing saved to %s", directory)
+        return
+    log.warning("peer/checkpoint.py exists but the daemon does not call it yet: nothing saved to %s", directory)
+
+
+async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], timeout_s: float) -> PeerServer:
+    server = PeerServer(
+        identity=identity, policy=daemon.policy, on_update=daemon.on_update, reply_for=daemon.reply_for,
+        status=daemon.status,
+        config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=timeout_s),
+    )  # fmt: skip
+    await server.start()
+    return server
+
+
+async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event) -> None:
+    refresher = asyncio.create_task(_refresh_until(stop, daemon.member))
+    try:
+        rounds = 0
+        while not stop.is_set() and (opts.max_rounds == 0 or rounds < opts.max_rounds):
+            if not await daemon.run_round(halt, stop):
+                break
+            rounds += 1
+    finally:
+        stop.set()
+        await refresher
+
+
+async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
+    """Join, train until SIGTERM/SIGINT (or max_rounds), shut down in order; raises MurmurError on failure."""
+    stop, halt = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: (stop.set(), halt.set()))
+    j = opts.join
+    device = pick_device(opts.device)
+    identity = Identity.load_or_create(j.identity)
+    dht = await asyncio.to_thread(
+        start_dht, initial_peers=j.initial_peers, host_maddrs=j.host_maddrs,
+        identity_path=j.identity.with_name(j.identity.name + ".p2p.key"), startup_timeout_s=j.dht_start_timeout_s,
+    )  # fmt: skip
+    server: PeerServer | None = None
+    daemon: Daemon | None = None
+    try:
+        swarm = Swarm(dht, SwarmConfig(swarm=j.swarm, initial_peers=j.initial_peers, announce_ttl_s=j.announce_ttl_s))
+        print(f"DHT up; looking for swarm {j.swarm} via {len(j.initial_peers)} initial peer(s)", flush=True)
+        signed = await asyncio.to_thread(obtain_manifest, swarm, j, halt)
+        try:
+            run = RunConfig.from_manifest(signed.manifest)
+        except ValueError as exc:
+            raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
+        print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
+              f"{run.method}, H={run.inner.steps_per_round}, device {device}", flush=True)  # fmt: skip
+        trainer = await asyncio.to_thread(
+            Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size
+        )
+        member = Member(swarm, identity, signed, endpoint="", software_version=software_version)
+        daemon = Daemon(trainer, member, identity, run)
+        if j.listen is not None:
+            server = await _serve(daemon, identity, j.listen, run.gossip.exchange_timeout_s)
+            member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
+        await asyncio.to_thread(member.join)
+        if server is not None:
+            server = await _check_endpoint(member, server, j)
+        print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
+              f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
+        await _train(daemon, opts, stop, halt)
+    except JoinInterrupted as exc:
+        log.info("%s", exc)
+    finally:
+        if daemon is not None and daemon.clock >= 0:
+            await asyncio.to_thread(_checkpoint, daemon, opts.checkpoint_dir)
+        if server is not None:
+            await server.stop()
+        await asyncio.to_thread(dht.shutdown)
+        rounds = "none" if daemon is None else daemon.clock + 1
+        log.info("left swarm %s after %s round(s)", j.swarm, rounds)

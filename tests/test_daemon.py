@@ -1,0 +1,146 @@
+"""The daemon's round without sockets: what goes on the wire, which updates are mixed, and that the
+outer step from wire updates is exactly the simulator's `gossip_step`."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from peer.daemon import Halted, Trainer, _inner_config
+from peer.exchange import (
+    STALE_ROUNDS,
+    Inbox,
+    compose_outer_step,
+    consensus_slice,
+    encode_update,
+    split_update,
+    update_shapes,
+)
+from peer.outer import Contribution, gossip_step, initial_state, pseudo_gradient, weight_slice
+from peer.runconfig import RunConfig
+from peer.subsets import parameter_shapes, partition
+from protocol.codec import CodecConfig, ErrorFeedback, decode
+from protocol.identity import Identity
+from protocol.updates import ReceivedUpdate, WirePolicy, plan_payload, seal_update
+
+RUN = RunConfig.from_dict(
+    {"swarm": "unit", "preset": "tiny", "slices": {"num_slices": 2},
+     "inner": {"steps_per_round": 4, "batch_size": 4, "warmup_steps": 2}}
+)  # fmt: skip
+SHAPES = parameter_shapes(RUN.model)
+LAYOUTS = partition(RUN.model, RUN.slices)
+
+
+def _phi(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=gen) * 0.02 for n, s in SHAPES.items()}
+
+
+def _received(update, sender: str = "b" * 64) -> ReceivedUpdate:
+    """What the wire hands over for `update`: the same tensors, decoded by the codec they name."""
+    tensors = {n: decode(e, CodecConfig(name=e.codec)) for n, e in update.tensors.items()}
+    return ReceivedUpdate(sender, "r" * 64, update.round, update.slice, tensors, b"\0" * 32, 0)
+
+
+def _peer_update(seed: int, round: int, slice_index: int):
+    phi, theta = _phi(seed), _phi(seed + 100)
+    delta = pseudo_gradient(phi, theta, LAYOUTS[slice_index])
+    return encode_update(round, slice_index, delta, phi, LAYOUTS, ErrorFeedback(RUN.codec))
+
+
+@pytest.mark.timeout(30)
+def test_outer_step_from_wire_updates_is_gossip_step() -> None:
+    phi, state = _phi(0), initial_state(_phi(0), RUN.outer)
+    _, own = _peer_update(0, round=3, slice_index=0)
+    partner_updates = [_peer_update(1, round=3, slice_index=1)[0], _peer_update(2, round=2, slice_index=0)[0]]
+    received = [_received(u, sender=f"{i}" * 64) for i, u in enumerate(partner_updates)]
+
+    expected_phi = {n: t.clone() for n, t in phi.items()}
+    expected_state = {n: t.clone() for n, t in state.items()}
+    deltas, weights = [], []
+    for update in received:  # by hand: the partner's packed delta on its slice, its weights on slice round % K
+        k = consensus_slice(update.round, len(LAYOUTS))
+        deltas.append(
+            Contribution(LAYOUTS[update.slice], {n: update.tensors["delta/" + n] for n in LAYOUTS[update.slice]})
+        )
+        weights.append(Contribution(LAYOUTS[k], {n: update.tensors[f"phi/{k}/{n}"] for n in LAYOUTS[k]}))
+    gossip_step(expected_phi, expected_state, own, deltas, weights, RUN.outer)
+
+    compose_outer_step(phi, state, own, received, LAYOUTS, RUN.outer)
+    for name in phi:
+        torch.testing.assert_close(phi[name], expected_phi[name], rtol=0, atol=0)
+        torch.testing.assert_close(state[name], expected_state[name], rtol=0, atol=0)
+    assert any(not torch.equal(phi[n], _phi(0)[n]) for n in phi)
+
+
+@pytest.mark.timeout(30)
+def test_update_carries_delta_and_one_rotating_weight_slice_that_the_policy_accepts() -> None:
+    me = Identity.generate()
+    policy = WirePolicy(run_id="r" * 64, expected_shapes=lambda k: update_shapes(LAYOUTS, SHAPES, k),
+                        lookup=lambda _: me.public_key, codec=RUN.codec,
+                        accepted_codecs=frozenset({"bf16"}))  # fmt: skip
+    for round in (4, 5):
+        update, own = _peer_update(0, round=round, slice_index=1)
+        k = round % 2
+        assert {n for n in update.tensors if n.startswith("delta/")} == {"delta/" + n for n in LAYOUTS[1]}
+        assert {n for n in update.tensors if n.startswith("phi/")} == {f"phi/{k}/{n}" for n in LAYOUTS[k]}
+        header = seal_update(update, identity=me, run_id=policy.run_id, recipient="x" * 64)
+        assert len(plan_payload(header.tensors, policy.expected_shapes(header.slice), policy)) == len(update.tensors)
+        delta, weights = split_update(_received(update), LAYOUTS)
+        assert delta.layout == LAYOUTS[1] and weights.layout == LAYOUTS[k]
+        torch.testing.assert_close(weights.tensors["embed.weight"], weight_slice(_phi(0), LAYOUTS[k]).tensors[
+            "embed.weight"], atol=1e-3, rtol=1e-2)  # fmt: skip
+        for name, tensor in own.tensors.items():  # the sender mixes in exactly what partners decode
+            torch.testing.assert_close(delta.tensors[name], tensor, rtol=0, atol=0)
+    assert update_shapes(LAYOUTS, SHAPES, 2) is None and update_shapes(LAYOUTS, SHAPES, -1) is None
+
+
+def _stub(sender: str, round: int) -> ReceivedUpdate:
+    return ReceivedUpdate(sender, "r" * 64, round, 0, {}, b"", 0)
+
+
+@pytest.mark.timeout(10)
+def test_inbox_keeps_newest_per_sender_never_twice_and_drops_stale() -> None:
+    inbox = Inbox()
+    inbox.add(_stub("a", 9))
+    inbox.add(_stub("a", 10))  # a reply and a push of the same peer: the newest wins
+    inbox.add(_stub("a", 8))
+    inbox.add(_stub("b", 10 - STALE_ROUNDS))
+    inbox.add(_stub("c", 10 - STALE_ROUNDS - 1))
+    inbox.add(_stub("d", 12))  # a peer ahead of us is not stale
+    assert [(u.sender, u.round) for u in inbox.take(10)] == [("a", 10), ("b", 8), ("d", 12)]
+    assert inbox.dropped_stale == 1 and not inbox.pending
+    inbox.add(_stub("a", 10))  # a slower partner's reply repeats what we already mixed in
+    inbox.add(_stub("b", 11))
+    assert [(u.sender, u.round) for u in inbox.take(11)] == [("b", 11)]
+
+
+@pytest.mark.timeout(120)
+def test_two_trainers_swapping_updates_by_hand_lower_their_loss() -> None:
+    """The daemon's round with a fake partner: train, encode, hand over the update, outer step."""
+    torch.set_num_threads(1)
+    trainers = [Trainer(RUN, Identity.generate().peer_id, torch.device("cpu")) for _ in range(2)]
+    for k, t in enumerate(trainers):
+        t.take_slice(k)
+    assert all(torch.equal(trainers[0].phi[n], trainers[1].phi[n]) for n in SHAPES), "same init everywhere"
+    halt, losses = threading.Event(), []
+    for r in range(6):
+        rounds = [t.train_round(r, halt) for t in trainers]
+        for t, mine, theirs in zip(trainers, rounds, reversed(rounds)):
+            t.outer_step(mine.own, [_received(theirs.update, sender=f"{theirs.update.slice}" * 64)])
+        losses.append(sum(x.loss for x in rounds) / 2)
+    assert losses[-1] < losses[0] - 0.5, losses
+    halt.set()
+    with pytest.raises(Halted):
+        trainers[0].train_round(6, halt)
+
+
+@pytest.mark.timeout(10)
+def test_micro_batch_keeps_the_runs_batch_by_accumulation() -> None:
+    assert _inner_config(RUN, None) == RUN.inner
+    split = _inner_config(RUN, 2)
+    assert (split.batch_size, split.grad_accum) == (2, 2)
+    with pytest.raises(ValueError, match="must divide"):
+        _inner_config(RUN, 3)

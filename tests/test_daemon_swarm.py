@@ -1,0 +1,92 @@
+"""`murmur run` with real processes on loopback: a bootstrap node, the owner and two volunteers (one
+client-only) train a tiny run together, exchange updates over gRPC, their loss falls, `murmur status`
+sees their rounds rise, and SIGTERM stops every process with exit code 0 and nothing left running.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+RUN_TOML = """
+swarm = "loop"
+preset = "tiny"
+[slices]
+num_slices = 2
+[inner]
+steps_per_round = 10
+batch_size = 4
+warmup_steps = 5
+total_steps = 2000
+[gossip]
+fanout = 1
+exchange_timeout_s = 10
+"""
+ROUND = re.compile(r"^round (\d+) loss ([\d.]+) .* exchanged (\d+)/(\d+) mixed (\d+) pushed-to-us (\d+)")
+MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
+TRAIN_S = 35.0
+
+
+def rounds_of(proc: Proc) -> list[tuple[int, float, int, int, int]]:
+    """(round, loss, exchanged, mixed, pushed-to-us) per round line."""
+    return [
+        (int(m[1]), float(m[2]), int(m[3]), int(m[5]), int(m[6])) for line in proc.lines if (m := ROUND.search(line))
+    ]
+
+
+def start_run(procs: Procs, name: str, maddr: str, *extra: str) -> Proc:
+    args = ["run", "--swarm", "loop", "--initial-peers", maddr, "--identity", f"{name}.id", "--announce-ttl", "6",
+            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", *extra]  # fmt: skip
+    env = {"MURMUR_HOME": str(procs.workdir / f"home-{name}"), "OMP_NUM_THREADS": "1"}
+    return procs.start(name, murmur(*args), env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text(RUN_TOML)
+    made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
+                                        "--out", "manifest.json"))  # fmt: skip
+    boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
+    maddr = boot.wait_for(MADDR, timeout=40).group(1)
+    assert made.wait_exit() == 0, made.logs()
+    run_key = made.lines[-1]
+
+    owner = start_run(procs, "owner", maddr, "--manifest", "manifest.json", "--key", "owner.key",
+                      "--listen", "127.0.0.1:0")  # fmt: skip
+    peer1 = start_run(procs, "peer1", maddr, "--run-key", run_key, "--listen", "127.0.0.1:0")
+    peer2 = start_run(procs, "peer2", maddr, "--run-key", run_key, "--client-only")
+    peers = [owner, peer1, peer2]
+    for proc in peers:
+        proc.wait_for(r"^joined swarm loop as [0-9a-f]{64} slice [01]", timeout=60)
+    t0 = time.monotonic()
+    time.sleep(TRAIN_S)
+    listed = json.loads("\n".join(procs.run("status", murmur("status", "--swarm", "loop", "--initial-peers", maddr,
+                                                             "--json", "--wait", "0.5")).lines))  # fmt: skip
+    assert len(listed) == 3 and all(p["round"] > 0 and p["loss"] is not None for p in listed), listed
+
+    for proc in peers:
+        pgid = proc.pgid
+        assert proc.terminate(timeout=30) == 0, proc.logs()
+        assert group_pids(pgid) == [], f"{proc.name} left processes behind"
+    elapsed = time.monotonic() - t0
+    for proc in peers:
+        rounds = rounds_of(proc)
+        assert len(rounds) >= 5, proc.logs()
+        losses = [loss for _, loss, *_ in rounds]
+        assert sum(losses[-3:]) / 3 < losses[0] - 0.5, (proc.name, losses)
+        assert sum(exchanged for _, _, exchanged, _, _ in rounds) >= len(rounds) // 2, proc.logs()
+        assert sum(mixed for *_, mixed, _ in rounds) >= len(rounds) // 2, proc.logs()
+        print(f"\n{proc.name}: {len(rounds)} rounds in ~{elapsed:.0f}s ({60 * len(rounds) / elapsed:.0f}/min), "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, exchanges "
+              f"{sum(r[2] for r in rounds)}, updates mixed {sum(r[3] for r in rounds)}, "
+              f"pushed to it {rounds[-1][4]}")  # fmt: skip
+    # Nobody dials the client-only peer; the listening peers receive its pushes.
+    assert rounds_of(peer2)[-1][4] == 0
+    assert rounds_of(owner)[-1][4] + rounds_of(peer1)[-1][4] > 0
+    assert boot.terminate(timeout=20) == 0, boot.logs()
