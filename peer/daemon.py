@@ -36,6 +36,7 @@ import torch
 from peer.data import TokenStream, load_corpus, stream_index_for
 from peer.exchange import Inbox, compose_outer_step, encode_update, update_shapes
 from peer.inner import InnerConfig, SliceOptimizer, inner_round
+from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
 from peer.model import Transformer
 from peer.outer import Contribution, initial_state, pseudo_gradient
 from peer.runconfig import RunConfig
@@ -50,7 +51,7 @@ from protocol.logs import get_logger
 from protocol.manifest import ManifestError
 from protocol.records import Announcement, start_dht
 from protocol.service import PeerServer, PeerStatus, ServerConfig
-from protocol.updates import OutgoingUpdate, ReceivedUpdate, WirePolicy
+from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, WirePolicy, make_state_snapshot
 
 log = get_logger(__name__)
 
@@ -154,6 +155,16 @@ class Trainer:
     def outer_step(self, own: Contribution, updates: list[ReceivedUpdate]) -> None:
         compose_outer_step(self.phi, self.state, own, updates, self.layouts, self.run.outer)
 
+    def adopt(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start from a donor's outer weights (late join); the outer rule's buffer restarts from them."""
+        for name, tensor in weights.items():
+            self.phi[name].copy_(tensor.to(self.device))
+        self.state = initial_state(self.phi, self.run.outer)
+
+    def snapshot(self, round: int) -> StateSnapshot:
+        """phi, encoded for late joiners (blocking)."""
+        return make_state_snapshot(round, self.phi)
+
 
 def _inner_config(run: RunConfig, micro_batch: int | None) -> InnerConfig:
     """The manifest's inner config, with the batch split into `micro_batch` x accumulation if asked."""
@@ -177,6 +188,8 @@ class Daemon:
         self.rested: dict[str, int] = {}
         self.server: PeerServer | None = None
         self.pushed_to_us = 0
+        self.snapshot: StateSnapshot | None = None
+        """What FetchState serves: phi every SNAPSHOT_EVERY rounds."""
         tables = [update_shapes(trainer.layouts, trainer.shapes, k) for k in range(len(trainer.layouts))]
         self.policy = WirePolicy(
             run_id=member.manifest.run_id,
@@ -217,6 +230,8 @@ class Daemon:
         ok = sum(1 for done in exchanges.result() if done)
         updates = self.inbox.take(r)
         await asyncio.to_thread(self.trainer.outer_step, trained.own, updates)
+        if r % SNAPSHOT_EVERY == 0:
+            self.snapshot = await asyncio.to_thread(self.trainer.snapshot, r)
         self.clock = max([r, *(u.round for u in updates)])
         seconds = time.perf_counter() - start
         self.member.round, self.member.loss = r, trained.loss
@@ -225,6 +240,22 @@ class Daemon:
               f"exchanged {ok}/{len(partners)} mixed {len(updates)} pushed-to-us {self.pushed_to_us} "
               f"stale-dropped {self.inbox.dropped_stale} {seconds:.2f}s", flush=True)  # fmt: skip
         return True
+
+    async def late_join(self) -> None:
+        """Start from a live peer's weights when the swarm is already training (see peer/latejoin.py)."""
+        donors = choose_donors(self.member.peers, me=self.identity.peer_id, rng=self.member.rng)
+        if not donors:
+            return
+        run_id, timeout = self.member.manifest.run_id, self.run.gossip.exchange_timeout_s
+        state = await fetch_initial_state(
+            donors, identity=self.identity, run_id=run_id, shapes=self.trainer.shapes, timeout_s=timeout
+        )
+        if state is None:
+            print("late join: no donor delivered its state; starting from the initial weights", flush=True)
+            return
+        await asyncio.to_thread(self.trainer.adopt, state.tensors)
+        self.clock = state.round
+        print(f"late join: fetched the weights of round {state.round} from {state.sender[:16]}", flush=True)
 
     async def _exchange_with(self, partner: Announcement, update: OutgoingUpdate, r: int) -> bool:
         """Push-pull with one partner within the manifest's timeout; a failure skips it (and rests it)."""
@@ -277,7 +308,7 @@ def _checkpoint(daemon: Daemon, directory: Path | None) -> None:
 async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], timeout_s: float) -> PeerServer:
     server = PeerServer(
         identity=identity, policy=daemon.policy, on_update=daemon.on_update, reply_for=daemon.reply_for,
-        status=daemon.status,
+        status=daemon.status, state_provider=lambda: daemon.snapshot,
         config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=timeout_s),
     )  # fmt: skip
     await server.start()
@@ -335,6 +366,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             server = await _check_endpoint(member, server, j)
         print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
+        await daemon.late_join()
         await _train(daemon, opts, stop, halt)
     except JoinInterrupted as exc:
         log.info("%s", exc)

@@ -3,6 +3,7 @@ outer step from wire updates is exactly the simulator's `gossip_step`."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -18,11 +19,13 @@ from peer.exchange import (
     split_update,
     update_shapes,
 )
+from peer.latejoin import MAX_DONORS, choose_donors
 from peer.outer import Contribution, gossip_step, initial_state, pseudo_gradient, weight_slice
 from peer.runconfig import RunConfig
 from peer.subsets import parameter_shapes, partition
 from protocol.codec import CodecConfig, ErrorFeedback, decode
 from protocol.identity import Identity
+from protocol.records import Announcement
 from protocol.updates import ReceivedUpdate, WirePolicy, plan_payload, seal_update
 
 RUN = RunConfig.from_dict(
@@ -144,3 +147,22 @@ def test_micro_batch_keeps_the_runs_batch_by_accumulation() -> None:
     assert (split.batch_size, split.grad_accum) == (2, 2)
     with pytest.raises(ValueError, match="must divide"):
         _inner_config(RUN, 3)
+
+
+def _announcement(peer_id: str, endpoint: str, round: int) -> Announcement:
+    return Announcement(peer_id=peer_id, public_key=b"", run_id="r" * 64, endpoint=endpoint, tls_fingerprint="",
+                        tls_certificate=b"", slice=0, round=round, tokens_per_second=0.0, loss=0.0,
+                        software_version="", protocol_version="", expires_unix=0.0)  # fmt: skip
+
+
+@pytest.mark.timeout(10)
+def test_late_joiners_pick_random_donors_that_serve_and_have_trained() -> None:
+    peers = [_announcement("me", "h:1", 9), _announcement("nat", "", 9), _announcement("fresh", "h:2", 0)]
+    peers += [_announcement(f"d{i}", f"h:{10 + i}", 5) for i in range(5)]
+    seen = set()
+    for seed in range(20):
+        donors = choose_donors(peers, me="me", rng=random.Random(seed))
+        assert len(donors) == MAX_DONORS and all(d.peer_id.startswith("d") for d in donors)
+        seen.update(d.peer_id for d in donors)
+    assert seen == {f"d{i}" for i in range(5)}
+    assert choose_donors(peers[:3], me="me", rng=random.Random(0)) == []
