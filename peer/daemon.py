@@ -221,9 +221,10 @@ class Daemon:
         except Halted:
             return False
         self.outgoing = trained.update
+        avoid = [p for p, until in self.rested.items() if until >= r]
+        avoid += self.server.bans.banned() if self.server is not None else []
         partners = choose_partners(self.member.peers, me=self.identity.peer_id, own_slice=self.trainer.slice,
-                                   fanout=self.run.gossip.fanout, rng=self.member.rng,
-                                   avoid=[p for p, until in self.rested.items() if until >= r])  # fmt: skip
+                                   fanout=self.run.gossip.fanout, rng=self.member.rng, avoid=avoid)  # fmt: skip
         exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
         if not await _unless_stopped(exchanges, stop):
             return False
@@ -270,6 +271,10 @@ class Daemon:
         except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
             log.warning("round %d: exchange with %s at %s failed, skipped: %r", r, partner.peer_id[:16],
                         partner.endpoint, exc)  # fmt: skip
+            self.rested[partner.peer_id] = r + REST_ROUNDS
+            return False
+        except Exception:  # a bug of ours with this one partner must not end the round (or the daemon)
+            log.exception("round %d: exchange with %s failed unexpectedly, skipped", r, partner.peer_id[:16])
             self.rested[partner.peer_id] = r + REST_ROUNDS
             return False
         if reply is not None:
@@ -363,7 +368,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
         await asyncio.to_thread(member.join)
         if server is not None:
-            server = await _check_endpoint(member, server, j)
+            server = daemon.server = await _check_endpoint(member, server, j)
         print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
         await daemon.late_join()
