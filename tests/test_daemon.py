@@ -20,7 +20,7 @@ from peer.exchange import (
     update_shapes,
 )
 from peer.latejoin import MAX_DONORS, choose_donors
-from peer.outer import Contribution, gossip_step, initial_state, pseudo_gradient, weight_slice
+from peer.outer import Contribution, consensus_distance, gossip_step, initial_state, pseudo_gradient, weight_slice
 from peer.runconfig import RunConfig
 from peer.subsets import parameter_shapes, partition
 from protocol.codec import CodecConfig, ErrorFeedback, decode
@@ -120,21 +120,33 @@ def test_inbox_keeps_newest_per_sender_never_twice_and_drops_stale() -> None:
     assert [(u.sender, u.round) for u in inbox.take(11)] == [("b", 11)]
 
 
-@pytest.mark.timeout(120)
-def test_two_trainers_swapping_updates_by_hand_lower_their_loss() -> None:
-    """The daemon's round with a fake partner: train, encode, hand over the update, outer step."""
-    torch.set_num_threads(1)
+def _train_pair(rounds: int, *, swap: bool) -> tuple[list[Trainer], list[float]]:
+    """Two trainers on slices 0 and 1, handing each other their wire updates (or not) every round."""
     trainers = [Trainer(RUN, Identity.generate().peer_id, torch.device("cpu")) for _ in range(2)]
     for k, t in enumerate(trainers):
         t.take_slice(k)
-    assert all(torch.equal(trainers[0].phi[n], trainers[1].phi[n]) for n in SHAPES), "same init everywhere"
     halt, losses = threading.Event(), []
-    for r in range(6):
-        rounds = [t.train_round(r, halt) for t in trainers]
-        for t, mine, theirs in zip(trainers, rounds, reversed(rounds)):
-            t.outer_step(mine.own, [_received(theirs.update, sender=f"{theirs.update.slice}" * 64)])
-        losses.append(sum(x.loss for x in rounds) / 2)
+    for r in range(rounds):
+        done = [t.train_round(r, halt) for t in trainers]
+        for t, mine, theirs in zip(trainers, done, reversed(done)):
+            t.outer_step(mine.own, [_received(theirs.update, sender=f"{theirs.update.slice}" * 64)] if swap else [])
+        losses.append(sum(x.loss for x in done) / 2)
+    return trainers, losses
+
+
+@pytest.mark.timeout(120)
+def test_two_trainers_swapping_updates_by_hand_lower_their_loss_and_agree() -> None:
+    """The daemon's round with a fake partner: train, encode, hand over the update, outer step."""
+    torch.set_num_threads(1)
+    trainers, losses = _train_pair(6, swap=True)
     assert losses[-1] < losses[0] - 0.5, losses
+    alone, _ = _train_pair(6, swap=False)
+    together = consensus_distance([t.phi for t in trainers])
+    apart = consensus_distance([t.phi for t in alone])
+    # Two peers that swap every round mix the same two deltas (each its own as the other decodes it) and
+    # pull toward the same rounded weights: they stay identical, like an all-reduce of two; apart, they drift.
+    assert together < 1e-9 and apart > 0.05, (together, apart)
+    halt = threading.Event()
     halt.set()
     with pytest.raises(Halted):
         trainers[0].train_round(6, halt)
