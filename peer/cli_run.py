@@ -43,6 +43,8 @@ from protocol.errors import MurmurError
               help="Micro-batch; must divide the run's batch (the rest is gradient accumulation).")  # fmt: skip
 @click.option("--rounds", "max_rounds", type=click.IntRange(0), default=0, show_default=True,
               help="Stop after this many rounds (0: until SIGTERM/Ctrl-C).")  # fmt: skip
+@click.option("--eval-every", type=click.IntRange(0), default=20, show_default=True,
+              help="Print the validation loss of this peer's weights every N rounds (0: never).")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(**options: object) -> None:
     """Join a swarm by name and train it: H local steps on this peer's slice, then swap updates with
@@ -63,6 +65,7 @@ def run(**options: object) -> None:
             join=JoinOptions.from_cli(options), device=str(options["device"]),
             checkpoint_dir=options["checkpoint_dir"], metrics_port=options["metrics_port"], data=options["data"],
             batch_size=options["batch_size"], max_rounds=int(options["max_rounds"]),
+            eval_every=int(options["eval_every"]),
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

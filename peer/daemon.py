@@ -1,7 +1,7 @@
 """`murmur run`: the peer daemon. Join a swarm by name, then train it: inner -> exchange -> outer -> announce.
 
 Order of a start: identity -> DHT -> manifest (published or fetched and verified, as `murmur join` does)
--> RunConfig -> model, data and slice optimiser (`Trainer`) -> PeerService with this run's wire policy
+-> RunConfig -> model, data and slice optimiser (`peer/trainer.py`) -> PeerService with this run's wire policy
 -> slice and announcement -> reachability -> the round loop, until SIGTERM/SIGINT -> checkpoint ->
 server -> DHT; exit 0.
 
@@ -27,40 +27,30 @@ import asyncio
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
-from peer.data import TokenStream, load_corpus, stream_index_for
-from peer.exchange import Inbox, compose_outer_step, encode_update, update_shapes
-from peer.inner import InnerConfig, SliceOptimizer, inner_round
+from peer.exchange import Inbox, update_shapes
 from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
-from peer.model import Transformer
-from peer.outer import Contribution, initial_state, pseudo_gradient
 from peer.runconfig import RunConfig
-from peer.subsets import parameter_shapes, partition
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
 from peer.swarm_join import JoinOptions, _check_endpoint, _refresh_until, obtain_manifest
+from peer.trainer import Halted, Trainer, pick_device
 from protocol.client import PeerClient
-from protocol.codec import ErrorFeedback
 from protocol.errors import MurmurError
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import ManifestError
 from protocol.records import Announcement, start_dht
 from protocol.service import PeerServer, PeerStatus, ServerConfig
-from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, WirePolicy, make_state_snapshot
+from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, WirePolicy
 
 log = get_logger(__name__)
 
 REST_ROUNDS = 2
 """Rounds a partner whose exchange failed is left out of partner choice."""
-
-
-class Halted(Exception):
-    """Raised inside the inner loop when SIGTERM/SIGINT arrived: the round is abandoned after this step."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,110 +67,18 @@ class DaemonOptions:
     """Micro-batch; the manifest's batch is kept by gradient accumulation, so every peer trains alike."""
     max_rounds: int = 0
     """Stop after this many rounds (0: until a signal)."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-@dataclass(frozen=True, slots=True)
-class TrainedRound:
-    """What one inner round produced: the update to send, the delta as sent, and its statistics."""
-
-    update: OutgoingUpdate
-    own: Contribution
-    loss: float
-    tokens: int
-
-
-class Trainer:
-    """Model, data, slice optimiser, outer state and error feedback of one peer. Blocking: use it from
-    the training thread (one call at a time)."""
-
-    def __init__(self, run: RunConfig, peer_id: str, device: torch.device, *, data: str | None = None,
-                 micro_batch: int | None = None) -> None:  # fmt: skip
-        self.run, self.device = run, device
-        torch.manual_seed(run.data.seed)  # every peer starts from the same phi
-        self.model = Transformer(run.model).to(device)
-        self.phi = {name: p.detach().clone() for name, p in self.model.named_parameters()}
-        self.state = initial_state(self.phi, run.outer)
-        self.shapes = parameter_shapes(run.model)
-        self.layouts = partition(run.model, run.slices)
-        self.inner = _inner_config(run, micro_batch)
-        source = data if data is not None else (None if run.data.source in ("embedded", "default") else run.data.source)
-        corpus = load_corpus(source)
-        windows = corpus.train.numel() // (run.model.seq_len + 1)
-        num_streams = max(1, min(1024, windows // (2 * self.inner.batch_size)))
-        self.stream = TokenStream(
-            corpus.train, run.model.seq_len, stream_index=stream_index_for(bytes.fromhex(peer_id), num_streams),
-            num_streams=num_streams, steps_per_round=self.inner.steps_per_round * self.inner.grad_accum,
-            seed=run.data.seed,
-        )  # fmt: skip
-        self.slice = -1
-        self.optimizer: SliceOptimizer | None = None
-        self.feedback = ErrorFeedback(run.codec)
-
-    def take_slice(self, index: int) -> None:
-        """Train slice `index` from now on: fresh optimiser state and error feedback for it."""
-        if self.optimizer is not None:
-            self.optimizer.close()
-        self.optimizer = SliceOptimizer(self.model, self.layouts[index], self.inner)
-        self.feedback = ErrorFeedback(self.run.codec)
-        self.slice = index
-
-    def train_round(self, round: int, halt: threading.Event) -> TrainedRound:
-        """H inner steps from phi, then the encoded pseudo-gradient. Raises Halted when `halt` is set."""
-        assert self.optimizer is not None, "take_slice first"
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(self.phi[name])
-        accum, batch = self.inner.grad_accum, self.inner.batch_size
-        H = self.inner.steps_per_round
-
-        def batches(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if halt.is_set():
-                raise Halted(f"stopped during round {round}")
-            return self.stream.batch(round, (step % H) * accum + micro, batch)
-
-        stats = inner_round(self.model, self.optimizer, batches, self.device)
-        theta = {name: p.detach() for name, p in self.model.named_parameters()}
-        delta = pseudo_gradient(self.phi, theta, self.layouts[self.slice])
-        update, own = encode_update(round, self.slice, delta, self.phi, self.layouts, self.feedback)
-        return TrainedRound(update, own, stats.mean_loss, stats.tokens)
-
-    def outer_step(self, own: Contribution, updates: list[ReceivedUpdate]) -> None:
-        compose_outer_step(self.phi, self.state, own, updates, self.layouts, self.run.outer)
-
-    def adopt(self, weights: dict[str, torch.Tensor]) -> None:
-        """Start from a donor's outer weights (late join); the outer rule's buffer restarts from them."""
-        for name, tensor in weights.items():
-            self.phi[name].copy_(tensor.to(self.device))
-        self.state = initial_state(self.phi, self.run.outer)
-
-    def snapshot(self, round: int) -> StateSnapshot:
-        """phi, encoded for late joiners (blocking)."""
-        return make_state_snapshot(round, self.phi)
-
-
-def _inner_config(run: RunConfig, micro_batch: int | None) -> InnerConfig:
-    """The manifest's inner config, with the batch split into `micro_batch` x accumulation if asked."""
-    inner = run.inner
-    if micro_batch is None or micro_batch == inner.batch_size:
-        return inner
-    if inner.batch_size % micro_batch:
-        raise ValueError(f"--batch-size {micro_batch} must divide the run's batch size {inner.batch_size}")
-    return replace(inner, batch_size=micro_batch, grad_accum=inner.grad_accum * (inner.batch_size // micro_batch))
+    eval_every: int = 0
+    """Validation loss of phi every this many rounds (0: never)."""
 
 
 class Daemon:
     """The round loop of one joined peer, and the server callbacks that feed it."""
 
-    def __init__(self, trainer: Trainer, member: Member, identity: Identity, run: RunConfig) -> None:
+    def __init__(
+        self, trainer: Trainer, member: Member, identity: Identity, run: RunConfig, eval_every: int = 0
+    ) -> None:
         self.trainer, self.member, self.identity, self.run = trainer, member, identity, run
+        self.eval_every = eval_every
         self.inbox = Inbox()
         self.outgoing: OutgoingUpdate | None = None
         self.clock = -1
@@ -240,6 +138,8 @@ class Daemon:
         print(f"round {r} loss {trained.loss:.4f} tok/s {trained.tokens / seconds:.0f} slice {self.trainer.slice} "
               f"exchanged {ok}/{len(partners)} mixed {len(updates)} pushed-to-us {self.pushed_to_us} "
               f"stale-dropped {self.inbox.dropped_stale} {seconds:.2f}s", flush=True)  # fmt: skip
+        if self.eval_every and r % self.eval_every == 0:
+            print(f"eval round {r} val_loss {await asyncio.to_thread(self.trainer.evaluate):.4f}", flush=True)
         return True
 
     async def late_join(self) -> None:
@@ -362,7 +262,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size
         )
         member = Member(swarm, identity, signed, endpoint="", software_version=software_version)
-        daemon = Daemon(trainer, member, identity, run)
+        daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every)
         if j.listen is not None:
             server = await _serve(daemon, identity, j.listen, run.gossip.exchange_timeout_s)
             member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"

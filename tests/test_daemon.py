@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 
-from peer.daemon import Halted, Trainer, _inner_config
 from peer.exchange import (
     STALE_ROUNDS,
     Inbox,
@@ -23,6 +22,7 @@ from peer.latejoin import MAX_DONORS, choose_donors
 from peer.outer import Contribution, consensus_distance, gossip_step, initial_state, pseudo_gradient, weight_slice
 from peer.runconfig import RunConfig
 from peer.subsets import parameter_shapes, partition
+from peer.trainer import Halted, Trainer, _inner_config
 from protocol.codec import CodecConfig, ErrorFeedback, decode
 from protocol.identity import Identity
 from protocol.records import Announcement

@@ -42,7 +42,7 @@ def rounds_of(proc: Proc) -> list[tuple[int, float, int, int, int]]:
 
 def start_run(procs: Procs, name: str, maddr: str, *extra: str) -> Proc:
     args = ["run", "--swarm", "loop", "--initial-peers", maddr, "--identity", f"{name}.id", "--announce-ttl", "6",
-            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", *extra]  # fmt: skip
+            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", "--eval-every", "10", *extra]  # fmt: skip
     env = {"MURMUR_HOME": str(procs.workdir / f"home-{name}"), "OMP_NUM_THREADS": "1"}
     return procs.start(name, murmur(*args), env=env)
 
@@ -93,6 +93,10 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, exchanges "
               f"{sum(r[2] for r in rounds)}, updates mixed {sum(r[3] for r in rounds)}, "
               f"pushed to it {rounds[-1][4]}")  # fmt: skip
+    for proc in (owner, peer1):  # the validation loss of the outer weights phi falls too
+        evals = [float(m[1]) for line in proc.lines if (m := re.search(r"^eval round \d+ val_loss ([\d.]+)", line))]
+        assert len(evals) >= 3 and evals[-1] < evals[0] - 1.0, (proc.name, evals)
+        print(f"{proc.name}: val loss every 10 rounds {evals}")
     # The late joiner continued the swarm's rounds from where its donor was, and its first loss is the
     # swarm's (not a fresh model's ~4.5 nats).
     assert rounds_of(peer2)[0][0] == fetched + 1
