@@ -1,0 +1,271 @@
+"""peer/metrics: exact exposition text, a real loopback scrape, hostile clients, monotonic counters, status line."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+
+import pytest
+
+from peer.metrics import Metrics, StatusLine, human_bytes
+
+EXPECTED = """\
+# HELP murmur_round Outer round this peer is in.
+# TYPE murmur_round gauge
+murmur_round 12
+# HELP murmur_slice Index of the parameter slice this peer trains.
+# TYPE murmur_slice gauge
+murmur_slice 1
+# HELP murmur_loss Mean inner loss of the last round (nats per token).
+# TYPE murmur_loss gauge
+murmur_loss 3.25
+# HELP murmur_tokens_total Tokens trained on since the process started.
+# TYPE murmur_tokens_total counter
+murmur_tokens_total 4096
+# HELP murmur_bytes_sent_total Payload bytes sent to partners.
+# TYPE murmur_bytes_sent_total counter
+murmur_bytes_sent_total 1536
+# HELP murmur_bytes_received_total Payload bytes received from partners.
+# TYPE murmur_bytes_received_total counter
+murmur_bytes_received_total 3145728
+# HELP murmur_rejected_updates_total Partner updates rejected, by reason.
+# TYPE murmur_rejected_updates_total counter
+murmur_rejected_updates_total{reason="a\\\\b \\"q\\"\\nnl"} 1
+murmur_rejected_updates_total{reason="nonfinite"} 2
+# HELP murmur_peers_live Live peers seen in the swarm.
+# TYPE murmur_peers_live gauge
+murmur_peers_live 7
+# HELP murmur_partners_reached Partners exchanged with in the last round.
+# TYPE murmur_partners_reached gauge
+murmur_partners_reached 2
+"""
+
+
+def known_state() -> Metrics:
+    m = Metrics()
+    m.set_round(12)
+    m.set_slice(1, 4)
+    m.set_loss(3.25)
+    m.add_tokens(4000)
+    m.add_tokens(96)
+    m.add_bytes_sent(1536)
+    m.add_bytes_received(3 * 2**20)
+    m.reject("nonfinite")
+    m.reject("nonfinite")
+    m.reject('a\\b "q"\nnl')
+    m.set_peers_live(7)
+    m.set_partners_reached(2)
+    return m
+
+
+@pytest.mark.timeout(10)
+def test_render_matches_the_exposition_format_exactly() -> None:
+    assert known_state().render() == EXPECTED
+
+
+@pytest.mark.timeout(10)
+def test_fresh_metrics_render_nan_loss_and_no_rejection_samples() -> None:
+    text = Metrics().render()
+    assert "murmur_loss NaN\n" in text
+    assert "# TYPE murmur_rejected_updates_total counter\n# HELP murmur_peers_live" in text
+
+
+@pytest.mark.timeout(10)
+def test_counters_only_go_up() -> None:
+    m = known_state()
+    for add in (m.add_tokens, m.add_bytes_sent, m.add_bytes_received, m.set_peers_live):
+        with pytest.raises(ValueError):
+            add(-1)
+    with pytest.raises(ValueError):
+        m.reject("nonfinite", -1)
+    assert m.render() == EXPECTED
+
+
+@pytest.mark.timeout(10)
+def test_concurrent_updates_are_not_lost() -> None:
+    m = Metrics()
+
+    def work() -> None:
+        for _ in range(2000):
+            m.add_tokens(1)
+            m.reject("stale")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = m.snapshot()
+    assert snap.tokens == 8000 and snap.rejected == {"stale": 8000}
+
+
+async def request(port: int, raw: bytes, *, hang_up: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        if hang_up:
+            writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def get(port: int, path: str = "/metrics") -> bytes:
+    return await request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+def run(coro_fn) -> None:
+    asyncio.run(asyncio.wait_for(coro_fn(), 20))
+
+
+@pytest.mark.timeout(30)
+def test_get_metrics_over_a_real_socket() -> None:
+    async def main() -> None:
+        m = known_state()
+        await m.serve("127.0.0.1", 0)
+        try:
+            response = await get(m.port)
+            head, body = response.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8" in head
+            assert f"Content-Length: {len(body)}".encode() in head
+            assert body.decode() == EXPECTED
+            m.set_round(13)  # a later scrape sees later values
+            assert b"murmur_round 13\n" in await get(m.port)
+        finally:
+            await m.close()
+        await m.close()  # twice is fine
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_other_paths_methods_and_garbage() -> None:
+    async def main() -> None:
+        m = known_state()
+        await m.serve("127.0.0.1", 0)
+        try:
+            assert (await get(m.port, "/")).startswith(b"HTTP/1.1 404 ")
+            assert (await get(m.port, "/metrics?x=1")).startswith(b"HTTP/1.1 200 ")
+            post = await request(m.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            assert post.startswith(b"HTTP/1.1 405 ") and b"Allow: GET" in post
+            assert (await request(m.port, b"\x00\xff garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+            assert await request(m.port, b"GET /met", hang_up=True) == b""  # hung up half-way: nothing to answer
+            assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")
+        finally:
+            await m.close()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_oversized_request_is_refused_and_the_server_lives_on() -> None:
+    async def main() -> None:
+        m = known_state()
+        await m.serve("127.0.0.1", 0)
+        try:
+            huge = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n"
+            try:
+                answer = await request(m.port, huge)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+            except ConnectionError:
+                pass  # the server closed with our unread bytes still queued: a reset is a refusal too
+            assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")
+        finally:
+            await m.close()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_a_slow_client_times_out_without_blocking_others() -> None:
+    async def main() -> None:
+        m = known_state()
+        m.read_timeout = 0.5
+        await m.serve("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", m.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n")  # ... and never finishes the head
+            await writer.drain()
+            assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")  # served meanwhile
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            writer.close()
+            assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")
+            # a client still connected when the server closes is cut off, not waited for
+            _, idle = await asyncio.open_connection("127.0.0.1", m.port)
+            m.read_timeout = 60
+        finally:
+            await m.close()
+        idle.close()
+
+    run(main)
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.timeout(10)
+def test_status_line_on_a_tty_rewrites_in_place() -> None:
+    m, clock, stream = known_state(), Clock(), FakeTTY()
+    status = StatusLine(m, stream, clock=clock, window_s=10)
+    assert status.is_tty
+    first = status.update()
+    assert first == (
+        "round 12 | slice 1/4 | loss 3.250 | 0 tok/s | partners 2 | peers 7"
+        " | sent 1.5 KiB recv 3.0 MiB | rejected 3"
+    )
+    clock.now += 2
+    m.add_tokens(3000)
+    second = status.update()
+    assert "| 1.5k tok/s |" in second
+    assert stream.getvalue() == "\r\x1b[2K" + first + "\r\x1b[2K" + second
+    status.close()
+    assert stream.getvalue().endswith(second + "\n")
+
+
+@pytest.mark.timeout(10)
+def test_tokens_per_second_uses_a_sliding_window() -> None:
+    status = StatusLine(Metrics(), io.StringIO(), is_tty=False, window_s=10)
+    assert status.tokens_per_second(0, 0) == 0
+    assert status.tokens_per_second(5, 50_000) == 10_000
+    # base: the newest sample at least window_s old (t=5), so the rate covers just over the window
+    assert status.tokens_per_second(20, 60_000) == pytest.approx(10_000 / 15)
+    assert status.tokens_per_second(31, 61_100) == pytest.approx(1_100 / 11)
+
+
+@pytest.mark.timeout(10)
+def test_status_line_off_a_tty_logs_plain_lines_at_most_every_n_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    m, clock, stream = known_state(), Clock(), io.StringIO()
+    logger = logging.getLogger("test.status")
+    status = StatusLine(m, stream, clock=clock, log_every_s=30, logger=logger)
+    assert not status.is_tty
+    with caplog.at_level(logging.INFO, logger="test.status"):
+        for _ in range(7):  # every 10 s for 60 s: logged at 0, 30 and 60
+            status.update()
+            clock.now += 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.status"]
+    assert len(lines) == 3
+    assert all("\r" not in line and "\x1b" not in line and line.startswith("round 12 |") for line in lines)
+    assert stream.getvalue() == ""
+    status.close()
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.timeout(10)
+def test_human_bytes() -> None:
+    sizes = (0, 1023, 1024, 1536, 5 * 2**30)
+    assert [human_bytes(n) for n in sizes] == ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 GiB"]
