@@ -32,7 +32,8 @@ from pathlib import Path
 
 import grpc
 
-from peer.exchange import Inbox, update_shapes
+from peer import resume
+from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
 from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
 from peer.runconfig import RunConfig
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
@@ -86,6 +87,7 @@ class Daemon:
         self.rested: dict[str, int] = {}
         self.server: PeerServer | None = None
         self.pushed_to_us = 0
+        self.tokens_seen = 0
         self.snapshot: StateSnapshot | None = None
         """What FetchState serves: phi every SNAPSHOT_EVERY rounds."""
         tables = [update_shapes(trainer.layouts, trainer.shapes, k) for k in range(len(trainer.layouts))]
@@ -133,6 +135,7 @@ class Daemon:
             self.snapshot = await asyncio.to_thread(self.trainer.snapshot, r)
         self.clock = max([r, *(u.round for u in updates)])
         seconds = time.perf_counter() - start
+        self.tokens_seen += trained.tokens
         self.member.round, self.member.loss = r, trained.loss
         self.member.tokens_per_second = trained.tokens / seconds
         print(f"round {r} loss {trained.loss:.4f} tok/s {trained.tokens / seconds:.0f} slice {self.trainer.slice} "
@@ -198,16 +201,18 @@ async def _unless_stopped(work: asyncio.Future, stop: asyncio.Event) -> bool:
     return False
 
 
-def _checkpoint(daemon: Daemon, directory: Path | None) -> None:
-    """SEAM for peer/checkpoint.py (being written in parallel): save phi, outer state, optimiser, feedback."""
-    if directory is None:
-        return
-    try:
-        from peer import checkpoint  # noqa: F401
-    except ImportError:
-        log.warning("no peer/checkpoint.py yet: nothing saved to %s", directory)
-        return
-    log.warning("peer/checkpoint.py exists but the daemon does not call it yet: nothing saved to %s", directory)
+async def _resume_or_late_join(daemon: Daemon, directory: Path | None) -> None:
+    """Continue from this peer's checkpoint; fetch a live peer's weights instead when there is none or the
+    swarm has moved on by more than STALE_ROUNDS (its updates would be dropped as stale)."""
+    if directory is not None:
+        run_id, k = daemon.policy.run_id, daemon.member.slice
+        resumed = await asyncio.to_thread(resume.restore, daemon.trainer, directory, run_id=run_id, slice_index=k)
+        if resumed is not None:
+            daemon.clock = resumed
+            print(f"resumed from the checkpoint of round {resumed} in {directory}", flush=True)
+    swarm_round = max((p.round for p in daemon.member.others()), default=0)
+    if daemon.clock < 0 or swarm_round > daemon.clock + STALE_ROUNDS:
+        await daemon.late_join()
 
 
 async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], timeout_s: float) -> PeerServer:
@@ -271,13 +276,16 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             server = daemon.server = await _check_endpoint(member, server, j)
         print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
-        await daemon.late_join()
+        await _resume_or_late_join(daemon, opts.checkpoint_dir)
         await _train(daemon, opts, stop, halt)
     except JoinInterrupted as exc:
         log.info("%s", exc)
     finally:
-        if daemon is not None and daemon.clock >= 0:
-            await asyncio.to_thread(_checkpoint, daemon, opts.checkpoint_dir)
+        if daemon is not None and daemon.clock >= 0 and opts.checkpoint_dir is not None:
+            await asyncio.to_thread(
+                resume.save, daemon.trainer, opts.checkpoint_dir, round=daemon.clock, run_id=daemon.policy.run_id,
+                peer_id=identity.peer_id, version=software_version, tokens_seen=daemon.tokens_seen,
+            )  # fmt: skip
         if server is not None:
             await server.stop()
         await asyncio.to_thread(dht.shutdown)

@@ -178,3 +178,27 @@ def test_late_joiners_pick_random_donors_that_serve_and_have_trained() -> None:
         seen.update(d.peer_id for d in donors)
     assert seen == {f"d{i}" for i in range(5)}
     assert choose_donors(peers[:3], me="me", rng=random.Random(0)) == []
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_on_stop_and_resume_restore_the_peer(tmp_path) -> None:
+    pytest.importorskip("peer.checkpoint")
+    from peer import resume
+
+    torch.set_num_threads(1)
+    trainers, _ = _train_pair(2, swap=True)
+    before = trainers[1]
+    saved = resume.save(before, tmp_path, round=7, run_id="ab" * 32, peer_id="c" * 64, version="t", tokens_seen=9)
+    assert saved is not None and saved.name == "round-000007"
+
+    again = Trainer(RUN, Identity.generate().peer_id, torch.device("cpu"))
+    assert resume.restore(again, tmp_path, run_id="ab" * 32, slice_index=1) == 7
+    for name in SHAPES:
+        assert torch.equal(again.phi[name], before.phi[name]) and torch.equal(again.state[name], before.state[name])
+    assert again.optimizer.steps == before.optimizer.steps > 0
+    assert again.feedback.state_dict().keys() == before.feedback.state_dict().keys()
+    # Another slice: phi and the outer state come back, the slice's inner state starts afresh.
+    other = Trainer(RUN, Identity.generate().peer_id, torch.device("cpu"))
+    assert resume.restore(other, tmp_path, run_id="ab" * 32, slice_index=0) == 7
+    assert other.slice == 0 and other.optimizer.steps == 0
+    assert resume.restore(other, tmp_path / "none", run_id="ab" * 32, slice_index=0) is None

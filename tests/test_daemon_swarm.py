@@ -6,6 +6,7 @@ stops every process with exit code 0 and nothing left running.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import time
@@ -40,11 +41,24 @@ def rounds_of(proc: Proc) -> list[tuple[int, float, int, int, int]]:
     ]
 
 
-def start_run(procs: Procs, name: str, maddr: str, *extra: str) -> Proc:
-    args = ["run", "--swarm", "loop", "--initial-peers", maddr, "--identity", f"{name}.id", "--announce-ttl", "6",
+def start_run(procs: Procs, name: str, maddr: str, *extra: str, ident: str = "") -> Proc:
+    args = ["run", "--swarm", "loop", "--initial-peers", maddr, "--identity", f"{ident or name}.id",
+            "--announce-ttl", "6", "--checkpoint-dir", f"ckpt-{ident or name}",
             "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", "--eval-every", "10", *extra]  # fmt: skip
     env = {"MURMUR_HOME": str(procs.workdir / f"home-{name}"), "OMP_NUM_THREADS": "1"}
     return procs.start(name, murmur(*args), env=env)
+
+
+def resumed_from(procs: Procs, maddr: str, run_key: str, last_round: int) -> None:
+    """Restart the stopped peer1 (same identity and checkpoint dir): it resumes from its checkpoint."""
+    if importlib.util.find_spec("peer.checkpoint") is None:
+        return  # SIGTERM's checkpoint needs peer/checkpoint.py
+    assert sorted(p.name for p in (procs.workdir / "ckpt-peer1").glob("round-*"))
+    again = start_run(procs, "peer1-again", maddr, "--run-key", run_key, "--listen", "127.0.0.1:0", ident="peer1")
+    resumed = int(again.wait_for(r"^resumed from the checkpoint of round (\d+)", timeout=60).group(1))
+    assert resumed >= last_round
+    again.wait_for(r"^round \d+ .* exchanged 1/1", timeout=30)
+    assert again.terminate(timeout=30) == 0, again.logs()
 
 
 @pytest.mark.slow
@@ -75,13 +89,15 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
                                                              "--json", "--wait", "0.5")).lines))  # fmt: skip
     assert len(listed) == 3 and all(p["round"] > 0 and p["loss"] is not None for p in listed), listed
 
-    for proc in peers:
+    for proc in (peer1, owner, peer2):
         pgid = proc.pgid
         assert proc.terminate(timeout=30) == 0, proc.logs()
         assert group_pids(pgid) == [], f"{proc.name} left processes behind"
-    stopped = time.monotonic()
+        if proc is peer1:
+            stopped = time.monotonic()
+            resumed_from(procs, maddr, run_key, last_round=rounds_of(peer1)[-1][0])
     for proc in peers:
-        elapsed = stopped - started[proc.name]
+        elapsed = stopped - started[proc.name]  # peer1 stopped first; the others ran a little longer
         rounds = rounds_of(proc)
         assert len(rounds) >= 5, proc.logs()
         losses = [loss for _, loss, *_ in rounds]
