@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -53,6 +54,7 @@ META_NAME = "meta.json"
 MAX_META_BYTES = 16 * 2**20
 """A sidecar is a few KiB (the manifest dominates); refuse to parse anything absurdly larger."""
 _DIR_PATTERN = re.compile(r"^round-(\d{6,})$")
+_LEFTOVER_PATTERN = re.compile(r"^\.(?:tmp|old)-round-\d+-(\d+)-[0-9a-f]{8}$")
 _HASH_CHUNK = 4 * 2**20
 
 Tensors = dict[str, torch.Tensor]
@@ -92,6 +94,10 @@ class CheckpointState:
             raise ValueError(f"slice_index must be an int >= 0, got {self.slice_index!r}")
         if not re.fullmatch(r"[0-9a-f]+", self.run_id or ""):
             raise ValueError(f"run_id must be lower-case hex, got {self.run_id!r}")
+        if isinstance(self.tokens_seen, bool) or not isinstance(self.tokens_seen, int) or self.tokens_seen < 0:
+            raise ValueError(f"tokens_seen must be an int >= 0, got {self.tokens_seen!r}")
+        if not math.isfinite(self.wall_time) or self.wall_time < 0:
+            raise ValueError(f"wall_time must be finite and >= 0, got {self.wall_time!r}")
 
     def groups(self) -> dict[str, Tensors]:
         return {"phi": self.phi, "momentum": self.momentum, "inner": self.inner, "feedback": self.feedback}
@@ -185,7 +191,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 def _move_into_place(tmp: Path, final: Path) -> None:
     """os.replace cannot replace a non-empty directory: move a same-round snapshot aside first."""
     if final.exists():
-        aside = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+        aside = final.with_name(f".old-{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
         os.replace(final, aside)
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
@@ -194,12 +200,27 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 
 def _prune(directory: Path, keep: int) -> None:
-    for old in list_checkpoints(directory)[keep:]:
+    """Delete snapshots beyond the newest `keep`, and temp directories whose writer has died."""
+    leftovers = [p for p in directory.iterdir() if (m := _LEFTOVER_PATTERN.match(p.name)) and _dead(int(m.group(1)))]
+    for old in list_checkpoints(directory)[keep:] + leftovers:
         try:
             shutil.rmtree(old)
             log.info("checkpoint pruned: %s", old)
         except OSError as err:  # one undeletable snapshot must not fail the save that just succeeded
             log.warning("could not prune checkpoint %s: %s", old, err)
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process `pid` exists: a crashed writer's temp directory (often model-sized) can go."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def _fsync_file(path: Path) -> None:

@@ -85,6 +85,8 @@ class Metrics:
         self._connections: set[asyncio.Task] = set()
         self.read_timeout = 5.0
         """Seconds a client has to send its request head (and to take the answer)."""
+        self.max_connections = 32
+        """Connections served at once; more are closed at once (a scraper needs one)."""
 
     # -------------------------------------------------------------------------------- gauges
     def set_round(self, round_: int) -> None:
@@ -190,6 +192,10 @@ class Metrics:
         await server.wait_closed()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.max_connections:
+            log.debug("metrics: %d connections open, refusing one", len(self._connections))
+            writer.close()
+            return
         task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -212,6 +213,28 @@ def test_keep_prunes_oldest_only_after_the_new_one_is_complete(tmp_path: Path, m
     assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000004", "round-000003"]
     with pytest.raises(ValueError):
         save_checkpoint(tmp_path, make_state(6), keep=0)
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_writers_temp_directory_is_swept_a_live_ones_kept(tmp_path: Path) -> None:
+    dead = tmp_path / ".tmp-round-000002-999999999-deadbeef"
+    live = tmp_path / f".tmp-round-000002-{os.getpid()}-0badf00d"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "phi.safetensors").write_bytes(b"half")
+    save_checkpoint(tmp_path, make_state(3))
+    assert not dead.exists() and live.exists()
+
+
+@pytest.mark.timeout(60)
+def test_state_refuses_bad_metadata() -> None:
+    for bad in ({"round": -1}, {"run_id": "not hex"}, {"tokens_seen": -5}, {"wall_time": float("nan")}):
+        with pytest.raises(ValueError):
+            CheckpointState(**{**vars_of(make_state(1)), **bad})
+
+
+def vars_of(state: CheckpointState) -> dict:
+    return {name: getattr(state, name) for name in CheckpointState.__slots__}
 
 
 @pytest.mark.timeout(60)

@@ -117,6 +117,14 @@ async def get(port: int, path: str = "/metrics") -> bytes:
     return await request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
 
 
+async def until(condition, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def run(coro_fn) -> None:
     asyncio.run(asyncio.wait_for(coro_fn(), 20))
 
@@ -201,6 +209,28 @@ def test_a_slow_client_times_out_without_blocking_others() -> None:
         finally:
             await m.close()
         idle.close()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_connections_beyond_the_cap_are_closed_at_once() -> None:
+    async def main() -> None:
+        m = known_state()
+        m.max_connections = 1
+        await m.serve("127.0.0.1", 0)
+        try:
+            _, holder = await asyncio.open_connection("127.0.0.1", m.port)
+            await until(lambda: len(m._connections) == 1)
+            try:
+                assert await get(m.port) == b""
+            except ConnectionError:
+                pass  # closed before or after our request reached it: refused either way
+            holder.close()
+            await until(lambda: not m._connections)
+            assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")
+        finally:
+            await m.close()
 
     run(main)
 
