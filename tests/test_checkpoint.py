@@ -72,7 +72,11 @@ def test_round_trip_is_bit_exact_for_float32_bfloat16_int64(tmp_path: Path) -> N
     path = save_checkpoint(tmp_path, state)
     assert path == tmp_path / "round-000005"
     assert sorted(p.name for p in path.iterdir()) == [
-        "feedback.safetensors", "inner.safetensors", "meta.json", "momentum.safetensors", "phi.safetensors",
+        "feedback.safetensors",
+        "inner.safetensors",
+        "meta.json",
+        "momentum.safetensors",
+        "phi.safetensors",
     ]
     loaded = load_latest(tmp_path, run_id=RUN, expected_shapes=SHAPES)
     assert loaded is not None and loaded.path == path
@@ -318,8 +322,13 @@ class Peer:
 
     def state(self) -> CheckpointState:
         return CheckpointState(
-            round=self.round, slice_index=SLICE, run_id=RUN, phi=self.phi, momentum=self.momentum,
-            inner=self.optimizer.state_dict(), feedback=self.feedback.state_dict(),
+            round=self.round,
+            slice_index=SLICE,
+            run_id=RUN,
+            phi=self.phi,
+            momentum=self.momentum,
+            inner=self.optimizer.state_dict(),
+            feedback=self.feedback.state_dict(),
         )
 
     def restore(self, state: CheckpointState) -> None:

@@ -255,8 +255,7 @@ def test_status_line_on_a_tty_rewrites_in_place() -> None:
     assert status.is_tty
     first = status.update()
     assert first == (
-        "round 12 | slice 1/4 | loss 3.250 | 0 tok/s | partners 2 | peers 7"
-        " | sent 1.5 KiB recv 3.0 MiB | rejected 3"
+        "round 12 | slice 1/4 | loss 3.250 | 0 tok/s | partners 2 | peers 7 | sent 1.5 KiB recv 3.0 MiB | rejected 3"
     )
     clock.now += 2
     m.add_tokens(3000)
