@@ -37,7 +37,10 @@ from protocol.errors import MurmurError
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to save this peer's state on exit.")  # fmt: skip
-@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Prometheus metrics on this port.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")  # fmt: skip
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address of the metrics server (0.0.0.0 in Docker).")  # fmt: skip
 @click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus.")
 @click.option("--batch-size", type=click.IntRange(1),
               help="Micro-batch; must divide the run's batch (the rest is gradient accumulation).")  # fmt: skip
@@ -63,14 +66,13 @@ def run(**options: object) -> None:
     try:
         opts = DaemonOptions(
             join=JoinOptions.from_cli(options), device=str(options["device"]),
-            checkpoint_dir=options["checkpoint_dir"], metrics_port=options["metrics_port"], data=options["data"],
+            checkpoint_dir=options["checkpoint_dir"], metrics_port=options["metrics_port"],
+            metrics_host=str(options["metrics_host"]), data=options["data"],
             batch_size=options["batch_size"], max_rounds=int(options["max_rounds"]),
             eval_every=int(options["eval_every"]),
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    if opts.metrics_port is not None:  # SEAM: peer/metrics.py (in progress) serves this port
-        click.echo("--metrics-port: metrics are not served yet (peer/metrics.py has not landed)", err=True)
     import uvloop
 
     try:

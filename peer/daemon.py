@@ -35,10 +35,11 @@ import grpc
 from peer import resume
 from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
 from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
+from peer.metrics import Metrics
 from peer.runconfig import RunConfig
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
 from peer.swarm_join import JoinOptions, _check_endpoint, _refresh_until, obtain_manifest
-from peer.trainer import Halted, Trainer, pick_device
+from peer.trainer import Halted, TrainedRound, Trainer, pick_device
 from protocol.client import PeerClient
 from protocol.errors import MurmurError
 from protocol.identity import Identity
@@ -62,6 +63,8 @@ class DaemonOptions:
     device: str = "auto"
     checkpoint_dir: Path | None = None
     metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (0: any free one); None: no metrics server."""
+    metrics_host: str = "127.0.0.1"
     data: str | None = None
     """A local corpus path; None uses the manifest's source (the embedded corpus)."""
     batch_size: int | None = None
@@ -88,6 +91,8 @@ class Daemon:
         self.server: PeerServer | None = None
         self.pushed_to_us = 0
         self.tokens_seen = 0
+        self.metrics = Metrics()
+        self._rejections_seen: dict = {}
         self.snapshot: StateSnapshot | None = None
         """What FetchState serves: phi every SNAPSHOT_EVERY rounds."""
         tables = [update_shapes(trainer.layouts, trainer.shapes, k) for k in range(len(trainer.layouts))]
@@ -102,6 +107,7 @@ class Daemon:
     async def on_update(self, update: ReceivedUpdate) -> None:
         """A partner pushed its update to our server: keep it for this round's outer step."""
         self.pushed_to_us += 1
+        self.metrics.add_bytes_received(update.payload_bytes)
         self.inbox.add(update)
 
     def reply_for(self, _round: int, _slice: int) -> OutgoingUpdate | None:
@@ -136,6 +142,7 @@ class Daemon:
         self.clock = max([r, *(u.round for u in updates)])
         seconds = time.perf_counter() - start
         self.tokens_seen += trained.tokens
+        self._record(r, trained, ok)
         self.member.round, self.member.loss = r, trained.loss
         self.member.tokens_per_second = trained.tokens / seconds
         print(f"round {r} loss {trained.loss:.4f} tok/s {trained.tokens / seconds:.0f} slice {self.trainer.slice} "
@@ -144,6 +151,21 @@ class Daemon:
         if self.eval_every and r % self.eval_every == 0:
             print(f"eval round {r} val_loss {await asyncio.to_thread(self.trainer.evaluate):.4f}", flush=True)
         return True
+
+    def _record(self, r: int, trained: TrainedRound, reached: int) -> None:
+        """This round's values into the metrics (and the server's refusals since the last round)."""
+        m = self.metrics
+        m.set_round(r)
+        m.set_slice(self.trainer.slice, len(self.trainer.layouts))
+        m.set_loss(trained.loss)
+        m.add_tokens(trained.tokens)
+        m.set_peers_live(len(self.member.peers))
+        m.set_partners_reached(reached)
+        if self.server is not None:
+            for reason, count in self.server.rejections.items():
+                if count > self._rejections_seen.get(reason, 0):
+                    m.reject(reason.value, count - self._rejections_seen.get(reason, 0))
+            self._rejections_seen = dict(self.server.rejections)
 
     async def late_join(self) -> None:
         """Start from a live peer's weights when the swarm is already training (see peer/latejoin.py)."""
@@ -171,6 +193,8 @@ class Daemon:
                 deadline=timeout,
             ) as client:  # fmt: skip
                 reply = await asyncio.wait_for(client.exchange(update), timeout)
+                self.metrics.add_bytes_sent(client.bytes_sent)
+                self.metrics.add_bytes_received(client.bytes_received)
         except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
             log.warning("round %d: exchange with %s at %s failed, skipped: %r", r, partner.peer_id[:16],
                         partner.endpoint, exc)  # fmt: skip
@@ -268,6 +292,9 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         )
         member = Member(swarm, identity, signed, endpoint="", software_version=software_version)
         daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every)
+        if opts.metrics_port is not None:
+            await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
+            print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
         if j.listen is not None:
             server = await _serve(daemon, identity, j.listen, run.gossip.exchange_timeout_s)
             member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
@@ -288,6 +315,8 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             )  # fmt: skip
         if server is not None:
             await server.stop()
+        if daemon is not None:
+            await daemon.metrics.close()
         await asyncio.to_thread(dht.shutdown)
         rounds = "none" if daemon is None else daemon.clock + 1
         log.info("left swarm %s after %s round(s)", j.swarm, rounds)

@@ -4,34 +4,23 @@ An adapter between the daemon's `Trainer` and `peer/checkpoint.py` (safetensors 
 atomic, verified on load). The outer weights phi, the outer rule's buffer (NoLoCo's momentum or
 GASLoC's previous y) and the round are always restored; the inner AdamW state and the error-feedback
 residuals only when the peer takes the same slice again (they describe that slice's coordinates).
-When `peer/checkpoint.py` is not installed, both functions say so and do nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
+from peer import checkpoint
 from peer.trainer import Trainer
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
 
 
-def _module() -> ModuleType | None:
-    try:
-        from peer import checkpoint
-    except ImportError:
-        log.warning("peer/checkpoint.py is not available: no checkpoints are saved or resumed")
-        return None
-    return checkpoint
-
-
 def save(trainer: Trainer, directory: Path, *, round: int, run_id: str, peer_id: str, version: str,
          tokens_seen: int) -> Path | None:  # fmt: skip
-    """Write this peer's state after `round` (blocking); None when checkpoints are unavailable."""
-    checkpoint = _module()
-    if checkpoint is None or trainer.optimizer is None:
+    """Write this peer's state after `round` (blocking); None before the peer has trained at all."""
+    if trainer.optimizer is None:
         return None
     state = checkpoint.CheckpointState(
         round=round, slice_index=trainer.slice, run_id=run_id, phi=trainer.phi, momentum=trainer.state,
@@ -44,11 +33,8 @@ def save(trainer: Trainer, directory: Path, *, round: int, run_id: str, peer_id:
 def restore(trainer: Trainer, directory: Path, *, run_id: str, slice_index: int) -> int | None:
     """Load the newest valid checkpoint of `run_id` into `trainer` (which takes `slice_index`); its round.
 
-    None when there is none (or checkpoints are unavailable): the trainer is left as it was.
+    None when there is none: the trainer is left as it was.
     """
-    checkpoint = _module()
-    if checkpoint is None:
-        return None
     state = checkpoint.load_latest(directory, run_id=run_id, expected_shapes=trainer.shapes)
     if state is None:
         return None

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from peer import resume
 from peer.exchange import (
     STALE_ROUNDS,
     Inbox,
@@ -182,9 +183,6 @@ def test_late_joiners_pick_random_donors_that_serve_and_have_trained() -> None:
 
 @pytest.mark.timeout(60)
 def test_checkpoint_on_stop_and_resume_restore_the_peer(tmp_path) -> None:
-    pytest.importorskip("peer.checkpoint")
-    from peer import resume
-
     torch.set_num_threads(1)
     trainers, _ = _train_pair(2, swap=True)
     before = trainers[1]
