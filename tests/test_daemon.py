@@ -200,3 +200,20 @@ def test_checkpoint_on_stop_and_resume_restore_the_peer(tmp_path) -> None:
     assert resume.restore(other, tmp_path, run_id="ab" * 32, slice_index=0) == 7
     assert other.slice == 0 and other.optimizer.steps == 0
     assert resume.restore(other, tmp_path / "none", run_id="ab" * 32, slice_index=0) is None
+
+
+@pytest.mark.timeout(30)
+def test_run_command_is_registered_and_refuses_bad_flag_combinations() -> None:
+    from click.testing import CliRunner
+
+    from peer.cli import main
+
+    runner = CliRunner()
+    assert "run" in runner.invoke(main, ["--help"]).output
+    base = ["run", "--swarm", "loop", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX", "--identity", "p.key"]
+    neither = runner.invoke(main, base)
+    assert neither.exit_code == 2 and "--listen" in neither.output and "--client-only" in neither.output
+    both = runner.invoke(main, [*base, "--listen", "127.0.0.1:0", "--client-only"])
+    assert both.exit_code == 2
+    wildcard = runner.invoke(main, [*base, "--listen", "0.0.0.0:7000"])
+    assert wildcard.exit_code == 2 and "--announce" in wildcard.output
