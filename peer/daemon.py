@@ -53,6 +53,8 @@ log = get_logger(__name__)
 
 REST_ROUNDS = 2
 """Rounds a partner whose exchange failed is left out of partner choice."""
+PEERS_REFRESH_MIN_S = 2.0
+"""An update from a sender not in our peer list re-reads the list, at most this often."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +94,8 @@ class Daemon:
         self.pushed_to_us = 0
         self.tokens_seen = 0
         self.metrics = Metrics()
+        self._peers_read = 0.0
+        self._peers_task: asyncio.Task | None = None
         self._rejections_seen: dict = {}
         self.snapshot: StateSnapshot | None = None
         """What FetchState serves: phi every SNAPSHOT_EVERY rounds."""
@@ -99,10 +103,25 @@ class Daemon:
         self.policy = WirePolicy(
             run_id=member.manifest.run_id,
             expected_shapes=lambda k: tables[k] if 0 <= k < len(tables) else None,
-            lookup=member.lookup,
+            lookup=self._lookup,
             codec=run.codec,
             accepted_codecs=frozenset({"bf16"}),
         )
+
+    def _lookup(self, peer_id: str) -> bytes | None:
+        """A live peer's key. A miss (typically a peer that joined since our last refresh, refused once
+        as unknown) re-reads the peer list in the background so that its next push is accepted."""
+        key = self.member.lookup(peer_id)
+        if key is None and time.monotonic() - self._peers_read >= PEERS_REFRESH_MIN_S:
+            self._peers_read = time.monotonic()
+            self._peers_task = asyncio.get_running_loop().create_task(self._read_peers())
+        return key
+
+    async def _read_peers(self) -> None:
+        try:
+            self.member.peers = await asyncio.to_thread(self.member.swarm.live_peers, self.policy.run_id)
+        except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
+            log.warning("re-reading the peer list failed: %r", exc)
 
     async def on_update(self, update: ReceivedUpdate) -> None:
         """A partner pushed its update to our server: keep it for this round's outer step."""
