@@ -38,7 +38,7 @@ from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
 from peer.metrics import Metrics
 from peer.runconfig import RunConfig
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
-from peer.swarm_join import JoinOptions, _check_endpoint, _refresh_until, obtain_manifest
+from peer.swarm_join import JoinOptions, check_endpoint, obtain_manifest, refresh_until
 from peer.trainer import Halted, TrainedRound, Trainer, pick_device
 from protocol.client import PeerClient
 from protocol.errors import MurmurError
@@ -269,7 +269,7 @@ async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], ti
 
 
 async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event) -> None:
-    refresher = asyncio.create_task(_refresh_until(stop, daemon.member))
+    refresher = asyncio.create_task(refresh_until(stop, daemon.member))
     try:
         rounds = 0
         while not stop.is_set() and (opts.max_rounds == 0 or rounds < opts.max_rounds):
@@ -319,7 +319,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
         await asyncio.to_thread(member.join)
         if server is not None:
-            server = daemon.server = await _check_endpoint(member, server, j)
+            server = daemon.server = await check_endpoint(member, server, j)
         print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
         await _resume_or_late_join(daemon, opts.checkpoint_dir)

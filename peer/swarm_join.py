@@ -112,7 +112,7 @@ async def _serve(identity: Identity, member: Member, opts: JoinOptions) -> PeerS
     return server
 
 
-async def _check_endpoint(member: Member, server: PeerServer, opts: JoinOptions) -> PeerServer | None:
+async def check_endpoint(member: Member, server: PeerServer, opts: JoinOptions) -> PeerServer | None:
     """Have a bootstrap node dial our endpoint; when it cannot, say what to do and go client-only."""
     probe = member.announcement(get_dht_time() + 60)
     result = await check_reachability(member.swarm.dht, opts.initial_peers, probe)
@@ -126,7 +126,7 @@ async def _check_endpoint(member: Member, server: PeerServer, opts: JoinOptions)
     return server
 
 
-async def _refresh_until(stop: asyncio.Event, member: Member) -> None:
+async def refresh_until(stop: asyncio.Event, member: Member) -> None:
     """Refresh every TTL/3; print a line to stdout whenever the live set or this peer's slice changes."""
     every = member.swarm.config.refresh_every_s
     shown: tuple = ()
@@ -178,10 +178,10 @@ async def run_join(opts: JoinOptions, *, software_version: str) -> None:
             member.endpoint = opts.announce or f"{opts.listen[0]}:{server.port}"
         await asyncio.to_thread(member.join)
         if server is not None:
-            server = await _check_endpoint(member, server, opts)
+            server = await check_endpoint(member, server, opts)
         print(f"joined swarm {opts.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
-        await _refresh_until(stop, member)
+        await refresh_until(stop, member)
     except JoinInterrupted as exc:
         log.info("%s", exc)
     finally:
