@@ -12,28 +12,12 @@ from pathlib import Path
 import click
 
 from peer import __version__
-from peer.cli_swarm import _MADDR_HELP, _maddrs
+from peer.cli_swarm import membership_options
 from protocol.errors import MurmurError
 
 
 @click.command("run")
-@click.option("--swarm", required=True, help="Swarm name, e.g. tinystories-124m.")
-@click.option("--initial-peers", multiple=True, callback=_maddrs, required=True, help=_MADDR_HELP)
-@click.option("--run-key", help="Trust only manifests signed by this owner key (64 hex); overrides a pin.")
-@click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A manifest file to publish (the owner does this; --key proves ownership).")  # fmt: skip
-@click.option("--key", "owner_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The run owner's key, with --manifest.")  # fmt: skip
-@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="This peer's Ed25519 key (created if missing); its DHT key lives beside it.")  # fmt: skip
-@click.option("--listen", help="host:port of this peer's gRPC service, e.g. 0.0.0.0:7000 (port 0: any).")
-@click.option("--announce", help="host:port others dial, when it differs from --listen (port forward).")
-@click.option("--client-only", is_flag=True, help="Accept no connections; dial every exchange yourself (NAT).")
-@click.option("--host-maddrs", multiple=True, callback=_maddrs, default=("/ip4/0.0.0.0/tcp/0",), show_default=True)
-@click.option("--announce-ttl", type=click.FloatRange(3), default=60.0, show_default=True, help="Seconds.")
-@click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True, help="Seconds.")
-@click.option("--pins", type=click.Path(dir_okay=False, path_type=Path),
-              help="Pin file. [default: $MURMUR_HOME/pins.json or ~/.local/share/murmur/pins.json]")  # fmt: skip
+@membership_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to save this peer's state on exit.")  # fmt: skip
