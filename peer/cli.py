@@ -106,6 +106,34 @@ def simulate(
         click.echo(f"wrote {plot_path}", err=True)
 
 
+@main.command()
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--cut", type=click.Choice(["blocks", "units"]), default="units", show_default=True)
+@click.option("--no-shared-head", is_flag=True, help="Cut the output head like every other matrix.")
+def slices(preset: str, slices: int, cut: str, no_shared_head: bool) -> None:
+    """What training each slice costs a peer, next to the full model: parameters, state, backward FLOPs.
+
+    \b
+    Example:
+      murmur slices --preset 124m --slices 4 --cut blocks
+    """
+    from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
+
+    config = PRESETS[preset]
+    try:
+        layouts = partition(config, SliceConfig(num_slices=slices, cut=cut, shared_head=not no_shared_head))
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    full = slice_cost(config, full_layout(parameter_shapes(config)))
+    click.echo(f"{'slice':<7}{'params':>14}{'grad+AdamW bytes':>18}{'bwd FLOPs/token':>17}{'params':>8}{'bwd':>7}")
+    rows = [("full", full)] + [(str(k), slice_cost(config, layout)) for k, layout in enumerate(layouts)]
+    for name, cost in rows:
+        flops = cost.backward_flops_per_token
+        click.echo(f"{name:<7}{cost.params:>14,}{cost.state_bytes:>18,}{flops:>17.3g}"
+                   f"{cost.params / full.params:>8.3f}{flops / full.backward_flops_per_token:>7.3f}")  # fmt: skip
+
+
 def _check_cut(config: object) -> None:
     """Fail before training when the cut cannot split this model (e.g. K > n_layers for blocks)."""
     from peer.subsets import partition

@@ -85,3 +85,28 @@ def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
     assert bad_units.exit_code == 2 and "n_heads" in bad_units.output
     missing = runner.invoke(main, ["simulate", "--data", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2 and "nope.txt" in missing.output
+
+
+def test_sweep_reports_each_method_at_its_best_setting(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    args = ["simulate", "--preset", "tiny", "--peers", "2", "--methods", "diloco", "--slices", "2",
+            "--tokens", "4096", "-H", "2", "--batch-size", "2", "--sweep", "--json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    tried = data["sweep"]["diloco"]
+    assert len(tried) == 6  # the Nesterov grid: lr in {0.4, 0.7, 1.0} x momentum in {0.5, 0.9}
+    best = min(tried, key=lambda t: t["val_loss"])
+    assert data["methods"]["diloco"]["val_loss"] == best["val_loss"]
+    assert data["methods"]["diloco"]["outer"]["lr"] == best["lr"]
+
+
+def test_slices_command_prints_each_slice_next_to_the_full_model() -> None:
+    result = CliRunner().invoke(main, ["slices", "--preset", "124m", "--slices", "4", "--cut", "blocks"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["full", "0", "1", "2", "3"]
+    assert [float(r[-1]) for r in rows] == sorted((float(r[-1]) for r in rows), reverse=True)
+    assert all(0.24 < float(r[-2]) < 0.26 for r in rows[1:])  # a quarter of the parameters each
+    bad = CliRunner().invoke(main, ["slices", "--preset", "tiny", "--slices", "3"])
+    assert bad.exit_code == 2 and "n_heads" in bad.output
