@@ -163,13 +163,15 @@ def _progress_bars(tqdm: Callable, rounds: int) -> Callable[[str], Callable[[], 
     return start
 
 
-from peer import cli_run, cli_swarm  # noqa: E402 - these commands register on the group above
+from peer import cli_demo, cli_run, cli_swarm  # noqa: E402 - these commands register on the group above
 
 main.add_command(cli_swarm.bootstrap)
 main.add_command(cli_swarm.create_run)
 main.add_command(cli_swarm.status)
 main.add_command(cli_swarm.join)
 main.add_command(cli_run.run)
+main.add_command(cli_demo.demo)
+main.add_command(cli_demo.evaluate)
 
 if __name__ == "__main__":
     main()

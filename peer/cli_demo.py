@@ -1,0 +1,86 @@
+"""`murmur demo` and `murmur eval`: thin click commands over peer/demo.py and peer/evaluate.py.
+
+User errors exit 1 (ClickException) with a message naming the path and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+
+
+@click.command("demo")
+@click.option("--peers", type=click.IntRange(1, 16), default=4, show_default=True, help="Peers to start.")
+@click.option("--slices", type=click.IntRange(1, 8), default=2, show_default=True, help="K, the slices of the model.")
+@click.option("--minutes", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
+              help="Training time before the peers are stopped.")  # fmt: skip
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Working directory: keys, manifest, checkpoints, logs, loss.png, demo.json.")  # fmt: skip
+@click.option("--progress-every", type=click.FloatRange(0.5), default=5.0, show_default=True, help="Seconds.")
+def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: float) -> None:
+    """A swarm on loopback: a bootstrap node and several peers (real processes) train the tiny preset on
+    the bundled corpus, then stop cleanly; prints each peer's loss and that of their averaged weights.
+
+    \b
+    Example:
+      murmur demo --peers 4 --minutes 3 --out demo-out
+    """
+    from peer.demo import DemoError, DemoOptions, format_table, run_demo, write_outputs
+
+    try:
+        opts = DemoOptions(out=out, peers=peers, slices=slices, seconds=60 * minutes, progress_every=progress_every)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so run_demo's finally stops the children
+    try:
+        report = run_demo(opts)
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(format_table(report))
+    for message in write_outputs(report, out):
+        click.echo(message)
+    click.echo(f"demo took {report.seconds:.0f}s")
+    failed = [p.name for p in report.peers if p.exit_code != 0]
+    if failed:
+        raise click.ClickException(f"peer(s) {', '.join(failed)} did not exit cleanly; see {out / 'logs'}")
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("eval")
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(path_type=Path),
+              help="A --checkpoint-dir (its newest valid snapshot) or one round-N directory in it.")  # fmt: skip
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="The run's manifest.json, for a checkpoint that stores no run config.")  # fmt: skip
+@click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus (its held-out split).")
+@click.option("--batches", type=click.IntRange(1), default=8, show_default=True, help="Held-out batches.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def evaluate(checkpoint_dir: Path, manifest: Path | None, data: str | None, batches: int, as_json: bool) -> None:
+    """Validation loss and perplexity of a checkpoint's outer weights (phi).
+
+    \b
+    Example:
+      murmur eval --checkpoint ckpt-peer
+      murmur eval --checkpoint ckpt-peer/round-000120 --json
+    """
+    from peer.evaluate import evaluate_checkpoint
+    from protocol.errors import MurmurError
+
+    try:
+        result = evaluate_checkpoint(checkpoint_dir, manifest=manifest, data=data, batches=batches)
+    except (ValueError, OSError, MurmurError) as exc:  # CheckpointError is a ValueError; ManifestError a MurmurError
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(f"checkpoint {result.path} (round {result.round}), corpus {result.corpus}")
+    click.echo(f"val loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+               f"(unigram entropy {result.unigram_entropy:.4f})")  # fmt: skip

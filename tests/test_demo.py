@@ -1,0 +1,109 @@
+"""`murmur eval` and `murmur demo`: a saved checkpoint evaluates to the loss of its model, bad checkpoints
+are user errors (exit 1, a message naming the problem), and the demo swarm runs end to end as real
+processes, writes its table, plot and JSON, and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from peer.checkpoint import CheckpointState, save_checkpoint
+from peer.cli import main
+from peer.data import load_corpus, val_batches
+from peer.model import Transformer
+from peer.runconfig import RunConfig
+
+RUN_ID = "c0ffee01"
+
+
+def tiny_run() -> RunConfig:
+    return RunConfig.from_dict({"swarm": "t", "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32},
+                                "inner": {"batch_size": 2}})  # fmt: skip
+
+
+def save_tiny(directory: Path, round_: int = 3) -> tuple[Path, Transformer, RunConfig]:
+    """A checkpoint of a freshly initialised tiny model, the way peer/resume.py writes one."""
+    run = tiny_run()
+    torch.manual_seed(round_)
+    model = Transformer(run.model).eval()
+    phi = {name: p.detach().clone() for name, p in model.named_parameters()}
+    momentum = {n: torch.zeros_like(t) for n, t in phi.items()}
+    state = CheckpointState(round=round_, slice_index=0, run_id=RUN_ID, phi=phi, momentum=momentum,
+                            manifest=run.to_dict())  # fmt: skip
+    return save_checkpoint(directory, state), model, run
+
+
+def eval_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["eval", *args])
+    return result.exit_code, result.output
+
+
+@pytest.mark.timeout(60)
+def test_eval_of_a_checkpoint_is_the_loss_of_its_model(tmp_path: Path) -> None:
+    path, model, run = save_tiny(tmp_path / "ckpt")
+    corpus = load_corpus(None)
+    with torch.no_grad():
+        losses = [float(model.loss(x, y)) for x, y in val_batches(corpus, run.model.seq_len, 4, 3)]
+    expected = sum(losses) / len(losses)
+    for target in (tmp_path / "ckpt", path):  # the newest under a checkpoint dir, or one round dir
+        code, output = eval_cli("--checkpoint", str(target), "--batches", "3", "--json")
+        assert code == 0, output
+        got = json.loads(output)
+        assert got["val_loss"] == pytest.approx(expected, rel=1e-6)
+        assert got["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+        assert got["round"] == 3 and got["checkpoint"] == str(path)
+    code, output = eval_cli("--checkpoint", str(path), "--batches", "3")
+    assert code == 0 and f"val loss {expected:.4f}" in output and "perplexity" in output, output
+
+
+@pytest.mark.timeout(60)
+def test_eval_refuses_missing_corrupt_and_empty_checkpoints(tmp_path: Path) -> None:
+    code, output = eval_cli("--checkpoint", str(tmp_path / "nope"))
+    assert code == 1 and "no such checkpoint directory" in output, output
+    (tmp_path / "empty").mkdir()
+    code, output = eval_cli("--checkpoint", str(tmp_path / "empty"))
+    assert code == 1 and "no round-N checkpoint" in output, output
+
+    path, _, _ = save_tiny(tmp_path / "ckpt")
+    phi_file = path / "phi.safetensors"
+    data = bytearray(phi_file.read_bytes())
+    data[-1] ^= 0xFF
+    phi_file.write_bytes(bytes(data))
+    code, output = eval_cli("--checkpoint", str(path))
+    assert code == 1 and "Error:" in output and "phi.safetensors" in output, output
+    code, output = eval_cli("--checkpoint", str(tmp_path / "ckpt"))
+    assert code == 1 and "none of its 1 checkpoint(s) is valid" in output, output
+    (path / "meta.json").write_text("{not json")
+    code, output = eval_cli("--checkpoint", str(path))
+    assert code == 1 and "meta.json" in output, output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    argv = [sys.executable, "-m", "peer.cli", "demo", "--peers", "2", "--minutes", "0.5", "--out", str(out)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=130)
+    finally:
+        left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert left == [], f"processes left behind: {left}"
+    assert "val loss of the averaged weights" in done.stdout and "unigram entropy" in done.stdout
+    assert (out / "loss.png").stat().st_size > 1000
+    report = json.loads((out / "demo.json").read_text())
+    assert [p["name"] for p in report["peers"]] == ["peer0", "peer1"]
+    for peer in report["peers"]:
+        assert peer["exit_code"] == 0 and peer["rounds"] >= 5 and peer["val_loss"] is not None, peer
+        assert peer["last_train_loss"] < peer["history"][0][1] - 0.5, peer
+        assert f"{peer['name']:8s} {peer['rounds']:6d}" in done.stdout
+    assert report["averaged_val_loss"] < report["unigram_entropy"], report
