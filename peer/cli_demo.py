@@ -35,13 +35,16 @@ def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: flo
         opts = DemoOptions(out=out, peers=peers, slices=slices, seconds=60 * minutes, progress_every=progress_every)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so run_demo's finally stops the children
+    # SIGTERM, and SIGINT even where a shell started us ignoring it, end run_demo through its `finally`,
+    # which stops every child (they run in their own sessions, so Ctrl-C reaches only this process).
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         report = run_demo(opts)
     except DemoError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     click.echo(format_table(report))
     for message in write_outputs(report, out):
         click.echo(message)
