@@ -9,8 +9,12 @@ import json
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from peer.evaluate import EvalResult
 
 
 @click.command("demo")
@@ -59,31 +63,60 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 @click.command("eval")
-@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path),
               help="A --checkpoint-dir (its newest valid snapshot) or one round-N directory in it.")  # fmt: skip
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="The run's manifest.json, for a checkpoint that stores no run config.")  # fmt: skip
+@click.option("--swarm", help="Evaluate a live peer of this swarm instead (needs --initial-peers and --run-key).")
+@click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap node, with --swarm; repeatable.")
+@click.option("--run-key", help="The run owner's key (64 hex), with --swarm.")
+@click.option("--peer", help="Peer id (or a prefix) to fetch the weights of, with --swarm; default: any.")
 @click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus (its held-out split).")
 @click.option("--batches", type=click.IntRange(1), default=8, show_default=True, help="Held-out batches.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def evaluate(checkpoint_dir: Path, manifest: Path | None, data: str | None, batches: int, as_json: bool) -> None:
-    """Validation loss and perplexity of a checkpoint's outer weights (phi).
+def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | None, initial_peers: tuple[str, ...],
+             run_key: str | None, peer: str | None, data: str | None, batches: int, as_json: bool) -> None:  # fmt: skip
+    """Validation loss and perplexity of a checkpoint's outer weights (phi), or of a live peer's.
 
     \b
-    Example:
+    Examples:
       murmur eval --checkpoint ckpt-peer
       murmur eval --checkpoint ckpt-peer/round-000120 --json
+      murmur eval --swarm demo --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/QmXyz... --run-key 23ad4316...
     """
     from peer.evaluate import evaluate_checkpoint
     from protocol.errors import MurmurError
 
+    if (checkpoint_dir is None) == (swarm is None):
+        raise click.UsageError("give either --checkpoint DIR or --swarm NAME (with --initial-peers and --run-key)")
     try:
-        result = evaluate_checkpoint(checkpoint_dir, manifest=manifest, data=data, batches=batches)
+        if swarm is not None:
+            result = _evaluate_live(swarm, initial_peers, run_key, peer, data, batches)
+        else:
+            assert checkpoint_dir is not None
+            result = evaluate_checkpoint(checkpoint_dir, manifest=manifest, data=data, batches=batches)
     except (ValueError, OSError, MurmurError) as exc:  # CheckpointError is a ValueError; ManifestError a MurmurError
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
-    click.echo(f"checkpoint {result.path} (round {result.round}), corpus {result.corpus}")
+    click.echo(f"{'peer' if swarm else 'checkpoint'} {result.path} (round {result.round}), corpus {result.corpus}")
     click.echo(f"val loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
                f"(unigram entropy {result.unigram_entropy:.4f})")  # fmt: skip
+
+
+def _evaluate_live(swarm: str, initial_peers: tuple[str, ...], run_key: str | None, peer: str | None,
+                   data: str | None, batches: int) -> EvalResult:  # fmt: skip
+    """Fetch a live peer's weights the way a late joiner does, then evaluate them."""
+    from peer.data import unigram_entropy
+    from peer.evaluate import EvalResult, corpus_for, evaluate_weights, fetch_live_weights
+    from protocol.manifest import parse_run_key
+
+    peers = tuple(item for text in initial_peers for item in text.replace(",", " ").split())
+    if not peers or run_key is None:
+        raise click.UsageError("--swarm needs --initial-peers and --run-key")
+    live = fetch_live_weights(swarm, peers, run_key=parse_run_key(run_key), peer=peer)
+    corpus = corpus_for(live.run, data)
+    loss = evaluate_weights(live.run, live.phi, corpus, batches)
+    return EvalResult(loss=loss, round=live.round, path=live.sender, corpus=corpus.name,
+                      unigram_entropy=unigram_entropy(corpus.val, corpus.vocab_size))  # fmt: skip

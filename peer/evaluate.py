@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,10 @@ from peer.data import Corpus, load_corpus, unigram_entropy, val_batches
 from peer.model import Transformer
 from peer.runconfig import RunConfig
 from protocol.logs import get_logger
+
+if TYPE_CHECKING:
+    from peer.swarm import Swarm
+    from protocol.records import Announcement
 
 log = get_logger(__name__)
 
@@ -161,3 +165,74 @@ def run_from_manifest_file(path: Path) -> RunConfig:
     from protocol.manifest import load_json
 
     return RunConfig.from_manifest(load_json(path).manifest)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWeights:
+    """A live peer's outer weights, as a late joiner gets them (signature and content hash checked)."""
+
+    run: RunConfig
+    sender: str
+    round: int
+    phi: dict[str, torch.Tensor]
+
+
+def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: bytes, peer: str | None = None,
+                       timeout_s: float = 60.0) -> LiveWeights:  # fmt: skip
+    """Download the weights a live peer of `swarm` serves to late joiners (peer/latejoin.py).
+
+    The manifest must be signed by `run_key`; the pin store is a throwaway one, so evaluating never
+    pins an owner for this user's later joins. `peer` (a peer id or its prefix) picks the donor,
+    otherwise a random one that has trained. Raises MurmurError or ValueError with a message for the user.
+    """
+    import asyncio
+    import tempfile
+
+    from peer.latejoin import fetch_initial_state
+    from peer.subsets import parameter_shapes
+    from peer.swarm import Swarm, SwarmConfig
+    from protocol.errors import MurmurError
+    from protocol.identity import Identity
+    from protocol.manifest import PinStore
+    from protocol.records import start_dht
+
+    dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=timeout_s,
+                    client_mode=True)  # fmt: skip
+    try:
+        found = Swarm(dht, SwarmConfig(swarm=swarm, initial_peers=initial_peers))
+        with tempfile.TemporaryDirectory() as pins:
+            signed = found.fetch_manifest(run_key=run_key, pins=PinStore(Path(pins) / "pins.json"), timeout_s=timeout_s)
+        run = RunConfig.from_manifest(signed.manifest)
+        donors = _find_donors(found, signed.run_id, peer, wait_s=min(timeout_s, LIVE_PEERS_WAIT_S))
+    finally:
+        dht.shutdown()
+    if not donors:
+        who = f"peer {peer}" if peer else "peer"
+        raise MurmurError(f"swarm {swarm}: no live {who} that accepts connections and has trained a round")
+    state = asyncio.run(fetch_initial_state(donors, identity=Identity.generate(), run_id=signed.run_id,
+                                            shapes=parameter_shapes(run.model), timeout_s=timeout_s))  # fmt: skip
+    if state is None:
+        raise MurmurError(f"swarm {swarm}: no donor delivered its weights (see the warnings)")
+    return LiveWeights(run=run, sender=state.sender, round=state.round, phi=state.tensors)
+
+
+LIVE_PEERS_WAIT_S = 10.0
+"""A fresh DHT client sees the manifest before the peer records (`murmur status` waits too)."""
+
+
+def _find_donors(swarm: Swarm, run_id: str, peer: str | None, *, wait_s: float) -> list[Announcement]:
+    """Donors among the live peers (only `peer`, a peer id or prefix, when given), polled until some appear."""
+    import random
+    import time
+
+    from peer.latejoin import choose_donors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = swarm.live_peers(run_id=run_id)
+        if peer is not None:
+            live = [p for p in live if p.peer_id.startswith(peer.lower())]
+        donors = choose_donors(live, me="", rng=random.Random())
+        if donors or time.monotonic() >= deadline:
+            return donors
+        time.sleep(1.0)
