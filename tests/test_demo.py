@@ -1,14 +1,18 @@
 """`murmur eval` and `murmur demo`: a saved checkpoint evaluates to the loss of its model, bad checkpoints
 are user errors (exit 1, a message naming the problem), and the demo swarm runs end to end as real
-processes, writes its table, plot and JSON, and leaves nothing running.
+processes, a live peer of it can be evaluated (`murmur eval --swarm`), it writes its table, plot and
+JSON, and leaves nothing running.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,24 +90,55 @@ def test_eval_refuses_missing_corrupt_and_empty_checkpoints(tmp_path: Path) -> N
     assert code == 1 and "meta.json" in output, output
 
 
+def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match[str]:
+    """The first line of the file `path` matching `pattern`, while `proc` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if match := re.search(pattern, text, re.MULTILINE):
+            return match
+        time.sleep(0.5)
+    raise AssertionError(f"no line matching {pattern!r} in {path}:\n{path.read_text(errors='replace')}")
+
+
+def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
+    """`murmur eval --swarm` on the running demo swarm, once a peer has served a snapshot (round >= 5)."""
+    run_key = wait_for_line(log, r"run key ([0-9a-f]{64})$", demo, 60)[1]
+    wait_for_line(log, r"peer\d +round +(?:[1-9]\d|\d{3,}) ", demo, 60)  # round >= 10
+    maddr = (out / "boot.addrs").read_text().split()[0]
+    argv = [sys.executable, "-m", "peer.cli", "eval", "--swarm", "demo", "--initial-peers", maddr,
+            "--run-key", run_key, "--batches", "2", "--json"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
-    out = tmp_path / "demo-out"
+    out, log = tmp_path / "demo-out", tmp_path / "demo.log"
     argv = [sys.executable, "-m", "peer.cli", "demo", "--peers", "2", "--minutes", "0.5", "--out", str(out)]
+    with open(log, "w") as sink:
+        demo = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=130)
+        live = evaluate_live_peer(out, log, demo)
+        code = demo.wait(120)
     finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGINT)  # its finally stops the swarm
+            demo.wait(30)
         left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
-    print(done.stdout)
-    assert done.returncode == 0, done.stdout + done.stderr
+    output = log.read_text()
+    print(output)
+    assert code == 0, output
     assert left == [], f"processes left behind: {left}"
-    assert "val loss of the averaged weights" in done.stdout and "unigram entropy" in done.stdout
+    assert live["round"] >= 5 and 1.0 < live["val_loss"] < 4.0, live
+    assert "val loss of the averaged weights" in output and "unigram entropy" in output
     assert (out / "loss.png").stat().st_size > 1000
     report = json.loads((out / "demo.json").read_text())
     assert [p["name"] for p in report["peers"]] == ["peer0", "peer1"]
     for peer in report["peers"]:
         assert peer["exit_code"] == 0 and peer["rounds"] >= 5 and peer["val_loss"] is not None, peer
         assert peer["last_train_loss"] < peer["history"][0][1] - 0.5, peer
-        assert f"{peer['name']:8s} {peer['rounds']:6d}" in done.stdout
+        assert f"{peer['name']:8s} {peer['rounds']:6d}" in output
     assert report["averaged_val_loss"] < report["unigram_entropy"], report
