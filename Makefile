@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos clean-venv
+.PHONY: demo simulate test lint protos clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/murmur demo --out demo-out
+
+simulate: $(STAMP)
 	$(VENV)/bin/murmur simulate --preset tiny --peers 8 --methods ddp,diloco,ppu,gossip-ppu \
 		--json demo-out/simulate.json --plot demo-out/simulate.png
 
