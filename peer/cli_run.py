@@ -20,7 +20,9 @@ from protocol.errors import MurmurError
 @membership_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to save this peer's state on exit.")  # fmt: skip
+              help="Where to save this peer's state (on exit and every --checkpoint-every rounds).")  # fmt: skip
+@click.option("--checkpoint-every", type=click.IntRange(0), default=10, show_default=True,
+              help="Also save every N rounds, so a killed peer loses at most N (0: only on exit).")  # fmt: skip
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")  # fmt: skip
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
@@ -50,7 +52,8 @@ def run(**options: object) -> None:
     try:
         opts = DaemonOptions(
             join=JoinOptions.from_cli(options), device=str(options["device"]),
-            checkpoint_dir=options["checkpoint_dir"], metrics_port=options["metrics_port"],
+            checkpoint_dir=options["checkpoint_dir"], checkpoint_every=int(options["checkpoint_every"]),
+            metrics_port=options["metrics_port"],
             metrics_host=str(options["metrics_host"]), data=options["data"],
             batch_size=options["batch_size"], max_rounds=int(options["max_rounds"]),
             eval_every=int(options["eval_every"]),

@@ -2,8 +2,8 @@
 
 Order of a start: identity -> DHT -> manifest (published or fetched and verified, as `murmur join` does)
 -> RunConfig -> model, data and slice optimiser (`peer/trainer.py`) -> PeerService with this run's wire policy
--> slice and announcement -> reachability -> the round loop, until SIGTERM/SIGINT -> checkpoint ->
-server -> DHT; exit 0.
+-> slice and announcement -> reachability -> the round loop (a checkpoint every `checkpoint_every` rounds, so
+that a killed peer loses at most that many), until SIGTERM/SIGINT -> checkpoint -> server -> DHT; exit 0.
 
 One round (`Daemon.run_round`), DESIGN.md section 3:
 1. H inner steps on this peer's slice, in a worker thread (the event loop keeps serving partners);
@@ -64,6 +64,8 @@ class DaemonOptions:
     join: JoinOptions
     device: str = "auto"
     checkpoint_dir: Path | None = None
+    checkpoint_every: int = 10
+    """Also save every this many rounds (0: only on exit); a SIGKILL leaves no chance to save on exit."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (0: any free one); None: no metrics server."""
     metrics_host: str = "127.0.0.1"
@@ -268,7 +270,8 @@ async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], ti
     return server
 
 
-async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event) -> None:
+async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event,
+                 saver: resume.Checkpointer | None) -> None:  # fmt: skip
     refresher = asyncio.create_task(refresh_until(stop, daemon.member))
     try:
         rounds = 0
@@ -276,6 +279,9 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
             if not await daemon.run_round(halt, stop):
                 break
             rounds += 1
+            if saver is not None:
+                await asyncio.to_thread(saver.after_round, daemon.trainer, round=daemon.clock,
+                                        tokens_seen=daemon.tokens_seen)  # fmt: skip
     finally:
         stop.set()
         await refresher
@@ -296,6 +302,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
     )  # fmt: skip
     server: PeerServer | None = None
     daemon: Daemon | None = None
+    saver: resume.Checkpointer | None = None
     try:
         swarm = Swarm(dht, SwarmConfig(swarm=j.swarm, initial_peers=j.initial_peers, announce_ttl_s=j.announce_ttl_s))
         print(f"DHT up; looking for swarm {j.swarm} via {len(j.initial_peers)} initial peer(s)", flush=True)
@@ -323,15 +330,16 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
               f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
         await _resume_or_late_join(daemon, opts.checkpoint_dir)
-        await _train(daemon, opts, stop, halt)
+        if opts.checkpoint_dir is not None:
+            saver = resume.Checkpointer(directory=opts.checkpoint_dir, every=opts.checkpoint_every,
+                                        run_id=daemon.policy.run_id, peer_id=identity.peer_id,
+                                        version=software_version)  # fmt: skip
+        await _train(daemon, opts, stop, halt, saver)
     except JoinInterrupted as exc:
         log.info("%s", exc)
     finally:
-        if daemon is not None and daemon.clock >= 0 and opts.checkpoint_dir is not None:
-            await asyncio.to_thread(
-                resume.save, daemon.trainer, opts.checkpoint_dir, round=daemon.clock, run_id=daemon.policy.run_id,
-                peer_id=identity.peer_id, version=software_version, tokens_seen=daemon.tokens_seen,
-            )  # fmt: skip
+        if daemon is not None and daemon.clock >= 0 and saver is not None:
+            await asyncio.to_thread(saver.save, daemon.trainer, round=daemon.clock, tokens_seen=daemon.tokens_seen)
         if server is not None:
             await server.stop()
         if daemon is not None:

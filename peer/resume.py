@@ -8,6 +8,7 @@ residuals only when the peer takes the same slice again (they describe that slic
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer import checkpoint
@@ -49,3 +50,37 @@ def restore(trainer: Trainer, directory: Path, *, run_id: str, slice_index: int)
         log.info("checkpoint trained slice %d, this run takes slice %d: inner state starts afresh",
                  state.slice_index, slice_index)  # fmt: skip
     return state.round
+
+
+@dataclass(kw_only=True, slots=True)
+class Checkpointer:
+    """Saves a running peer every `every` rounds as well as on exit: a peer that is killed (SIGKILL, OOM,
+    power loss) never gets to save on exit, and would otherwise restart from scratch or from a late join."""
+
+    directory: Path
+    every: int
+    """Rounds between periodic saves (0: only on exit)."""
+    run_id: str
+    peer_id: str
+    version: str
+    _since: int = field(default=0, init=False)
+
+    def save(self, trainer: Trainer, *, round: int, tokens_seen: int) -> Path | None:
+        """Save now (blocking); the exit save, and what `after_round` calls when one is due."""
+        self._since = 0
+        return save(trainer, self.directory, round=round, run_id=self.run_id, peer_id=self.peer_id,
+                    version=self.version, tokens_seen=tokens_seen)  # fmt: skip
+
+    def after_round(self, trainer: Trainer, *, round: int, tokens_seen: int) -> Path | None:
+        """Count one finished round; save when `every` have passed since the last save. A full or refusing
+        disk is logged and training goes on (the next due save tries again): losing the swarm's time over a
+        checkpoint would be worse than losing the checkpoint."""
+        self._since += 1
+        if self.every <= 0 or self._since < self.every:
+            return None
+        try:
+            return self.save(trainer, round=round, tokens_seen=tokens_seen)
+        except OSError as exc:
+            log.warning("periodic checkpoint of round %d into %s failed, training goes on: %r", round,
+                        self.directory, exc)  # fmt: skip
+            return None
