@@ -31,7 +31,7 @@ from peer.outer import (
     weight_slice,
 )
 from peer.subsets import SliceConfig, SliceLayout, full_layout, parameter_shapes, partition, slice_cost
-from protocol.codec import CodecConfig, ErrorFeedback, decode, payload_size
+from protocol.codec import CodecConfig, Encoded, ErrorFeedback, decode, encode, payload_size
 
 METHODS = ("ddp", "diloco", "ppu", "gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc")
 
@@ -198,11 +198,7 @@ class Simulation:
 
     def _compress(self, k: int, delta: Contribution) -> Contribution:
         """What a partner receives: the delta through the codec, with this peer's error feedback."""
-        codec = self.config.codec
-        if codec.name == "fp32":
-            return delta
-        out = {n: decode(self.feedback[k].encode(n, t), codec) for n, t in delta.tensors.items()}
-        return Contribution(delta.layout, out)
+        return through_codec(delta, self.config.codec, self.feedback[k].encode)
 
     def _all_reduce(self, deltas: list[Contribution]) -> None:
         mean = CoordinateMean(self.phis[0])
@@ -216,22 +212,15 @@ class Simulation:
         slice_of = [k % len(self.all_slices) for k in range(n)]
         partners = matchings(n, self.config.fanout, slice_of, self.rng)
         consensus = self.all_slices[r % len(self.all_slices)]
-        shared = [self._weights_on_wire(weight_slice(phi, consensus)) for phi in self.phis]
+        codec = self.config.weights_codec
+        plain = lambda _, t: encode(t, codec)  # noqa: E731 - weights carry no error feedback
+        shared = [through_codec(weight_slice(phi, consensus), codec, plain) for phi in self.phis]
         for k in range(n):
             received = [deltas[j] for j in sorted(partners[k])]
             weights = [shared[j] for j in sorted(partners[k])]
             gossip_step(self.phis[k], self.states[k], deltas[k], received, weights, self.outer)
         sent = sum(len(p) for p in partners) / n
         self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus, weights=True)))
-
-    def _weights_on_wire(self, contribution: Contribution) -> Contribution:
-        codec = self.config.weights_codec
-        if codec.name == "fp32":
-            return contribution
-        from protocol.codec import encode
-
-        out = {n: decode(encode(t, codec), codec) for n, t in contribution.tensors.items()}
-        return Contribution(contribution.layout, out)
 
     def _payload(self, layout: SliceLayout, *, weights: bool = False) -> int:
         codec = self.config.weights_codec if weights else self.config.codec
@@ -280,6 +269,16 @@ class Simulation:
                 curve.append((tokens, sum(losses) / len(losses)))
             on_round()
         return self.result(self.config.rounds * self.config.tokens_per_round, curve, time.perf_counter() - start)
+
+
+def through_codec(
+    contribution: Contribution, codec: CodecConfig, encoder: Callable[[str, torch.Tensor], Encoded]
+) -> Contribution:
+    """The contribution as a partner decodes it; fp32 is lossless, so it skips the round trip."""
+    if codec.name == "fp32":
+        return contribution
+    out = {n: decode(encoder(n, t), codec) for n, t in contribution.tensors.items()}
+    return Contribution(contribution.layout, out)
 
 
 def _clone(params: Params) -> Params:
