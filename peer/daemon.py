@@ -36,6 +36,7 @@ from peer import resume
 from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
 from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
 from peer.metrics import Metrics
+from peer.roundline import RoundLine
 from peer.runconfig import RunConfig
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
 from peer.swarm_join import JoinOptions, check_endpoint, obtain_manifest, refresh_until
@@ -166,9 +167,10 @@ class Daemon:
         self._record(r, trained, ok)
         self.member.round, self.member.loss = r, trained.loss
         self.member.tokens_per_second = trained.tokens / seconds
-        print(f"round {r} loss {trained.loss:.4f} tok/s {trained.tokens / seconds:.0f} slice {self.trainer.slice} "
-              f"exchanged {ok}/{len(partners)} mixed {len(updates)} pushed-to-us {self.pushed_to_us} "
-              f"stale-dropped {self.inbox.dropped_stale} {seconds:.2f}s", flush=True)  # fmt: skip
+        line = RoundLine(round=r, loss=trained.loss, tokens_per_s=trained.tokens / seconds, slice=self.trainer.slice,
+                         exchanged=ok, partners=len(partners), mixed=len(updates), pushed_to_us=self.pushed_to_us,
+                         stale_dropped=self.inbox.dropped_stale, seconds=seconds)  # fmt: skip
+        print(line.format(), flush=True)
         if self.eval_every and r % self.eval_every == 0:
             print(f"eval round {r} val_loss {await asyncio.to_thread(self.trainer.evaluate):.4f}", flush=True)
         return True

@@ -34,6 +34,7 @@ import torch
 from peer import checkpoint
 from peer.data import unigram_entropy
 from peer.evaluate import corpus_for, evaluate_weights, run_from_dict
+from peer.roundline import parse_all
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -53,7 +54,6 @@ fanout = 1
 exchange_timeout_s = 10
 """
 """Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
-ROUND_LINE = re.compile(r"^round (\d+) loss ([\d.]+) .* exchanged (\d+)/(\d+) mixed (\d+)")
 MADDR_LINE = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$")
 STARTUP_S = 90.0
 STOP_GRACE_S = 45.0
@@ -103,7 +103,7 @@ class Child:
 
     def rounds(self) -> list[tuple[int, float]]:
         """(round, loss) of every round line so far."""
-        return [(int(m[1]), float(m[2])) for line in list(self.lines) if (m := ROUND_LINE.search(line))]
+        return [(r.round, r.loss) for r in parse_all(list(self.lines))]
 
     def tail(self, n: int = 15) -> str:
         try:

@@ -27,6 +27,8 @@ from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 -
 
 from peer import resume
 from peer.checkpoint import list_checkpoints
+from peer.roundline import PATTERN as ROUND_PATTERN_RE
+from peer.roundline import parse_all
 from peer.runconfig import RunConfig
 from peer.trainer import Trainer
 from protocol.identity import Identity
@@ -46,7 +48,6 @@ total_steps = 2000
 fanout = 2
 exchange_timeout_s = 3
 """
-ROUND = re.compile(r"^round (\d+) loss [\d.]+ .* exchanged (\d+)/(\d+) ")
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 JOINED = r"^joined swarm faults as ([0-9a-f]{64}) slice [01]"
 PARTNER = re.compile(r"round \d+: exchanged with ([0-9a-f]{16}) ")
@@ -55,7 +56,7 @@ PAUSE_S = 20.0
 
 def rounds_of(proc: Proc, start: int = 0) -> list[int]:
     """Round numbers of the round lines from stdout line `start` on."""
-    return [int(m[1]) for line in proc.lines[start:] if (m := ROUND.search(line))]
+    return [r.round for r in parse_all(proc.lines[start:])]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: list[Proc]) -> None:
@@ -162,7 +163,7 @@ def test_a_killed_peer_resumes_from_its_newest_valid_periodic_checkpoint(procs: 
 
     again = start_peer(procs, "owner-again", maddr, *flags, ident="owner")
     resumed = int(again.wait_for(r"^resumed from the checkpoint of round (\d+)", timeout=90).group(1))
-    first = int(again.wait_for(ROUND.pattern, timeout=60).group(1))
+    first = int(again.wait_for(ROUND_PATTERN_RE.pattern, timeout=60).group(1))
     assert (resumed, first) == (newest, newest + 1), again.logs()
     wait_until(lambda: _ckpt_rounds(ckpt)[0] > newest, 120, "a periodic checkpoint after the restart", [again])
     again.kill()
@@ -174,7 +175,7 @@ def test_a_killed_peer_resumes_from_its_newest_valid_periodic_checkpoint(procs: 
 
     third = start_peer(procs, "owner-third", maddr, *flags, ident="owner")
     resumed_third = int(third.wait_for(r"^resumed from the checkpoint of round (\d+)", timeout=90).group(1))
-    first_third = int(third.wait_for(ROUND.pattern, timeout=60).group(1))
+    first_third = int(third.wait_for(ROUND_PATTERN_RE.pattern, timeout=60).group(1))
     skipped = re.search(r"skipping checkpoint (\S+): (.*)$", third.stderr_path.read_text(), re.MULTILINE)
     assert skipped is not None, third.logs()
     print(f"\nkilled at checkpoint round {resumed}, resumed at round {first}; truncated round {newest} "

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
+from peer.roundline import parse_all
+
 RUN_TOML = """
 swarm = "loop"
 preset = "tiny"
@@ -29,16 +31,13 @@ total_steps = 2000
 fanout = 1
 exchange_timeout_s = 10
 """
-ROUND = re.compile(r"^round (\d+) loss ([\d.]+) .* exchanged (\d+)/(\d+) mixed (\d+) pushed-to-us (\d+)")
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 TRAIN_S = 20.0
 
 
 def rounds_of(proc: Proc) -> list[tuple[int, float, int, int, int]]:
     """(round, loss, exchanged, mixed, pushed-to-us) per round line."""
-    return [
-        (int(m[1]), float(m[2]), int(m[3]), int(m[5]), int(m[6])) for line in proc.lines if (m := ROUND.search(line))
-    ]
+    return [(r.round, r.loss, r.exchanged, r.mixed, r.pushed_to_us) for r in parse_all(proc.lines)]
 
 
 def start_run(procs: Procs, name: str, maddr: str, *extra: str, ident: str = "") -> Proc:
