@@ -16,21 +16,42 @@ log = get_logger(__name__)
 
 
 class BanList:
-    """Peer ids refused until a deadline. `duration_s` applies to every ban; bans never shorten."""
+    """Peer ids refused until a deadline. Each ban lasts `duration_s` unless given its own; bans never shorten.
 
-    def __init__(self, duration_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    At most `max_entries` bans are kept (each needs a signature from an announced key, but a sybil could
+    announce many): past it, the ban that ends soonest is dropped first.
+    """
+
+    def __init__(
+        self, duration_s: float = 600.0, clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000
+    ) -> None:
         if duration_s < 0:
             raise ValueError("duration_s must be >= 0")
         self.duration_s = duration_s
+        self.max_entries = max_entries
         self._clock = clock
         self._until: dict[str, float] = {}
 
-    def ban(self, peer_id: str, reason: str) -> None:
-        """Refuse `peer_id` for `duration_s` from now (extends a running ban, never shortens it)."""
-        until = self._clock() + self.duration_s
+    def ban(self, peer_id: str, reason: str, duration_s: float | None = None) -> None:
+        """Refuse `peer_id` for `duration_s` (default: the list's) from now; extends a running ban, never shortens."""
+        seconds = self.duration_s if duration_s is None else duration_s
+        until = self._clock() + seconds
         if until > self._until.get(peer_id, float("-inf")):
             self._until[peer_id] = until
-        log.warning("banned peer %s for %.0f s: %s", peer_id, self.duration_s, reason)
+        if len(self._until) > self.max_entries:
+            self._forget_soonest()
+        log.warning("banned peer %s for %.0f s: %s", peer_id, seconds, reason)
+
+    def _forget_soonest(self) -> None:
+        now = self._clock()
+        for peer in [p for p, until in self._until.items() if until <= now]:
+            del self._until[peer]
+        while len(self._until) > self.max_entries:
+            del self._until[min(self._until, key=self._until.__getitem__)]
+
+    def entries(self) -> int:
+        """Bans held, expired ones not yet forgotten included (bounded by `max_entries`)."""
+        return len(self._until)
 
     def is_banned(self, peer_id: str) -> bool:
         """True while `peer_id`'s ban runs; expired bans are forgotten on the way."""

@@ -5,17 +5,21 @@ codec, key lookup), an async `on_update` callback, and optional providers for th
 exchange (`reply_for`), for late joiners (`state_provider`) and for Info (`status`).
 
 Order of checks in Exchange (cheap and unauthenticated first, nothing large read before the cap):
-parse -> protocol version -> sender banned? -> run id -> sender known -> signature (addressed to us)
--> [authenticated from here] tensor table vs the slice's shapes, exact payload lengths -> replay ->
-chunks (each 1..1 MiB, never beyond the announced total) -> signed digest and decode in a worker
-thread (shape, dtype, finiteness) -> `on_update` -> our reply, signed for the caller.
+calls per minute of the caller's address -> parse -> protocol version -> sender banned? -> run id ->
+sender known -> signature (addressed to us) -> [authenticated from here] tensor table vs the slice's
+shapes, exact payload lengths -> the sender's exchanges and bytes per minute -> room in the in-flight
+budget -> replay -> chunks (each 1..1 MiB, never beyond the announced total) -> signed digest and
+decode in a worker thread (shape, dtype, finiteness) -> `on_update` -> our reply, signed for the caller.
+Info and FetchState are limited by address too. The limits and what each refusal means are in
+protocol/limits.py.
 
 Replays: the round is claimed when the header is accepted, and given back if the transfer dies
 (timeout, caller gone) before delivery, so an honest retry of the same round is not a replay.
 
 Bans: only failures after the signature checked are bans, because before it the claimed peer id
-proves nothing (banning it would let anyone get an honest peer banned). Replays and timeouts are
-refused but not banned (an honest peer's retry looks like a replay). Every refusal is counted in
+proves nothing (banning it would let anyone get an honest peer banned). Replays, timeouts and a
+busy server (RATE_LIMITED) are refused but not banned (an honest peer's retry looks like a replay);
+going over a per-peer limit (OVER_LIMIT) is banned for `Limits.over_limit_ban_s`. Every refusal is counted in
 `rejections` by reason and logged with the peer id and address.
 """
 
@@ -33,6 +37,7 @@ from google.protobuf.message import DecodeError
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList, ReplayGuard
+from protocol.codec import payload_size
 from protocol.errors import (
     BannedPeer,
     IncompatibleVersion,
@@ -42,6 +47,7 @@ from protocol.errors import (
     RejectedUpdate,
 )
 from protocol.identity import Identity, state_signing_bytes
+from protocol.limits import DEFAULT_MIN_ROUND_S, Limiter, Limits, address_of
 from protocol.logs import get_logger
 from protocol.updates import (
     OutgoingUpdate,
@@ -69,6 +75,9 @@ log = get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PeerService"].full_name
 _REFUSALS = (ProtocolViolation, IncompatibleVersion, BannedPeer)
+_NOT_BANNED = (Reason.REPLAY, Reason.TIMEOUT, Reason.RATE_LIMITED)
+"""Refusals an honest peer can meet (a retry, a slow link, a busy server): counted, never banned."""
+MAX_SLICES_PROBED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +101,14 @@ class ServerConfig:
     """The most one Exchange may take on our side, whatever deadline the caller set."""
     max_concurrent_rpcs: int = 32
     max_concurrent_fetches: int = 2
+    """FetchState streams served at once; more are refused with RATE_LIMITED."""
     fetch_timeout_s: float = 600.0
     """The most one FetchState may take on our side (a reader that stalls is cut off)."""
-    """FetchState streams served at once; more are refused with RATE_LIMITED."""
+    limits: Limits | None = None
+    """Rate and size limits (protocol/limits.py); None derives them with `Limits.for_run` from the
+    policy's largest acceptable update and `min_round_s`."""
+    min_round_s: float = DEFAULT_MIN_ROUND_S
+    """The shortest round an honest peer of this run makes: sets the per-peer rates when `limits` is None."""
 
 
 @dataclass(slots=True)
@@ -139,8 +153,10 @@ class PeerServer:
         self.identity = identity
         self.policy = policy
         self.config = config or ServerConfig()
-        self.bans = bans or BanList(self.config.ban_duration_s)
+        self.bans = bans if bans is not None else BanList(self.config.ban_duration_s)
         self.replay = ReplayGuard()
+        self.limiter = Limiter(self.config.limits or Limits.for_run(
+            stream_bytes=largest_stream_bytes(policy), min_round_s=self.config.min_round_s))  # fmt: skip
         self.rejections: Counter[Reason] = Counter()
         """Refusals by reason since start; the daemon exports them as metrics."""
         self.accepted = 0
@@ -209,8 +225,9 @@ class PeerServer:
         """Count, log, maybe ban, and abort the call with the reason's status and metadata."""
         reason = reason_of(refusal.error)
         self.rejections[reason] += 1
-        if refusal.blame is not None and reason not in (Reason.REPLAY, Reason.TIMEOUT):
-            self.bans.ban(refusal.blame, reason.value)
+        if refusal.blame is not None and reason not in _NOT_BANNED:
+            ban_s = self.limiter.limits.over_limit_ban_s if reason is Reason.OVER_LIMIT else None
+            self.bans.ban(refusal.blame, reason.value, ban_s)
         # Unauthenticated refusals are anyone's to cause: counted always, logged quietly.
         level = logging.INFO if refusal.blame is not None else logging.DEBUG
         log.log(level, "refused %s from %s (%s): %s", reason.value, refusal.blame, context.peer(), refusal.error)
@@ -224,6 +241,7 @@ class PeerServer:
 
     async def _info(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         try:
+            self.limiter.admit_call(address_of(context.peer()))
             major = _parse(pb.InfoRequest, request).protocol_major
             check_version(major)
         except _REFUSALS as exc:
@@ -245,6 +263,7 @@ class PeerServer:
         stream = _Stream()
         limit = self.config.exchange_timeout_s
         try:
+            self.limiter.admit_call(address_of(context.peer()))
             # One budget for the whole call, reply included: a caller that stops reading is cut off too.
             await asyncio.wait_for(self._exchange_within(requests, context, stream), limit)
         except asyncio.TimeoutError:
@@ -301,25 +320,29 @@ class PeerServer:
         authenticate_header(header, self.policy, self.identity.peer_id)
         stream.sender = header.sender
         planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
-        previous = self.replay.highest(header.sender, header.slice)
-        if not self.replay.claim(header.sender, header.slice, header.round):
-            raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {previous}")
-        stream.claim = (header.sender, header.slice, header.round, previous)
-        buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
-        await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
-        async for raw in requests:  # until the caller half-closes; PayloadBuffer refuses any excess
-            frame = _parse(pb.UpdateFrame, raw)
-            if frame.WhichOneof("body") != "chunk":
-                raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
-            buffer.add(frame.chunk)
-        buffer.finish()
-        tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
-        return ReceivedUpdate.from_header(header, tensors, buffer.total)
+        total = sum(p.entry.payload_length for p in planned)
+        self.limiter.admit_exchange(header.sender, total)
+        with self.limiter.reserve(header.sender, total):  # released however the stream ends
+            previous = self.replay.highest(header.sender, header.slice)
+            if not self.replay.claim(header.sender, header.slice, header.round):
+                raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {previous}")
+            stream.claim = (header.sender, header.slice, header.round, previous)
+            buffer = PayloadBuffer(total)
+            await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
+            async for raw in requests:  # until the caller half-closes; PayloadBuffer refuses any excess
+                frame = _parse(pb.UpdateFrame, raw)
+                if frame.WhichOneof("body") != "chunk":
+                    raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
+                buffer.add(frame.chunk)
+            buffer.finish()
+            tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
+            return ReceivedUpdate.from_header(header, tensors, total)
 
     # ------------------------------------------------------------------------------- FetchState
 
     async def _fetch_state(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
+            self.limiter.admit_call(address_of(context.peer()))
             snapshot = self._checked_state_request(request)
             if snapshot is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "no state to serve yet")
@@ -362,6 +385,19 @@ class PeerServer:
             content_sha256=snapshot.content_sha256,
             signature=self.identity.sign(signed),
         )
+
+
+def largest_stream_bytes(policy: WirePolicy) -> int:
+    """The most payload one Exchange may announce under `policy`: every tensor of the largest slice's table,
+    each in the largest accepted codec (slices are numbered from 0 up to the first that does not exist)."""
+    codecs = [c for c in (policy.codec_for(n) for n in {policy.codec.name, *policy.accepted_codecs}) if c]
+    largest = 0
+    for index in range(MAX_SLICES_PROBED):
+        table = policy.expected_shapes(index)
+        if table is None:
+            break
+        largest = max(largest, sum(max(payload_size(tuple(s), c) for c in codecs) for s in table.values()))
+    return max(largest, 1)
 
 
 def _parse(message_type: type, data: bytes):

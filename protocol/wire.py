@@ -10,7 +10,8 @@ message text is for humans only. Clients branch on (code, reason), never on text
     unknown_peer
     wrong_run, replay,      FAILED_PRECONDITION
     incompatible_version
-    oversize, rate_limited  RESOURCE_EXHAUSTED
+    oversize, rate_limited, RESOURCE_EXHAUSTED
+    over_limit
     banned                  PERMISSION_DENIED
     timeout                 DEADLINE_EXCEEDED
 
@@ -58,6 +59,7 @@ STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.INCOMPATIBLE_VERSION: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.OVERSIZE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.OVER_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.BANNED: grpc.StatusCode.PERMISSION_DENIED,
     Reason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
