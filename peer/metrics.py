@@ -320,7 +320,8 @@ class StatusLine:
         self.logger = logger or log
         self._samples: deque[tuple[float, int]] = deque()
         self._last_logged: float | None = None
-        self._drawn = False
+        self.drawn = False
+        """True while a line is on the terminal without its newline (whoever erases it resets this)."""
 
     def tokens_per_second(self, now: float, tokens: int) -> float:
         """Record (now, tokens) and return the rate over the sliding window (0 until two samples)."""
@@ -349,7 +350,7 @@ class StatusLine:
         if self.is_tty:
             self.stream.write("\r\x1b[2K" + line)
             self.stream.flush()
-            self._drawn = True
+            self.drawn = True
         elif self._last_logged is None or now - self._last_logged >= self.log_every_s:
             self.logger.info("%s", line)
             self._last_logged = now
@@ -357,7 +358,7 @@ class StatusLine:
 
     def close(self) -> None:
         """End the in-place line with a newline so what follows starts on its own line."""
-        if self._drawn:
+        if self.drawn:
             self.stream.write("\n")
             self.stream.flush()
-            self._drawn = False
+            self.drawn = False

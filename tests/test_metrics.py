@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import threading
+import time
 
 import pytest
 
@@ -298,3 +299,65 @@ def test_status_line_off_a_tty_logs_plain_lines_at_most_every_n_seconds(caplog: 
 def test_human_bytes() -> None:
     sizes = (0, 1023, 1024, 1536, 5 * 2**30)
     assert [human_bytes(n) for n in sizes] == ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 GiB"]
+
+
+@pytest.mark.timeout(20)
+def test_status_reporter_redraws_on_a_tty_and_keeps_other_output_off_the_line() -> None:
+    from peer.status import StatusReporter
+
+    m, tty, out = known_state(), FakeTTY(), io.StringIO()
+    root = logging.getLogger("murmur")
+    handler = logging.StreamHandler(tty)
+    root.addHandler(handler)
+    reporter = StatusReporter(m, tty, out=out, every_s=0.05)
+    erase = "\r\x1b[2K"
+
+    async def main() -> None:
+        reporter.start()
+        await asyncio.sleep(0.5)  # ~10 redraws on the timer alone
+        assert tty.getvalue().count(erase + "round 12 |") >= 4
+        m.set_round(13)
+        before = len(tty.getvalue())
+        reporter.emit("round 13 loss 2.5000 tok/s 100 slice 1 exchanged 2/2")
+        # the round line goes to stdout whole; the status line was erased first and is redrawn at once
+        assert out.getvalue() == "round 13 loss 2.5000 tok/s 100 slice 1 exchanged 2/2\n"
+        assert tty.getvalue()[before:].startswith(erase + erase + "round 13 |")
+        logging.getLogger("murmur.peer.daemon").warning("exchange failed")
+        assert tty.getvalue().endswith(erase + "exchange failed\n")  # at column 0, not after the status
+        await asyncio.sleep(0.2)
+        assert tty.getvalue().rstrip("\n").rsplit("\n", 1)[-1].startswith(erase + "round 13 |")  # back under it
+        await reporter.aclose()
+        await reporter.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        root.removeHandler(handler)
+    assert tty.getvalue().endswith("\n") and not handler.filters
+    settled = len(tty.getvalue())
+    time.sleep(0.2)
+    assert len(tty.getvalue()) == settled  # stopped redrawing
+
+
+@pytest.mark.timeout(20)
+def test_status_reporter_off_a_tty_prints_round_lines_plainly_and_logs_status_now_and_then(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from peer.status import StatusReporter
+
+    m, err, out = known_state(), io.StringIO(), io.StringIO()
+    reporter = StatusReporter(m, err, out=out, every_s=0.02, log_every_s=60, logger=logging.getLogger("test.rep"))
+
+    async def main() -> None:
+        reporter.start()
+        await asyncio.sleep(0.2)
+        reporter.emit("round 12 loss 3.2500")
+        reporter.emit("eval round 12 val_loss 3.1000")
+        await reporter.aclose()
+
+    with caplog.at_level(logging.INFO, logger="test.rep"):
+        asyncio.run(main())
+    assert out.getvalue() == "round 12 loss 3.2500\neval round 12 val_loss 3.1000\n"
+    assert err.getvalue() == ""
+    logged = [r.getMessage() for r in caplog.records if r.name == "test.rep"]
+    assert len(logged) == 1 and logged[0].startswith("round 12 | slice 1/4 | loss 3.250")
