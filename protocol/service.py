@@ -14,7 +14,8 @@ Info and FetchState are limited by address too. The limits and what each refusal
 protocol/limits.py.
 
 Replays: the round is claimed when the header is accepted, and given back if the transfer dies
-(timeout, caller gone) before delivery, so an honest retry of the same round is not a replay.
+(timeout, caller gone, stream ended short) before delivery, so an honest retry of the same round is
+not a replay.
 
 Bans: only failures after the signature checked are bans, because before it the claimed peer id
 proves nothing (banning it would let anyone get an honest peer banned). Replays, timeouts and a
@@ -334,6 +335,13 @@ class PeerServer:
                 if frame.WhichOneof("body") != "chunk":
                     raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
                 buffer.add(frame.chunk)
+            if buffer.received < total:
+                # The caller half-closed early, or its connection died: grpc.aio ends the request stream the
+                # same way for both (measured: not cancelled, not done), so an honest peer that vanished
+                # mid-push would be banned, and its retry refused as a replay. Neither: it is refused unblamed
+                # and the round is given back; deliberate truncation still costs the sender its rate budget.
+                stream.sender = None
+                self._undo_claim(stream)
             buffer.finish()
             tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
             return ReceivedUpdate.from_header(header, tensors, total)
