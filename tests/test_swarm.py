@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
-from peer.swarm import Reachability, choose_partners, choose_slice, rebalance, slice_counts
+from peer import swarm as swarm_module
+from peer.swarm import Member, Reachability, Swarm, SwarmConfig, choose_partners, choose_slice, rebalance, slice_counts
+from peer.swarm_join import refresh_until
+from protocol.identity import Identity
 from protocol.records import Announcement
 
 pytestmark = pytest.mark.timeout(30)
@@ -113,3 +119,100 @@ def test_cli_create_run_prints_the_run_key_last_and_usage_errors_exit_2(tmp_path
     neither = runner.invoke(main, ["join", "--swarm", "cli", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
                                    "--identity", "p.key"])  # fmt: skip
     assert neither.exit_code == 2 and "--client-only" in neither.output
+
+
+# ------------------------------------------------------------------- churn: expiry and re-balancing
+
+
+class RecordDHT:
+    """A DHT that keeps every stored record, expired or not: murmur must drop expired announcements itself
+    (a node's stale copy or skewed clock can still return them)."""
+
+    def __init__(self) -> None:
+        self.records: dict[object, dict[str, SimpleNamespace]] = {}
+
+    def store(self, key: object, value: bytes, expiration_time: float, subkey: str) -> bool:
+        self.records.setdefault(key, {})[subkey] = SimpleNamespace(value=value, expiration_time=expiration_time)
+        return True
+
+    def get(self, key: object, latest: bool = True) -> SimpleNamespace | None:
+        found = self.records.get(key)
+        return None if found is None else SimpleNamespace(value=dict(found))
+
+
+class QuietSwarm(Swarm):
+    def publish_manifest(self, signed: object) -> bool:
+        return True  # the manifest is not what these tests are about
+
+
+def members(count: int, num_slices: int, ttl: float = 60.0) -> list[Member]:
+    """`count` peers of one run over one RecordDHT, joined one after another (least covered slice)."""
+    swarm = QuietSwarm(RecordDHT(), SwarmConfig(swarm="churn", announce_ttl_s=ttl))
+    manifest = SimpleNamespace(
+        run_id="ab" * 32, manifest=SimpleNamespace(slices=SimpleNamespace(num_slices=num_slices))
+    )
+    made = []
+    for index in range(count):
+        member = Member(swarm, Identity.generate(), manifest, endpoint=f"127.0.0.1:{index + 1}", software_version="t")
+        member.rng = random.Random(index)
+        member.join()
+        made.append(member)
+    return made
+
+
+@pytest.fixture
+def dht_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The DHT's clock, moved by the test: [seconds since the epoch]."""
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(swarm_module, "get_dht_time", lambda: now[0])
+    return now
+
+
+def test_dead_peers_expire_and_their_uncovered_slice_is_taken_within_two_refreshes(dht_clock: list[float]) -> None:
+    peers = members(6, 3)
+    assert slice_counts(peers[-1].swarm.live_peers("ab" * 32), 3) == [2, 2, 2]
+    dead = [m for m in peers if m.slice == 2]
+    survivors = [m for m in peers if m.slice != 2]
+    dht_clock[0] += 30  # within the TTL the dead still count: their slice looks covered
+    for member in survivors:
+        member.refresh()
+    assert {m.slice for m in survivors} == {0, 1} and len(survivors[0].peers) == 6
+    dht_clock[0] += 31  # past the dead peers' TTL (the survivors re-announced at +30)
+    refreshes = 0
+    while 2 not in {m.slice for m in survivors}:
+        refreshes += 1
+        assert refreshes <= 2, [m.slice for m in survivors]
+        for member in survivors:
+            member.refresh()
+    listed = {p.peer_id for p in survivors[0].swarm.live_peers("ab" * 32)}
+    assert listed == {m.identity.peer_id for m in survivors}, "expired announcements are dropped"
+    assert not listed & {m.identity.peer_id for m in dead}
+    for member in survivors:  # and it settles: nobody flaps once coverage is even
+        member.refresh()
+    counts = slice_counts(survivors[0].swarm.live_peers("ab" * 32), 3)
+    assert max(counts) - min(counts) <= 1 and min(counts) >= 1, counts
+
+
+@pytest.mark.timeout(60)
+def test_the_refresh_loop_re_evaluates_the_slice_as_peers_leave(dht_clock: list[float], capsys) -> None:
+    """`refresh_until`, the loop `murmur run` runs (every TTL/3): after both peers of slice 1 died and expired,
+    one of the two survivors of slice 0 moves there on its own, and says so on stdout."""
+    peers = members(4, 2, ttl=1.5)
+    assert sorted(m.slice for m in peers) == [0, 0, 1, 1]
+    survivors = [m for m in peers if m.slice == 0]
+    dht_clock[0] += 10  # everyone's announcement expired; only the survivors come back
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        loops = [asyncio.create_task(refresh_until(stop, m)) for m in survivors]
+        start = time.monotonic()
+        while sorted(m.slice for m in survivors) != [0, 1] and time.monotonic() - start < 20:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*loops)
+        return time.monotonic() - start
+
+    took = asyncio.run(scenario())
+    assert sorted(m.slice for m in survivors) == [0, 1], "the uncovered slice was taken"
+    assert took < 4 * survivors[0].swarm.config.refresh_every_s, took
+    assert "slice coverage" in capsys.readouterr().out
