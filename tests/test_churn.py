@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +27,10 @@ from pathlib import Path
 import pytest
 from conftest_wire import CLIENT_ID, RUN_ID, SERVER_ID, Wire, run, serving
 from procs import Proc, Procs, group_pids, procs_fixture  # noqa: F401 - registers the `procs` fixture
+from test_daemon_faults import start_peer, start_swarm, wait_until
 
+from peer.checkpoint import list_checkpoints
+from peer.roundline import parse_all
 from protocol.client import PeerClient
 from protocol.errors import TransportError
 from protocol.service import PeerServer
@@ -219,3 +224,84 @@ def test_a_partner_process_killed_mid_exchange_is_abandoned_without_leaks(tmp_pa
     assert partner.returncode == -signal.SIGKILL
     assert after[0] <= baseline[0] and after[1] <= baseline[1], f"(tasks, sockets) {baseline} before, {after} after"
     print(f"\npartner SIGKILLed mid-exchange: {error!r}"[:300])
+
+
+# ------------------------------------------------------------------------------ acceptance (slow)
+
+CHURN_SEED = 6
+EVAL = re.compile(r"^eval round (\d+) val_loss ([0-9.]+)$")
+RESUMED = r"^resumed from the checkpoint of round (\d+)"
+
+
+def churn_flags(ident: str) -> tuple[str, ...]:
+    return ("--checkpoint-dir", f"ckpt-{ident}", "--checkpoint-every", "2", "--eval-every", "3")
+
+
+def evals(proc: Proc) -> list[tuple[int, float]]:
+    return [(int(m.group(1)), float(m.group(2))) for m in map(EVAL.match, proc.lines) if m]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_swarm_trains_through_sigkills_and_joins(procs: Procs) -> None:
+    rng = random.Random(CHURN_SEED)
+    started = time.monotonic()
+    maddr, run_key = start_swarm(procs)
+
+    def start(ident: str, name: str = "") -> Proc:
+        key = () if ident == "owner" else ("--run-key", run_key)
+        return start_peer(procs, name or ident, maddr, *key, *churn_flags(ident), ident=ident)
+
+    live = {ident: start(ident) for ident in ("owner", "p1", "p2")}
+    everyone = list(live.values())
+    wait_until(lambda: all(evals(p) for p in live.values()), 150, "every peer evaluated once", everyone)
+    first = {ident: evals(p)[0][1] for ident, p in live.items()}
+    resumes: list[tuple[str, int, int]] = []
+    crashed_before: set[str] = set()
+
+    def kill_and_restart(n: int) -> None:
+        ready = [i for i, p in sorted(live.items()) if list_checkpoints(procs.workdir / f"ckpt-{i}")]
+        victim = rng.choice(ready)
+        live[victim].kill()  # SIGKILL to the whole group: no exit checkpoint
+        crashed_before.add(live[victim].name)
+        newest = int(list_checkpoints(procs.workdir / f"ckpt-{victim}")[0].name.split("-")[1])
+        time.sleep(rng.uniform(1, 4))
+        again = live[victim] = start(victim, f"{victim}-restart{n}")
+        everyone.append(again)
+        resumed = int(again.wait_for(RESUMED, timeout=120).group(1))
+        resumes.append((victim, newest, resumed))
+
+    for n, event in enumerate(["kill", "join", "kill"]):
+        time.sleep(rng.uniform(2, 8))
+        if event == "join":
+            live["p3"] = start("p3")
+            everyone.append(live["p3"])
+        else:
+            kill_and_restart(n)
+    churned = time.monotonic()
+    marks = {ident: len(p.lines) for ident, p in live.items()}
+
+    def settled_after_churn() -> bool:
+        """Every live peer made 3 rounds and evaluated since the last churn event."""
+        fresh = {i: p.lines[marks[i] :] for i, p in live.items()}
+        return all(len(parse_all(lines)) >= 3 and any(map(EVAL.match, lines)) for lines in fresh.values())
+
+    wait_until(settled_after_churn, 150, "every live peer made 3 rounds and an eval after the churn", everyone)
+    final = {ident: evals(p)[-1] for ident, p in live.items()}
+    survivors = [p for p in everyone if p.name not in crashed_before]
+    assert all(p.popen.poll() is None for p in survivors), "a survivor crashed:\n" + "\n".join(
+        p.logs() for p in survivors if p.popen.poll() is not None
+    )
+    for proc in survivors:
+        assert proc.terminate(timeout=30) == 0, proc.logs()
+        assert group_pids(proc.pgid) == [], f"{proc.name} left processes behind"
+        assert "Traceback" not in proc.stderr_path.read_text(), proc.logs()
+    took = time.monotonic() - started
+    print(f"\nchurn seed {CHURN_SEED}: kills and resumes (peer, newest checkpoint, resumed from) {resumes}; "
+          f"first val_loss {first}; final (round, val_loss) {final}; churn phase {churned - started:.0f}s, "
+          f"whole test {took:.0f}s")  # fmt: skip
+    assert len(resumes) == 2 and all(newest == resumed for _, newest, resumed in resumes), resumes
+    mean_first = sum(first.values()) / len(first)
+    mean_final = sum(v for _, v in final.values()) / len(final)
+    assert mean_final < mean_first, (first, final)
+    assert max(v for _, v in final.values()) < max(first.values()), (first, final)
