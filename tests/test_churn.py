@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest_wire import CLIENT_ID, RUN_ID, SERVER_ID, Wire, run, serving
 from procs import Proc, Procs, group_pids, procs_fixture  # noqa: F401 - registers the `procs` fixture
-from test_daemon_faults import start_peer, start_swarm, wait_until
+from test_daemon_faults import EVAL, evals_of, start_peer, start_swarm, wait_until
 
 from peer.checkpoint import list_checkpoints
 from peer.roundline import parse_all
@@ -229,16 +228,11 @@ def test_a_partner_process_killed_mid_exchange_is_abandoned_without_leaks(tmp_pa
 # ------------------------------------------------------------------------------ acceptance (slow)
 
 CHURN_SEED = 6
-EVAL = re.compile(r"^eval round (\d+) val_loss ([0-9.]+)$")
 RESUMED = r"^resumed from the checkpoint of round (\d+)"
 
 
 def churn_flags(ident: str) -> tuple[str, ...]:
     return ("--checkpoint-dir", f"ckpt-{ident}", "--checkpoint-every", "2", "--eval-every", "3")
-
-
-def evals(proc: Proc) -> list[tuple[int, float]]:
-    return [(int(m.group(1)), float(m.group(2))) for m in map(EVAL.match, proc.lines) if m]
 
 
 @pytest.mark.slow
@@ -254,8 +248,8 @@ def test_the_swarm_trains_through_sigkills_and_joins(procs: Procs) -> None:
 
     live = {ident: start(ident) for ident in ("owner", "p1", "p2")}
     everyone = list(live.values())
-    wait_until(lambda: all(evals(p) for p in live.values()), 150, "every peer evaluated once", everyone)
-    first = {ident: evals(p)[0][1] for ident, p in live.items()}
+    wait_until(lambda: all(evals_of(p) for p in live.values()), 150, "every peer evaluated once", everyone)
+    first = {ident: evals_of(p)[0][1] for ident, p in live.items()}
     resumes: list[tuple[str, int, int]] = []
     crashed_before: set[str] = set()
 
@@ -287,7 +281,7 @@ def test_the_swarm_trains_through_sigkills_and_joins(procs: Procs) -> None:
         return all(len(parse_all(lines)) >= 3 and any(map(EVAL.match, lines)) for lines in fresh.values())
 
     wait_until(settled_after_churn, 150, "every live peer made 3 rounds and an eval after the churn", everyone)
-    final = {ident: evals(p)[-1] for ident, p in live.items()}
+    final = {ident: evals_of(p)[-1] for ident, p in live.items()}
     survivors = [p for p in everyone if p.name not in crashed_before]
     assert all(p.popen.poll() is None for p in survivors), "a survivor crashed:\n" + "\n".join(
         p.logs() for p in survivors if p.popen.poll() is not None

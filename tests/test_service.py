@@ -38,6 +38,7 @@ from protocol.errors import (
     Reason,
     RejectedUpdate,
 )
+from protocol.limits import Limits
 from protocol.service import ServerConfig
 from protocol.updates import CHUNK_BYTES, chunked, make_state_snapshot
 
@@ -502,40 +503,44 @@ def test_replay_guard_and_ban_list() -> None:
     assert not bans.is_banned("p") and bans.banned() == []
 
 
+# name: (weights served, server config, calls made, status and reason of the last, at most this many frames)
+FETCH_REFUSALS = {
+    "too_many_downloads": ((4,), ServerConfig(max_concurrent_fetches=0), 1, S.RESOURCE_EXHAUSTED, "rate_limited", 0),
+    "overruns_the_server_budget": (  # 16 MiB: many chunks, cut off early
+        (4096, 1024),
+        ServerConfig(fetch_timeout_s=0.001),
+        1,
+        S.DEADLINE_EXCEEDED,
+        "timeout",
+        16,
+    ),
+    "address_over_its_calls": (
+        (4,),
+        ServerConfig(limits=Limits(calls_per_minute_per_address=2)),
+        3,
+        S.RESOURCE_EXHAUSTED,
+        "over_limit",
+        0,
+    ),
+}
+
+
 @pytest.mark.timeout(60)
-def test_fetch_state_is_rate_limited() -> None:
+@pytest.mark.parametrize("case", sorted(FETCH_REFUSALS))
+def test_fetch_state_refusals(case: str) -> None:
+    shape, config, calls, status, reason, most_frames = FETCH_REFUSALS[case]
     wire = Wire()
-    snapshot = make_state_snapshot(1, {"w": torch.ones(4)})
+    snapshot = make_state_snapshot(1, {"w": torch.randn(shape)})
 
     async def scenario():
-        config = ServerConfig(max_concurrent_fetches=0)
         async with serving(wire, state_provider=lambda: snapshot, config=config) as server:
             channel = pinned_channel(server)
             try:
                 request = pb.FetchStateRequest(protocol_major=PROTOCOL_MAJOR, run_id=RUN_ID).SerializeToString()
-                return await unary(channel, "FetchState", request)
+                return [await unary(channel, "FetchState", request) for _ in range(calls)][-1]
             finally:
                 await channel.close()
 
     result = run(scenario)
-    assert (result.code, result.reason) == (S.RESOURCE_EXHAUSTED, "rate_limited")
-
-
-@pytest.mark.timeout(60)
-def test_fetch_state_that_overruns_the_server_budget_is_cut_off() -> None:
-    wire = Wire()
-    snapshot = make_state_snapshot(1, {"w": torch.randn(4096, 1024)})  # 16 MiB: many chunks
-
-    async def scenario():
-        config = ServerConfig(fetch_timeout_s=0.001)
-        async with serving(wire, state_provider=lambda: snapshot, config=config) as server:
-            channel = pinned_channel(server)
-            try:
-                request = pb.FetchStateRequest(protocol_major=PROTOCOL_MAJOR, run_id=RUN_ID).SerializeToString()
-                return await unary(channel, "FetchState", request)
-            finally:
-                await channel.close()
-
-    result = run(scenario)
-    assert (result.code, result.reason) == (S.DEADLINE_EXCEEDED, "timeout")
-    assert len(result.responses) < 17
+    assert (result.code, result.reason) == (status, reason)
+    assert len(result.responses) <= most_frames
