@@ -215,7 +215,7 @@ def test_a_flood_of_concurrent_pushes_keeps_payload_memory_under_the_cap() -> No
 
     def flood(cap: int) -> tuple[list, object, int]:
         async def scenario():
-            async with serving(wire, config=ServerConfig(exchange_timeout_s=4.0)) as server:
+            async with serving(wire, config=ServerConfig(exchange_timeout_s=6.0)) as server:
                 _tight(server, max_inflight_bytes=cap)
                 channel = pinned_channel(server)
                 try:
