@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.outer import Contribution, OuterConfig, Params, gossip_step, weight_slice
+from peer.robust import WRONG_SHAPE, Clipper, ClipReport
 from peer.subsets import SliceLayout
 from protocol.codec import CodecConfig, ErrorFeedback, decode, encode
 from protocol.logs import get_logger
@@ -86,16 +87,22 @@ def split_update(
 ) -> tuple[Contribution | None, Contribution | None]:
     """(delta, weights) contributions of a validated update; either is None when it carries none.
 
-    The wire already checked names and shapes against `update_shapes`; a weight slice mixing two
-    consensus slices is not something an honest peer sends, so only the first slice named is used.
+    The wire already checked names and shapes against `update_shapes`; anything else (a name outside the
+    sender's slice, a slice that does not exist) raises ValueError. A weight slice mixing two consensus
+    slices is not something an honest peer sends, so only the first slice named is used.
     """
+    if not 0 <= update.slice < len(layouts):
+        raise ValueError(f"no slice {update.slice}")
     delta_layout = layouts[update.slice]
-    delta = {n[len(DELTA) :]: t.to(device) for n, t in update.tensors.items() if n.startswith(DELTA)}
-    phis: dict[int, dict[str, torch.Tensor]] = {}
+    delta, phis = {}, {}
     for name, tensor in update.tensors.items():
-        if name.startswith(PHI):
-            k, _, param = name[len(PHI) :].partition("/")
-            phis.setdefault(int(k), {})[param] = tensor.to(device)
+        if name.startswith(DELTA) and name[len(DELTA) :] in delta_layout:
+            delta[name[len(DELTA) :]] = tensor.to(device)
+            continue
+        k, _, param = name[len(PHI) :].partition("/") if name.startswith(PHI) else ("", "", "")
+        if not (k.isdigit() and int(k) < len(layouts) and param in layouts[int(k)]):
+            raise ValueError(f"unexpected tensor {name[:80]!r}")
+        phis.setdefault(int(k), {})[param] = tensor.to(device)
     delta_c = Contribution({n: delta_layout[n] for n in delta}, delta) if delta else None
     if not phis:
         return delta_c, None
@@ -113,17 +120,36 @@ def compose_outer_step(
     updates: Sequence[ReceivedUpdate],
     layouts: Sequence[SliceLayout],
     config: OuterConfig,
-) -> None:
-    """The gossip outer step (in place) from this peer's own delta and the partners' updates it kept."""
+    clipper: Clipper | None = None,
+) -> ClipReport:
+    """The gossip outer step (in place) from this peer's own delta and the partners' updates it kept.
+
+    With a `clipper` every partner term is checked and clipped toward our own (`peer/robust.py`); the
+    report says how many terms were mixed, clipped and rejected (by reason) for the daemon's metrics.
+    """
     received, weights = [], []
+    rejected: dict[str, int] = {}
     device = next(iter(phi.values())).device
     for update in updates:
-        delta, weight = split_update(update, layouts, device)
+        try:
+            delta, weight = split_update(update, layouts, device)
+        except ValueError as exc:
+            log.warning("update from %s not mixed: %s", update.sender[:16], exc)
+            rejected[WRONG_SHAPE] = rejected.get(WRONG_SHAPE, 0) + 1
+            continue
         if delta is not None:
             received.append(delta)
         if weight is not None:
             weights.append(weight)
-    gossip_step(phi, state, own, received, weights, config)
+    report = gossip_step(phi, state, own, received, weights, config, clipper)
+    if report is None:
+        report = ClipReport(mixed=len(received) + len(weights))
+    for reason, n in rejected.items():
+        report.rejected[reason] = report.rejected.get(reason, 0) + n
+    if report.clipped or report.rejected:
+        log.info("outer step: %d partner terms mixed, %d clipped (largest %.3g x the bound), rejected %s",
+                 report.mixed, report.clipped, report.largest_ratio, report.rejected)  # fmt: skip
+    return report
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from peer.robust import Clipper, ClipReport, robust_terms
 from peer.subsets import SliceLayout
 
 Params = dict[str, torch.Tensor]
@@ -153,12 +154,18 @@ def gossip_step(
     received: list[Contribution],
     weights: list[Contribution],
     config: OuterConfig,
-) -> None:
+    clipper: Clipper | None = None,
+) -> ClipReport | None:
     """One peer's gossip outer step from its own delta, partners' deltas and partners' weight slices.
 
     `state` is the rule's per-peer buffer: NoLoCo's momentum or GASLoC's previous y (initialise it
-    to zeros for NoLoCo and to phi for GASLoC; `initial_state` does that).
+    to zeros for NoLoCo and to phi for GASLoC; `initial_state` does that). With a `clipper`, partner
+    terms are first checked and clipped toward this peer's own (`peer/robust.py`), and the report of
+    what happened to them is returned; without one they are mixed as given (None).
     """
+    report = None
+    if clipper is not None:
+        received, weights, report = robust_terms(phi, own, received, weights, clipper)
     progress = CoordinateMean(phi)
     for contribution in (own, *received):
         progress.add(contribution)
@@ -170,6 +177,7 @@ def gossip_step(
         gasloc_step(phi, state, delta, pull, config)
     else:
         raise ValueError(f"gossip_step needs the noloco or gasloc rule, not {config.rule!r}")
+    return report
 
 
 def initial_state(phi: Params, config: OuterConfig) -> Params:
