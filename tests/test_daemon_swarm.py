@@ -1,7 +1,8 @@
 """`murmur run` with real processes on loopback: a bootstrap node, the owner and two volunteers (one
 client-only, joining late) train a tiny run together, exchange updates over gRPC, their loss falls,
-the late joiner starts from a live peer's weights, `murmur status` sees their rounds rise, and SIGTERM
-stops every process with exit code 0 and nothing left running.
+the late joiner starts from a live peer's weights and is at the others' loss level within a few rounds,
+`murmur status` sees their rounds rise, and SIGTERM stops every process with exit code 0 and nothing left
+running.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ exchange_timeout_s = 10
 """
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 TRAIN_S = 20.0
+LATE_ROUNDS = 3
+LATE_MARGIN = 0.15
+"""Nats the late joiner's first rounds may be above the others' loss at the same rounds."""
 
 
 def rounds_of(proc: Proc) -> list[tuple[int, float, int, int, int]]:
@@ -59,7 +63,7 @@ def resumed_from(procs: Procs, maddr: str, run_key: str, last_round: int) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text(RUN_TOML)
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
@@ -75,7 +79,7 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     for proc in (owner, peer1):
         proc.wait_for(r"^joined swarm loop as [0-9a-f]{64} slice [01]", timeout=60)
     t0 = time.monotonic()
-    owner.wait_for(r"^round (1[2-9]|[2-9]\d|\d{3,}) ", timeout=60)  # >= 12 (rounds may skip)
+    owner.wait_for(r"^round (1[2-9]|[2-9]\d|\d{3,}) ", timeout=150)  # >= 12 (rounds may skip)
     peer2 = start_run(procs, "peer2", maddr, "--run-key", run_key, "--client-only")
     fetched = int(peer2.wait_for(r"^late join: fetched the weights of round (\d+)", timeout=60).group(1))
     started = {"owner": t0, "peer1": t0, "peer2": time.monotonic()}
@@ -103,8 +107,8 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
         rounds = rounds_of(proc)
         assert len(rounds) >= 5, proc.logs()
         losses = [loss for _, loss, *_ in rounds]
-        fall = 0.2 if proc is peer2 else 1.0  # the late joiner starts from trained weights
-        assert sum(losses[-3:]) / 3 < losses[0] - fall, (proc.name, losses)
+        if proc is not peer2:  # the late joiner starts from trained weights: it is checked below, against these
+            assert sum(losses[-3:]) / 3 < losses[0] - 1.0, (proc.name, losses)
         assert sum(exchanged for _, _, exchanged, _, _ in rounds) >= len(rounds) // 2, proc.logs()
         assert sum(mixed for *_, mixed, _ in rounds) >= len(rounds) // 2, proc.logs()
         print(f"\n{proc.name}: {len(rounds)} rounds in ~{elapsed:.0f}s ({60 * len(rounds) / elapsed:.0f}/min), "
@@ -119,6 +123,20 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     # swarm's (not a fresh model's ~4.5 nats).
     assert rounds_of(peer2)[0][0] == fetched + 1
     assert rounds_of(peer2)[0][1] < rounds_of(owner)[0][1] - 1.0
+    # Within a few rounds it is at the others' level: its mean loss over its first LATE_ROUNDS rounds is
+    # within LATE_MARGIN of the others' mean loss over the same round numbers (a fresh model starts near 4.5).
+    late = rounds_of(peer2)[:LATE_ROUNDS]
+    lo, hi = late[0][0], late[-1][0]
+    theirs = [loss for p in (owner, peer1) for r, loss, *_ in rounds_of(p) if lo - 1 <= r <= hi + 1]
+    mine = sum(loss for _, loss, *_ in late) / len(late)
+    print(f"late joiner: rounds {lo}-{hi} mean loss {mine:.3f}; the others over rounds {lo - 1}-{hi + 1}: "
+          f"{sum(theirs) / max(1, len(theirs)):.3f} ({len(theirs)} round lines)")  # fmt: skip
+    assert len(late) == LATE_ROUNDS and len(theirs) >= 2, (late, theirs)
+    assert mine <= sum(theirs) / len(theirs) + LATE_MARGIN, (late, theirs)
+    # and it keeps that level: its last rounds are no worse than the others' last rounds (by LATE_MARGIN)
+    last_mine = sum(loss for _, loss, *_ in rounds_of(peer2)[-3:]) / 3
+    last_theirs = sum(loss for p in (owner, peer1) for _, loss, *_ in rounds_of(p)[-3:]) / 6
+    assert last_mine <= last_theirs + LATE_MARGIN, (rounds_of(peer2)[-3:], last_theirs)
     # Nobody dials the client-only peer; the listening peers receive its pushes.
     assert rounds_of(peer2)[-1][4] == 0
     assert rounds_of(owner)[-1][4] + rounds_of(peer1)[-1][4] > 0
