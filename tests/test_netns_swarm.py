@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import time
 
+import netns as netns_module
 import pytest
 from netns import Host, Network, netns_fixture  # noqa: F401 - registers the `netns` fixture
 from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
@@ -71,12 +72,26 @@ def test_a_shaped_link_runs_at_its_rate_and_nothing_is_left_after(netns: Network
     rate = int(got) * 8 / float(seconds) / 1e6
     print(f"\n{got} bytes in {float(seconds):.2f}s: {rate:.1f} Mbit/s through a 20 Mbit/s link")
     assert int(got) == payload and 12 < rate < 21, rate
+    stray = subprocess.Popen(fast.argv(["sleep", "600"]), start_new_session=True)  # not through procs
     names = [h.netns for h in netns.hosts.values()]
     netns.close()
+    assert stray.wait(10) == -9
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     assert not any(name in listed for name in names) and netns.bridge not in links, (listed, links)
     assert sink.popen.poll() is not None
+
+
+def test_the_network_says_why_it_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    check = netns_module.unavailable.__wrapped__  # unavailable() itself is cached for the session
+    monkeypatch.setattr(netns_module.os, "geteuid", lambda: 1000)
+    assert "need root" in check()
+    monkeypatch.setattr(netns_module.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns_module.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/ip")
+    assert check() == "tc not found (install iproute2)"
+    with pytest.raises(ValueError, match="rate must be positive"):
+        netns_module.tbf(0)
+    assert netns_module.tbf(1000)[:5] == ["tbf", "rate", "1000mbit", "burst", "500000"]
 
 
 def start_peer(procs: Procs, host: Host, maddr: str, run_key: str) -> Proc:
