@@ -64,18 +64,30 @@ def _run(argv: Sequence[str], check: bool = True, timeout: float = 30.0) -> subp
 
 @functools.cache
 def unavailable() -> str | None:
-    """Why namespaces cannot be built here (not root, no `ip`/`tc`, namespaces refused), or None when they can."""
+    """Why the network cannot be built here (not root, no `ip`/`tc`, namespaces, veths, bridges or tbf refused),
+    or None when it can: a probe builds one namespace with a shaped veth on a bridge and removes it again."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add, tc); run as root"
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         return f"{' and '.join(missing)} not found (install iproute2)"
-    probe = f"{PREFIX}probe-{secrets.token_hex(3)}"
-    made = _run(["ip", "netns", "add", probe], check=False)
-    if made.returncode != 0:
-        return f"cannot create a network namespace (ip netns add): {made.stderr.strip()}"
-    _run(["ip", "netns", "del", probe], check=False)
-    return None
+    tag = secrets.token_hex(3)
+    netns, bridge, veth = f"{PREFIX}probe-{tag}", f"mprobe{tag}", f"mprobe{tag}v"
+    steps = (
+        ("create a network namespace", ["ip", "netns", "add", netns]),
+        ("create a bridge", ["ip", "link", "add", bridge, "type", "bridge"]),
+        ("create a veth pair", ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth1", "netns", netns]),
+        ("shape a link with tbf", ["tc", "qdisc", "add", "dev", veth, "root", *tbf(10)]),
+    )
+    try:
+        for what, argv in steps:
+            done = _run(argv, check=False)
+            if done.returncode != 0:
+                return f"cannot {what} ({' '.join(argv[:4])} ...): {done.stderr.strip()}"
+        return None
+    finally:
+        for argv in (["ip", "link", "del", veth], ["ip", "link", "del", bridge], ["ip", "netns", "del", netns]):
+            _run(argv, check=False)
 
 
 def tbf(rate_mbit: float) -> list[str]:
