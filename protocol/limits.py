@@ -32,11 +32,11 @@ so whatever arrives, a server holds at most that much payload plus grpc's own pe
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -152,9 +152,8 @@ class Limiter:
                 Reason.OVER_LIMIT, f"more than {self.limits.bytes_per_minute_per_peer} payload bytes a minute"
             )
 
-    @contextmanager
-    def reserve(self, peer_id: str, payload_bytes: int) -> Iterator[None]:
-        """Hold `payload_bytes` of the in-flight budget and one of `peer_id`'s streams until the block ends.
+    def reserve(self, peer_id: str, payload_bytes: int) -> Reservation:
+        """Hold `payload_bytes` of the in-flight budget and one of `peer_id`'s streams: `with limiter.reserve(...)`.
 
         Raises MalformedPayload(RATE_LIMITED) instead when either is used up: the server is busy, which is
         nobody's fault (no ban), and the sender may retry.
@@ -170,16 +169,51 @@ class Limiter:
         self._streams[peer_id] = streams + 1
         self.inflight_bytes += payload_bytes
         self.peak_inflight_bytes = max(self.peak_inflight_bytes, self.inflight_bytes)
-        try:
-            yield
-        finally:
-            self.inflight_bytes -= payload_bytes
-            left = self._streams[peer_id] - 1
-            if left:
-                self._streams[peer_id] = left
-            else:
-                del self._streams[peer_id]
+        return Reservation(self, peer_id, payload_bytes)
+
+    def _release(self, peer_id: str, payload_bytes: int) -> None:
+        self.inflight_bytes -= payload_bytes
+        left = self._streams[peer_id] - 1
+        if left:
+            self._streams[peer_id] = left
+        else:
+            del self._streams[peer_id]
 
     def tracked(self) -> int:
         """Entries held in all tables (bounded by 3 x max_tracked plus the streams in progress)."""
         return len(self._calls) + len(self._exchanges) + len(self._bytes) + len(self._streams)
+
+
+class Reservation:
+    """Budget held by one stream; given back when its `with` block ends, or later (`release_when_done`)."""
+
+    def __init__(self, limiter: Limiter, peer_id: str, payload_bytes: int) -> None:
+        self._limiter = limiter
+        self._peer_id = peer_id
+        self._bytes = payload_bytes
+        self._held = True
+        self._deferred = False
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._deferred:
+            self.release()
+
+    def release(self) -> None:
+        """Give the budget back (once; later calls do nothing)."""
+        if self._held:
+            self._held = False
+            self._limiter._release(self._peer_id, self._bytes)
+
+    def release_when_done(self, work: asyncio.Future) -> None:
+        """Keep the budget until `work` ends, even past the `with` block: a worker thread still holding the
+        buffer when its caller is cancelled must not make room for more buffers than the cap allows."""
+        self._deferred = True
+        work.add_done_callback(self._work_done)
+
+    def _work_done(self, work: asyncio.Future) -> None:
+        if not work.cancelled():
+            work.exception()  # retrieved here: whoever awaited it may be gone
+        self.release()

@@ -323,7 +323,7 @@ class PeerServer:
         planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
         total = sum(p.entry.payload_length for p in planned)
         self.limiter.admit_exchange(header.sender, total)
-        with self.limiter.reserve(header.sender, total):  # released however the stream ends
+        with self.limiter.reserve(header.sender, total) as reservation:  # released however the stream ends
             previous = self.replay.highest(header.sender, header.slice)
             if not self.replay.claim(header.sender, header.slice, header.round):
                 raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {previous}")
@@ -343,7 +343,11 @@ class PeerServer:
                 stream.sender = None
                 self._undo_claim(stream)
             buffer.finish()
-            tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
+            decoding = asyncio.ensure_future(
+                asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
+            )
+            reservation.release_when_done(decoding)  # the worker holds the buffer even if our caller goes away
+            tensors = await asyncio.shield(decoding)
             return ReceivedUpdate.from_header(header, tensors, total)
 
     # ------------------------------------------------------------------------------- FetchState

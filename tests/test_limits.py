@@ -101,6 +101,18 @@ def test_reservations_are_given_back_however_the_block_ends() -> None:
             raise RuntimeError("the stream died")
     assert (limiter.inflight_bytes, limiter.peak_inflight_bytes, limiter.tracked()) == (0, 100, 0)
 
+    async def cancelled_mid_decode() -> tuple[int, int]:
+        """The stream's task is cancelled while a worker still decodes its buffer: the bytes stay reserved."""
+        decoding = asyncio.get_running_loop().create_future()
+        with limiter.reserve("a", 70) as reservation:
+            reservation.release_when_done(decoding)
+        held = limiter.inflight_bytes
+        decoding.set_exception(ValueError("non-finite"))  # retrieved by the reservation, not left unobserved
+        await asyncio.sleep(0)
+        return held, limiter.inflight_bytes
+
+    assert run(cancelled_mid_decode) == (70, 0)
+
 
 @pytest.mark.timeout(10)
 def test_default_limits_come_from_the_policy_largest_update() -> None:
