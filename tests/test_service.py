@@ -542,5 +542,5 @@ def test_fetch_state_refusals(case: str) -> None:
                 await channel.close()
 
     result = run(scenario)
-    assert (result.code, result.reason) == (status, reason)
+    assert (result.code, result.reason) == (status, reason), (result.details, len(result.responses))
     assert len(result.responses) <= most_frames
