@@ -1,0 +1,509 @@
+"""murmur against hivemind's collaborative optimizer: validation loss vs wall-clock and vs bytes sent per peer.
+
+Both systems train the same model (`tiny` preset, same seed, so the same initial weights) on the same data
+(the embedded byte-level corpus, disjoint windows per peer) with the same number of peers and the same
+token budget, every peer a real process, and both are scored on the same held-out windows (the daemon's
+`eval round N val_loss`: batch 2 x B, 8 batches):
+
+- hivemind: benchmarks/_hivemind_worker.py, `hivemind.Optimizer` with `use_local_updates=False` (gradients
+  accumulated until the swarm has `target_batch_size` samples, then all-reduced; every peer applies the
+  same AdamW step). target_batch_size = peers x H x B, so it syncs once per H local steps per peer, as often
+  as murmur exchanges. It runs `rounds` global steps: the same tokens as murmur's peers.
+- murmur: `murmur run --rounds R` (R rounds of H inner steps of batch B per peer), owner with
+  --manifest/--key, the others with --run-key, a `murmur bootstrap` node, K slices, int8 updates.
+
+Bytes: each peer runs in its own network namespace (`ip netns`), joined to a bridge by a veth pair; the
+host end's rx_bytes/tx_bytes are what the peer sent/received, everything included (DHT, gRPC or libp2p,
+TLS, TCP/IP headers; what a peer says to itself stays on its own loopback). Sampled every 0.5 s and
+interpolated at each evaluation. Needs root (CAP_NET_ADMIN); the bootstrap node sits on the bridge.
+
+    sudo .venv/bin/python -m benchmarks.vs_hivemind            # ~7 minutes on 2 cores
+    .venv/bin/python -m benchmarks.vs_hivemind --rounds 4     # a quick look
+
+Writes benchmarks/results/vs_hivemind.json and vs_hivemind.png; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer.data import load_corpus
+from peer.evaluate import val_loss
+from peer.model import Transformer, preset
+from peer.roundline import RoundLine
+
+SUBNET = "10.79.0"
+BRIDGE = "vhbr0"
+ROOT = Path(__file__).resolve().parent.parent
+MADDR = re.compile(r"^(/ip4/[\d.]+/tcp/\d+/p2p/\w+)$")
+EVAL = re.compile(r"^eval round (\d+) val_loss ([\d.]+|nan|inf)$")
+RUN_TOML = """\
+swarm = "vsh"
+preset = "{preset}"
+[slices]
+num_slices = {slices}
+[inner]
+steps_per_round = {H}
+batch_size = {B}
+warmup_steps = {H}
+total_steps = {total}
+[gossip]
+fanout = 2
+exchange_timeout_s = 10
+"""
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not go on; the message says which process or step failed and why."""
+
+
+# --- network namespaces ------------------------------------------------------------------------------------
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and done.returncode:
+        raise BenchError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()} (this benchmark needs root)")
+
+
+def teardown_network(peers: int) -> None:
+    for i in range(peers):
+        _ip("netns", "del", f"vhp{i}", check=False)  # deletes its veth pair too
+    _ip("link", "del", BRIDGE, check=False)
+
+
+def setup_network(peers: int) -> list[str]:
+    """Bridge at SUBNET.1, namespace vhp{i} at SUBNET.{11+i}; the IPs of the peers."""
+    teardown_network(peers)
+    _ip("link", "add", BRIDGE, "type", "bridge")
+    _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+    _ip("link", "set", BRIDGE, "up")
+    ips = []
+    for i in range(peers):
+        ns, host, inner, ip = f"vhp{i}", f"vhh{i}", f"vhn{i}", f"{SUBNET}.{11 + i}"
+        _ip("netns", "add", ns)
+        _ip("link", "add", host, "type", "veth", "peer", "name", inner)
+        _ip("link", "set", inner, "netns", ns)
+        _ip("link", "set", host, "master", BRIDGE)
+        _ip("link", "set", host, "up")
+        _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", inner)
+        _ip("-n", ns, "link", "set", inner, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        ips.append(ip)
+    return ips
+
+
+def counters(peers: int) -> list[tuple[int, int]]:
+    """(sent, received) bytes of each peer: rx/tx of the host end of its veth."""
+    out = []
+    for i in range(peers):
+        stats = Path(f"/sys/class/net/vhh{i}/statistics")
+        out.append((int((stats / "rx_bytes").read_text()), int((stats / "tx_bytes").read_text())))
+    return out
+
+
+def group_cpu_ticks(pgid: int, seen: dict[int, int]) -> None:
+    """Record utime + stime (+ reaped children's) of every live process of group `pgid` into `seen` (pid -> ticks)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # fields[2]: pgrp; [11..14]: utime stime cutime cstime
+            seen[int(stat.parent.name)] = sum(int(f) for f in fields[11:15])
+
+
+class Sampler:
+    """Every `period` s: (time since t0, per-peer (sent, received) since the start); and the CPU ticks of the
+    process groups in `groups` (CPU seconds do not depend on what else the machine runs, wall-clock does)."""
+
+    def __init__(self, peers: int, t0: float, period: float = 0.5) -> None:
+        self.peers, self.t0, self.period = peers, t0, period
+        self.groups: list[int] = []
+        self.ticks: dict[int, dict[int, int]] = {}
+        self.base = counters(peers)
+        self.samples: list[tuple[float, list[tuple[int, int]]]] = [(0.0, [(0, 0)] * peers)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _take(self) -> None:
+        now = [(s - bs, r - br) for (s, r), (bs, br) in zip(counters(self.peers), self.base)]
+        self.samples.append((time.monotonic() - self.t0, now))
+        for pgid in list(self.groups):
+            group_cpu_ticks(pgid, self.ticks.setdefault(pgid, {}))
+
+    def cpu_seconds(self, pgid: int) -> float:
+        return sum(self.ticks.get(pgid, {}).values()) / os.sysconf("SC_CLK_TCK")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._take()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+    def sent_at(self, peer: int, t: float) -> float:
+        """Bytes `peer` had sent at time t (linear between samples)."""
+        prev_t, prev = 0.0, 0
+        for st, values in self.samples:
+            if st >= t:
+                frac = (t - prev_t) / (st - prev_t) if st > prev_t else 1.0
+                return prev + frac * (values[peer][0] - prev)
+            prev_t, prev = st, values[peer][0]
+        return float(prev)
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+class Child:
+    """A process (in a namespace or not) in its own session; stdout lines stamped on arrival."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, t0: float, ns: str | None = None) -> None:
+        self.name, self.t0 = name, t0
+        self.lines: list[tuple[float, str]] = []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+               "MURMUR_HOME": str(workdir / f"home-{name}")}  # fmt: skip
+        full = ["ip", "netns", "exec", ns, *argv] if ns else argv
+        self.err_path = workdir / f"{name}.err"
+        with open(self.err_path, "w") as err:
+            self.popen = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=workdir,
+                                          env=env, start_new_session=True)  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, line in list(self.lines):
+                if m := pattern.search(line):
+                    return m
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.2)
+        raise BenchError(f"{self.name}: no line matching {pattern.pattern!r}\n{self.tail()}")
+
+    def tail(self, n: int = 12) -> str:
+        err = self.err_path.read_text(errors="replace").splitlines()[-n:] if self.err_path.exists() else []
+        return "\n".join([f"--- {self.name} stdout:", *[s for _, s in self.lines[-n:]], "--- stderr:", *err])
+
+    def kill(self) -> None:
+        """SIGTERM the group, SIGKILL it after 10 s (hivemind's helpers and p2pd included)."""
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.popen.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                self.popen.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGKILL:
+                return
+
+
+def wait_all(children: list[Child], timeout: float, what: str) -> float:
+    """Until every child exited; the time (since t0) the last one did. BenchError on a failure or timeout."""
+    deadline = time.monotonic() + timeout
+    while any(c.popen.poll() is None for c in children):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not finished within {timeout:.0f}s\n" + "\n".join(c.tail() for c in children))
+        time.sleep(0.25)
+    for child in children:
+        if child.popen.returncode != 0:
+            raise BenchError(f"{child.name} exited with {child.popen.returncode}\n{child.tail()}")
+    return time.monotonic() - children[0].t0
+
+
+# --- the two runs ------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class Options:
+    peers: int = 4
+    rounds: int = 10
+    steps: int = 10
+    """H: local steps per round (murmur) and per peer per global step (hivemind)."""
+    batch: int = 8
+    slices: int = 2
+    preset: str = "tiny"
+    timeout: float = 600.0
+    workdir: Path = Path("/tmp/murmur-vs-hivemind")
+
+    @property
+    def tokens(self) -> int:
+        """The swarm's token budget."""
+        return self.peers * self.rounds * self.steps * self.batch * preset(self.preset).seq_len
+
+
+@dataclass(kw_only=True, slots=True)
+class Curve:
+    """One system's run: per peer, its evaluations (k-th eval = k rounds/epochs) as (t, bytes sent, loss)."""
+
+    system: str
+    evals: list[list[tuple[float, float, float]]] = field(default_factory=list)
+    wall_s: float = 0.0
+    sent: list[int] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
+    tokens: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def mean_at(self, k: int) -> tuple[float, float, float, float, float] | None:
+        """(t, bytes sent, mean loss, min loss, max loss) over the peers' k-th evaluation (1-based)."""
+        rows = [peer[k - 1] for peer in self.evals if len(peer) >= k]
+        if len(rows) < len(self.evals) or not rows:
+            return None
+        losses = [r[2] for r in rows]
+        return (sum(r[0] for r in rows) / len(rows), sum(r[1] for r in rows) / len(rows), sum(losses) / len(losses),
+                min(losses), max(losses))  # fmt: skip
+
+
+def start_murmur(opts: Options, ips: list[str], t0: float) -> tuple[list[Child], list[Child]]:
+    wd = opts.workdir / "murmur"
+    wd.mkdir(parents=True)
+    total = opts.rounds * opts.steps
+    (wd / "run.toml").write_text(RUN_TOML.format(preset=opts.preset, slices=opts.slices, H=opts.steps, B=opts.batch,
+                                                 total=total))  # fmt: skip
+    cli = [sys.executable, "-m", "peer.cli"]
+    made = subprocess.run([*cli, "create-run", "--config", "run.toml", "--key", "owner.key", "--out", "manifest.json"],
+                          cwd=wd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "MURMUR_HOME": str(wd / "home-create")})
+    if made.returncode:
+        raise BenchError(f"murmur create-run failed: {made.stdout}{made.stderr}")
+    run_key = made.stdout.strip().splitlines()[-1].strip()
+    boot = Child("boot", [*cli, "bootstrap", "--host-maddrs", f"/ip4/{SUBNET}.1/tcp/0", "--identity", "boot.key"], wd,
+                 t0)  # fmt: skip
+    maddr = boot.wait_for(MADDR, 90).group(1)
+    peers = []
+    for i, ip in enumerate(ips):
+        who = ["--manifest", "manifest.json", "--key", "owner.key"] if i == 0 else ["--run-key", run_key]
+        argv = [*cli, "run", "--swarm", "vsh", "--initial-peers", maddr, *who, "--identity", f"peer{i}.id",
+                "--host-maddrs", f"/ip4/{ip}/tcp/0", "--listen", f"{ip}:0", "--announce-ttl", "10", "--device", "cpu",
+                "--rounds", str(opts.rounds), "--eval-every", "1", "--checkpoint-every", "0"]  # fmt: skip
+        peers.append(Child(f"murmur{i}", argv, wd, t0, ns=f"vhp{i}"))
+    return [boot], peers
+
+
+def murmur_evals(child: Child, sampler: Sampler, index: int) -> list[tuple[float, float, float]]:
+    """(t, bytes sent, val loss) after each round this peer trained (`--eval-every 1`: an eval line per round)."""
+    out = []
+    for t, line in child.lines:
+        if m := EVAL.match(line):
+            out.append((t, sampler.sent_at(index, t), float(m.group(2))))
+    return out
+
+
+def start_hivemind(opts: Options, ips: list[str], t0: float) -> tuple[list[Child], list[Child]]:
+    wd = opts.workdir / "hivemind"
+    wd.mkdir(parents=True)
+    worker = [sys.executable, "-m", "benchmarks._hivemind_worker"]
+    boot = Child("boot", [*worker, "--bootstrap", "--host", f"{SUBNET}.1"], wd, t0)
+    maddr = json.loads(boot.wait_for(re.compile(r'^\{"event": "maddrs"'), 90).string)["maddrs"][0]
+    target = opts.peers * opts.steps * opts.batch
+    peers = [Child(f"hivemind{i}", [*worker, "--host", ip, "--initial-peers", maddr, "--index", str(i),
+                                    "--num-peers", str(opts.peers), "--preset", opts.preset,
+                                    "--batch-size", str(opts.batch), "--target-batch-size", str(target),
+                                    "--epochs", str(opts.rounds), "--eval-every", "1"], wd, t0, ns=f"vhp{i}")
+             for i, ip in enumerate(ips)]  # fmt: skip
+    return [boot], peers
+
+
+def hivemind_events(child: Child) -> list[tuple[float, dict[str, Any]]]:
+    out = []
+    for t, line in child.lines:
+        if line.startswith("{"):
+            try:
+                out.append((t, json.loads(line)))
+            except ValueError:
+                continue
+    return out
+
+
+def hivemind_evals(child: Child, sampler: Sampler, index: int) -> list[tuple[float, float, float]]:
+    """(t, bytes sent, val loss) at each global epoch this peer reached (an epoch skipped by a late state load
+    counts as reached: the loss is that of the weights it then holds)."""
+    out: list[tuple[float, float, float]] = []
+    for t, event in hivemind_events(child):
+        if event.get("event") == "eval":
+            while len(out) < int(event["epoch"]):
+                out.append((t, sampler.sent_at(index, t), float(event["val_loss"])))
+    return out
+
+
+def run_system(system: str, opts: Options, ips: list[str]) -> Curve:
+    """Start the system's bootstrap and peers, wait until every peer finished, read its curve; kill all."""
+    t0 = time.monotonic()
+    sampler = Sampler(opts.peers, t0)
+    start = start_murmur if system == "murmur" else start_hivemind
+    children: list[Child] = []
+    try:
+        boots, peers = start(opts, ips, t0)
+        children = boots + peers
+        sampler.groups = [p.popen.pid for p in peers]
+        print(f"{system}: {len(peers)} peers started", flush=True)
+        wall = wait_all(peers, opts.timeout, f"{system} training")
+    finally:
+        sampler.stop()
+        for child in children:
+            child.kill()
+            (child.err_path.with_suffix(".out")).write_text("".join(f"{t:.2f} {line}\n" for t, line in child.lines))
+    read = murmur_evals if system == "murmur" else hivemind_evals
+    curve = Curve(system=system, wall_s=wall, evals=[read(p, sampler, i) for i, p in enumerate(peers)])
+    final = sampler.samples[-1][1]
+    curve.sent, curve.received = [s for s, _ in final], [r for _, r in final]
+    if system == "murmur":
+        rounds = [len([ln for _, ln in p.lines if RoundLine.parse(ln)]) for p in peers]
+        curve.tokens = sum(rounds) * opts.steps * opts.batch * preset(opts.preset).seq_len
+        curve.notes["rounds_trained"] = rounds
+    else:
+        done = [e for p in peers for _, e in hivemind_events(p) if e.get("event") == "done"]
+        curve.tokens = sum(int(e["samples"]) for e in done) * preset(opts.preset).seq_len
+        curve.notes["local_steps"] = [int(e["steps"]) for e in done]
+    curve.notes["cpu_s"] = [sampler.cpu_seconds(p.popen.pid) for p in peers]
+    curve.notes["first_eval_s"] = min((peer[0][0] for peer in curve.evals if peer), default=None)
+    return curve
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def initial_loss(opts: Options) -> float:
+    """Val loss of the shared initial weights (seed 0, as both systems start)."""
+    torch.manual_seed(0)
+    model = Transformer(preset(opts.preset)).eval()
+    return val_loss(model, load_corpus(None), seq_len=model.config.seq_len, batch_size=2 * opts.batch)
+
+
+def table(curves: list[Curve], opts: Options) -> str:
+    marks = sorted({max(1, round(opts.rounds * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+    rows = ["| system | tokens (swarm) | val loss mean (min-max) | wall s | MB sent / peer |",
+            "| --- | ---: | --- | ---: | ---: |"]
+    per_round = opts.peers * opts.steps * opts.batch * preset(opts.preset).seq_len
+    for curve in curves:
+        for k in marks:
+            at = curve.mean_at(k)
+            if at is None:
+                rows.append(f"| {curve.system} | {k * per_round:,} | (not every peer got there) | | |")
+                continue
+            t, sent, mean, lo, hi = at
+            rows.append(f"| {curve.system} | {k * per_round:,} | {mean:.3f} ({lo:.3f}-{hi:.3f}) | {t:.0f} | "
+                        f"{sent / 1e6:.2f} |")  # fmt: skip
+    rows.append("")
+    rows.append("| system | wall s (start to last exit) | CPU s / peer | MB sent / peer | MB received / peer | "
+                "tokens trained |")
+    rows.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for c in curves:
+        cpu = c.notes.get("cpu_s") or [0.0]
+        sent, received = sum(c.sent) / len(c.sent) / 1e6, sum(c.received) / len(c.received) / 1e6
+        rows.append(f"| {c.system} | {c.wall_s:.0f} | {sum(cpu) / len(cpu):.0f} | {sent:.2f} | {received:.2f} | "
+                    f"{c.tokens:,} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def plot(curves: list[Curve], start_loss: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = {"murmur": "tab:blue", "hivemind": "tab:orange"}
+    for curve in curves:
+        color = colors.get(curve.system, "black")
+        for peer in curve.evals:
+            ax_t.plot([0] + [e[0] for e in peer], [start_loss] + [e[2] for e in peer], color=color, alpha=0.25, lw=0.8)
+            ax_b.plot([0] + [e[1] / 1e6 for e in peer], [start_loss] + [e[2] for e in peer], color=color, alpha=0.25,
+                      lw=0.8)  # fmt: skip
+        means = [m for k in range(1, opts_rounds(curve) + 1) if (m := curve.mean_at(k)) is not None]
+        ax_t.plot([0] + [m[0] for m in means], [start_loss] + [m[2] for m in means], color=color, lw=2, marker="o",
+                  ms=3, label=f"{curve.system} (mean of peers)")  # fmt: skip
+        ax_b.plot([0] + [m[1] / 1e6 for m in means], [start_loss] + [m[2] for m in means], color=color, lw=2,
+                  marker="o", ms=3, label=curve.system)  # fmt: skip
+    ax_t.set_xlabel("wall-clock since the peers were started (s)")
+    ax_b.set_xlabel("MB sent per peer (veth counters)")
+    ax_b.set_xscale("symlog", linthresh=0.1)
+    ax_t.set_ylabel("validation loss (nats/token)")
+    ax_t.legend()
+    for ax in (ax_t, ax_b):
+        ax.grid(alpha=0.3)
+    fig.suptitle("tiny preset, 4 peers, equal tokens: murmur run vs hivemind.Optimizer (all-reduce)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def opts_rounds(curve: Curve) -> int:
+    return max((len(p) for p in curve.evals), default=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10, help="murmur rounds = hivemind global steps")
+    p.add_argument("--steps", type=int, default=10, help="H: local steps per round per peer")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--slices", type=int, default=2, help="murmur's K")
+    p.add_argument("--systems", default="murmur,hivemind")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for one system's training")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="JSON and PNG go here")
+    p.add_argument("--name", default="vs_hivemind", help="file stem of the outputs")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/murmur-vs-hivemind"))
+    a = p.parse_args(argv)
+    systems = [s for s in a.systems.split(",") if s]
+    if not set(systems) <= {"murmur", "hivemind"} or not systems:
+        p.error("--systems takes murmur and/or hivemind")
+    if min(a.peers, a.rounds, a.steps, a.batch, a.slices) < 1 or a.peers > 200:
+        p.error("--peers (<= 200), --rounds, --steps, --batch and --slices must be >= 1")
+    if os.geteuid() != 0:
+        sys.exit("vs_hivemind needs root: each peer runs in its own network namespace to count its bytes")
+    opts = Options(peers=a.peers, rounds=a.rounds, steps=a.steps, batch=a.batch, slices=a.slices, timeout=a.timeout,
+                   workdir=a.workdir)  # fmt: skip
+    subprocess.run(["rm", "-rf", str(opts.workdir)], check=True)
+    start_loss = initial_loss(opts)
+    print(f"token budget {opts.tokens:,} ({opts.peers} peers x {opts.rounds} x {opts.steps} steps x batch "
+          f"{opts.batch}); initial val loss {start_loss:.4f}", flush=True)  # fmt: skip
+    curves = []
+    try:
+        ips = setup_network(opts.peers)
+        for system in systems:
+            curves.append(run_system(system, opts, ips))
+    except BenchError as err:
+        sys.exit(f"vs_hivemind: {err}")
+    finally:
+        teardown_network(opts.peers)
+    print(table(curves, opts))
+    a.out.mkdir(parents=True, exist_ok=True)
+    result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+              "token_budget": opts.tokens, "initial_val_loss": start_loss,
+              "bytes": "veth counters of each peer's network namespace (all traffic, headers included)",
+              "systems": [{"system": c.system, "wall_s": c.wall_s, "tokens": c.tokens, "bytes_sent": c.sent,
+                           "bytes_received": c.received, "evals_t_sent_loss": c.evals, **c.notes}
+                          for c in curves]}  # fmt: skip
+    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    plot(curves, start_loss, a.out / f"{a.name}.png")
+    print(f"wrote {a.out / (a.name + '.json')} and {a.out / (a.name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
