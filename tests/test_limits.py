@@ -254,3 +254,25 @@ def test_a_flood_of_concurrent_pushes_keeps_payload_memory_under_the_cap() -> No
     # Three buffers, and per admitted stream at most a chunk being parsed, its copy and the one before.
     assert peak < 3 * one + 3 * (3 << 20), "payload buffers plus the chunks in transit"
     assert open_peak > 16 * one, "without the cap, every stream's buffer at once"
+
+
+@pytest.mark.timeout(60)
+def test_one_peer_holds_at_most_two_streams_at_once_and_is_not_banned_for_a_third() -> None:
+    wire = Wire()
+
+    async def scenario():
+        async with serving(wire, config=ServerConfig(exchange_timeout_s=4.0)) as server:
+            channel = pinned_channel(server)
+            try:
+                stalled = [push_frames(channel, update_frames(wire.update(r)), half_close=False) for r in (1, 2, 3)]
+                outcomes = await asyncio.gather(*stalled)
+                after = await push_frames(channel, update_frames(wire.update(4)))
+            finally:
+                await channel.close()
+            return outcomes, after, server
+
+    outcomes, after, server = run(scenario)
+    codes = sorted((o.code.name, o.reason) for o in outcomes)
+    assert codes == [("DEADLINE_EXCEEDED", "timeout")] * 2 + [("RESOURCE_EXHAUSTED", "rate_limited")], codes
+    assert after.code is S.OK and server.bans.banned() == [] and [u.round for u in wire.received] == [4]
+    assert server.limiter.tracked() == 3, "one entry per table for the one address / peer, no stream left"
