@@ -1,88 +1,252 @@
 """One training step of the full model against the slice-restricted step, side by side in one run.
 
-    python -m benchmarks.step_cost --presets tiny,small --slices 2,4,8 [--device cuda] [--json PATH]
+    python -m benchmarks.step_cost [--presets tiny,small] [--slices 2,4,8] [--cuts units,blocks] [--device cuda]
 
-For each preset, cut and K: wall time, backward FLOPs (counted by torch's FLOP counter) and
-memory, each as a ratio to the full-model step measured in the same process. Memory is CUDA's
-peak allocated bytes on a GPU; on CPU it is the gradient + AdamW bytes the optimiser holds (peak
-RSS of one process mixes every configuration and would say nothing per row).
+For each preset, cut and K, every figure is a ratio to the full-model step of the same preset, shown
+next to what `peer/subsets.py` (`slice_cost`) predicts from parameter counts:
+- time: median step time; full and slice steps alternate in one process so load noise hits both.
+  Predicted: (forward + slice backward FLOPs) / (forward + full backward FLOPs).
+- backward FLOPs: torch's FLOP counter over one backward pass.
+- state: gradient + AdamW bytes, counted from the buffers the optimiser really holds after a step.
+- peak memory: each configuration trains a few steps in a fresh subprocess that reports its peak RSS
+  (`ru_maxrss`) and, on a GPU, CUDA's peak allocated bytes; the ratio is of what training added above
+  the process's footprint once the model was built (torch's own ~300 MB would hide every difference).
+Units slices are equal by construction, so only slice 0 is measured; blocks: the top slice (cheapest)
+and the bottom one (it owns the input embedding, so its backward runs through every block).
+Writes `benchmarks/results/step_cost_<device>.json` unless `--json` names another path.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import ctypes
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
 from peer.inner import InnerConfig, SliceOptimizer
 from peer.model import PRESETS, Transformer
-from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
+from peer.subsets import (
+    SliceConfig,
+    SliceLayout,
+    forward_flops_per_token,
+    full_layout,
+    parameter_shapes,
+    partition,
+    slice_cost,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD_STEPS = 3
 
 
-def measure(preset: str, layout: dict, batch: int, device: torch.device, repeats: int) -> dict:
-    """Median step time, counted backward FLOPs and memory of training `layout` for one step."""
-    config = PRESETS[preset]
-    torch.manual_seed(0)
-    model = Transformer(config).to(device)
-    optimizer = SliceOptimizer(model, layout, InnerConfig())
-    x = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
+def _cpu_attention_backward(grad_out: tuple, query: tuple, key: tuple, value: tuple, *_: object, **__: object) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP counter has formulas for the CUDA attention kernels but none for the CPU one, so on CPU
+# it would leave the attention core (8 T d_model per token and layer) out of the backward count
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One configuration: a preset and one slice of one cut (cut "full": the whole model)."""
+
+    preset: str
+    cut: str
+    k: int
+    index: int
+
+    def layout(self) -> SliceLayout:
+        config = PRESETS[self.preset]
+        if self.cut == "full":
+            return full_layout(parameter_shapes(config))
+        return partition(config, SliceConfig(num_slices=self.k, cut=self.cut))[self.index]
+
+    def spec(self) -> str:
+        return f"{self.preset}:{self.cut}:{self.k}:{self.index}"
+
+    @classmethod
+    def parse(cls, spec: str) -> Case:
+        preset, cut, k, index = spec.split(":")
+        return cls(preset, cut, int(k), int(index))
+
+
+class Stepper:
+    """A model and the optimiser of one slice, ready to take timed training steps on a fixed batch."""
+
+    def __init__(self, case: Case, batch: int, device: torch.device) -> None:
+        config = PRESETS[case.preset]
+        torch.manual_seed(0)
+        self.device = device
+        self.model = Transformer(config).to(device)
+        self.optimizer = SliceOptimizer(self.model, case.layout(), InnerConfig())
+        self.x = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        self.model.loss(self.x, self.x).backward()
+        self.optimizer.step(1e-4)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def backward_flops(self) -> int:
+        loss = self.model.loss(self.x, self.x)
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+        with counter:
+            loss.backward()
+        return counter.get_total_flops()
+
+    def state_bytes(self) -> int:
+        """Gradient + AdamW bytes held right after a step, counted from the real buffers (not a formula)."""
+        moments = sum(t.nbytes for key, t in self.optimizer.state_dict().items() if key != "steps")
+        grads = sum(g.nbytes for _, g in self.optimizer._grads())  # the buffers clip_grad_norm scales
+        return moments + grads
+
+    def close(self) -> None:
+        self.optimizer.close()
+
+
+def interleaved_times(full: Stepper, part: Stepper, repeats: int) -> tuple[float, float, float]:
+    """Median step seconds of each and the median of per-pair ratios, alternating full/slice (and which
+    goes first) so that load drift on a shared machine hits both alike."""
+    full.step(), part.step()  # the first step allocates the optimiser state
+    full_times, part_times = [], []
+    for i in range(repeats):
+        order = ((full, full_times), (part, part_times))
+        for stepper, times in order if i % 2 == 0 else order[::-1]:
+            times.append(stepper.step())
+    ratio = statistics.median(p / f for p, f in zip(part_times, full_times))
+    return statistics.median(full_times), statistics.median(part_times), ratio
+
+
+def child_memory(case: Case, batch: int, device: torch.device) -> dict:
+    """Run in a fresh process: peak RSS (and CUDA peak) of a few steps, and the footprint before them.
+
+    The process's peak is reset (Linux `clear_refs`) once the model is built, so `ru_maxrss` then
+    tracks the training steps alone rather than the transient peak of importing torch.
+    """
+    stepper = Stepper(case, batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        model.loss(x, x).backward()
-        optimizer.step(1e-4)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first step allocates optimizer state
-            times.append(time.perf_counter() - start)
-    loss = model.loss(x, x)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss.backward()
-    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else optimizer.state_bytes()
-    optimizer.close()
-    del model, optimizer, loss
-    gc.collect()
+    base_cuda = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    import_peak = _maxrss()
+    try:
+        # hand freed heap pages back first, or training reuses them unseen and RSS never rises
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    except OSError:  # not Linux with glibc: the import peak stays in, training RSS then reads low
+        pass
+    base_rss = _maxrss()
+    for _ in range(CHILD_STEPS):
+        stepper.step()
+    out = {"import_peak_rss": import_peak, "base_rss": base_rss, "peak_rss": _maxrss()}
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"seconds": statistics.median(times), "backward_flops": counter.get_total_flops(), "memory": memory}
+        out.update(base_cuda=base_cuda, peak_cuda=torch.cuda.max_memory_allocated())
+    return out
 
 
-def run(presets: list[str], ks: list[int], cuts: list[str], batch: int, device: torch.device, repeats: int) -> list:
-    rows = []
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def spawn_child(case: Case, batch: int, device: torch.device, timeout: float) -> dict:
+    command = [sys.executable, "-m", "benchmarks.step_cost", "--child", case.spec(), "--batch-size", str(batch),
+               "--device", str(device)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child {case.spec()} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cases(presets: list[str], ks: list[int], cuts: list[str]) -> list[Case]:
+    out = []
     for preset in presets:
-        config = PRESETS[preset]
-        full = measure(preset, full_layout(parameter_shapes(config)), batch, device, repeats)
-        rows.append({"preset": preset, "cut": "full", "k": 1, "slice": "-", **full, "time_ratio": 1.0,
-                     "flops_ratio": 1.0, "memory_ratio": 1.0, "predicted_flops_ratio": 1.0})  # fmt: skip
-        full_cost = slice_cost(config, full_layout(parameter_shapes(config)))
         for cut in cuts:
             for k in ks:
                 try:
-                    layouts = partition(config, SliceConfig(num_slices=k, cut=cut))
+                    layouts = partition(PRESETS[preset], SliceConfig(num_slices=k, cut=cut))
                 except ValueError as error:
-                    print(f"skip {preset} {cut} K={k}: {error}")
+                    print(f"skip {preset} {cut} K={k}: {error}", file=sys.stderr)
                     continue
-                # blocks: the top slice is cheapest and the bottom one as costly as it gets; units: all equal
-                for index in sorted({0, len(layouts) - 1}):
-                    m = measure(preset, layouts[index], batch, device, repeats)
-                    predicted = slice_cost(config, layouts[index]).backward_flops_per_token
-                    rows.append({"preset": preset, "cut": cut, "k": k, "slice": index, **m,
-                                 "time_ratio": m["seconds"] / full["seconds"],
-                                 "flops_ratio": m["backward_flops"] / full["backward_flops"],
-                                 "memory_ratio": m["memory"] / full["memory"],
-                                 "predicted_flops_ratio": predicted / full_cost.backward_flops_per_token})  # fmt: skip
+                indices = [0] if cut == "units" else sorted({len(layouts) - 1, 0})
+                out += [Case(preset, cut, k, index) for index in indices]
+    return out
+
+
+def predicted(case: Case) -> dict:
+    """What the parameter counts say, as ratios to the full model."""
+    config = PRESETS[case.preset]
+    full = slice_cost(config, full_layout(parameter_shapes(config)))
+    cost = slice_cost(config, case.layout())
+    forward = forward_flops_per_token(config)
+    return {
+        "predicted_flops_ratio": cost.backward_flops_per_token / full.backward_flops_per_token,
+        "ideal_flops_ratio": cost.ideal_backward_flops_per_token / full.ideal_backward_flops_per_token,
+        "predicted_time_ratio": (forward + cost.backward_flops_per_token) / (forward + full.backward_flops_per_token),
+        "predicted_state_ratio": cost.state_bytes / full.state_bytes,
+        "params": cost.params,
+    }
+
+
+def measure_preset(preset: str, slices: list[Case], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every slice of one preset against the full step: interleaved times, FLOPs, state, child memory."""
+    full = Stepper(Case(preset, "full", 1, 0), args.batch_size, device)
+    full.step()
+    full_flops, full_state = full.backward_flops(), full.state_bytes()
+    memory = {"full": spawn_child(Case(preset, "full", 1, 0), args.batch_size, device, args.child_timeout)}
+    rows = [{"preset": preset, "cut": "full", "k": 1, "slice": "-", "backward_flops": full_flops,
+             "state_bytes": full_state, **memory["full"], **predicted(Case(preset, "full", 1, 0))}]  # fmt: skip
+    for case in slices:
+        part = Stepper(case, args.batch_size, device)
+        full_s, part_s, ratio = interleaved_times(full, part, args.repeats)
+        flops, state = part.backward_flops(), part.state_bytes()
+        part.close()
+        del part
+        mem = spawn_child(case, args.batch_size, device, args.child_timeout)
+        row = {"preset": preset, "cut": case.cut, "k": case.k, "slice": case.index, "seconds": part_s,
+               "full_seconds": full_s, "time_ratio": ratio, "backward_flops": flops,
+               "flops_ratio": flops / full_flops, "state_bytes": state, "state_ratio": state / full_state,
+               **mem, **memory_ratios(mem, memory["full"]), **predicted(case)}  # fmt: skip
+        rows.append(row)
+        print(format_row(row), file=sys.stderr, flush=True)
+    full.close()
     return rows
+
+
+def memory_ratios(mem: dict, full: dict) -> dict:
+    training, full_training = mem["peak_rss"] - mem["base_rss"], full["peak_rss"] - full["base_rss"]
+    out = {"rss_ratio": mem["peak_rss"] / full["peak_rss"], "training_rss_ratio": training / max(1, full_training)}
+    if "peak_cuda" in mem:
+        out["cuda_peak_ratio"] = mem["peak_cuda"] / full["peak_cuda"]
+    return out
+
+
+HEADER = (f"{'preset':<7}{'cut':<7}{'K':>2}{'sl':>3}{'step ms':>9}{'time':>6}{'(pred)':>7}{'bwd FLOPs':>10}"
+          f"{'(pred)':>7}{'state':>7}{'(pred)':>7}{'train RSS':>10}{'peak RSS':>9}")  # fmt: skip
+
+
+def format_row(r: dict) -> str:
+    if r["cut"] == "full":
+        mb = (r["peak_rss"] - r["base_rss"]) / 2**20
+        return f"{r['preset']:<7}{'full':<7}  1  - state {r['state_bytes']:,} B; training RSS {mb:.0f} MiB"
+    cuda = f"{r['cuda_peak_ratio']:>7.3f}" if "cuda_peak_ratio" in r else ""
+    return (f"{r['preset']:<7}{r['cut']:<7}{r['k']:>2}{r['slice']:>3}{r['seconds'] * 1e3:>9.1f}{r['time_ratio']:>6.2f}"
+            f"{r['predicted_time_ratio']:>7.2f}{r['flops_ratio']:>10.3f}{r['predicted_flops_ratio']:>7.3f}"
+            f"{r['state_ratio']:>7.3f}{r['predicted_state_ratio']:>7.3f}{r['training_rss_ratio']:>10.3f}"
+            f"{r['rss_ratio']:>9.3f}{cuda}")  # fmt: skip
 
 
 def main() -> None:
@@ -91,23 +255,39 @@ def main() -> None:
     parser.add_argument("--slices", default="2,4,8")
     parser.add_argument("--cuts", default="units,blocks")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="Timed steps of each, full and slice, per row.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child-timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = run(args.presets.split(","), [int(k) for k in args.slices.split(",")], args.cuts.split(","),
-               args.batch_size, device, args.repeats)  # fmt: skip
-    memory_kind = "CUDA peak allocated" if device.type == "cuda" else "grad+AdamW bytes"
-    print(f"device {device}; memory = {memory_kind}; ratios against the full-model step of the same preset")
-    print(f"{'preset':<7}{'cut':<8}{'K':>3}{'slice':>6}{'step ms':>10}{'time':>7}{'bwd FLOPs':>11}"
-          f"{'predicted':>10}{'memory':>8}")  # fmt: skip
+    if args.child:
+        print(json.dumps(child_memory(Case.parse(args.child), args.batch_size, device)))
+        return
+    start = time.perf_counter()
+    presets, ks, cuts = args.presets.split(","), [int(k) for k in args.slices.split(",")], args.cuts.split(",")
+    unknown = [p for p in presets if p not in PRESETS] + [c for c in cuts if c not in ("units", "blocks")]
+    if unknown:
+        parser.error(f"unknown preset or cut: {', '.join(unknown)}")
+    all_cases = cases(presets, ks, cuts)
+    print(HEADER, file=sys.stderr)
+    rows = [row for p in presets for row in measure_preset(p, [c for c in all_cases if c.preset == p], args, device)]
+    print(f"device {device}, batch {args.batch_size}, {torch.get_num_threads()} threads; ratios to the full step of "
+          "the same preset, (pred) from parameter counts; train RSS = peak RSS above the built model's")  # fmt: skip
+    print(HEADER + ("   CUDA peak" if device.type == "cuda" else ""))
     for r in rows:
-        print(f"{r['preset']:<7}{r['cut']:<8}{r['k']:>3}{r['slice']!s:>6}{r['seconds'] * 1e3:>10.1f}"
-              f"{r['time_ratio']:>7.2f}{r['flops_ratio']:>11.3f}{r['predicted_flops_ratio']:>10.3f}"
-              f"{r['memory_ratio']:>8.3f}")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "rows": rows}, indent=2))
+        print(format_row(r))
+    seconds = time.perf_counter() - start
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    print(f"{seconds:.0f} s wall, {cpu:.0f} CPU-seconds with the memory children (a shared machine stretches the wall)")
+    path = args.json or ROOT / "benchmarks" / "results" / f"step_cost_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"batch_size": args.batch_size, "repeats": args.repeats, "threads": torch.get_num_threads()}
+    out = {"device": str(device), **settings, "seconds": seconds, "cpu_seconds": cpu, "rows": rows}
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
