@@ -119,7 +119,7 @@ def _summary(window: list[RoundLine], every: list[RoundLine], link_bytes: tuple[
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_own_peer(
     netns: Network, procs: Procs
 ) -> None:
@@ -134,11 +134,15 @@ def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_o
     maddr = boot.wait_for(MADDR, timeout=60).group(1)
     assert made.wait_exit(60) == 0, made.logs()
     run_key = made.lines[-1]
-    peers = {rate: start_peer(procs, host, maddr, "" if rate == OWNER_MBIT else run_key)
-             for rate, host in hosts.items()}  # fmt: skip
+    peers: dict[int, Proc] = {}
+    # The owner first, then one at a time, each once the previous one's DHT is up: four start-ups at once on two
+    # loaded cores kept the bootstrap node from answering DHT pings in time.
+    for rate in sorted(hosts, key=lambda r: r != OWNER_MBIT):
+        peers[rate] = start_peer(procs, hosts[rate], maddr, "" if rate == OWNER_MBIT else run_key)
+        peers[rate].wait_for(r"^DHT up;", timeout=90)
     ids = {}
     for rate, proc in peers.items():
-        ids[rate], endpoint = proc.wait_for(JOINED, timeout=90).groups()
+        ids[rate], endpoint = proc.wait_for(JOINED, timeout=120).groups()
         assert endpoint.startswith(hosts[rate].address + ":"), endpoint
     joined_s = time.monotonic() - t0
     everyone = list(peers.values())
@@ -159,6 +163,7 @@ def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_o
     gave_up = re.compile(rf"exchange with {ids[5][:16]} at \S+ failed, skipped")
     for rate, proc in peers.items():  # how often each gave up on the slow peer at the timeout, over the whole run
         summary[rate]["gave_up_on_5"] = len(gave_up.findall(proc.stderr_path.read_text()))
+        summary[rate]["late_join"] = any(line.startswith("late join: fetched") for line in proc.lines)
     print(f"\nall joined after {joined_s:.0f}s; over {TRAIN_S:.0f}s (test {time.monotonic() - t0:.0f}s in all), "
           f"per link rate in Mbit/s: {summary}")  # fmt: skip
     for rate in RATES_MBIT:
@@ -166,7 +171,10 @@ def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_o
         assert len(rounds) >= 3, (rate, summary)
         assert sum(r.mixed for r in rounds) >= 1, (rate, summary)
         losses = [r.loss for r in every[rate]]
-        assert min(losses[-3:]) < losses[0] - 0.3, (rate, losses)
+        # from its own first round, or, for a peer that joined late (from the swarm's weights), from the owner's
+        late = any(line.startswith("late join: fetched") for line in peers[rate].lines)
+        first = every[OWNER_MBIT][0].loss if late else losses[0]
+        assert min(losses[-3:]) < first - 0.3, (rate, late, first, losses)
     # The 5 Mbit/s peer's own exchanges wait on its link; its slice-mate never dials it (partners come from the
     # other slice first), and the others that do give up at the exchange timeout and rest it for two rounds.
     assert len(window[5]) < max(len(window[rate]) for rate in RATES_MBIT if rate != 5), summary
