@@ -57,8 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="samples per local step (batch_size_per_step)")
     p.add_argument("--target-batch-size", type=int, default=320, help="samples the swarm gathers per global step")
     p.add_argument("--epochs", type=int, default=12, help="stop after this many global steps (hivemind epochs)")
-    p.add_argument("--max-local-steps", type=int, default=0,
-                   help="also stop after this many local steps (0: no limit; the smoke test uses it)")
+    p.add_argument(
+        "--max-local-steps",
+        type=int,
+        default=0,
+        help="also stop after this many local steps (0: no limit; the smoke test uses it)",
+    )
     p.add_argument("--lr", type=float, default=INNER.lr)
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--matchmaking-time", type=float, default=3.0, help="hivemind's quickstart value")

@@ -286,9 +286,14 @@ def start_murmur(opts: Options, ips: list[str], t0: float) -> tuple[list[Child],
     (wd / "run.toml").write_text(RUN_TOML.format(preset=opts.preset, slices=opts.slices, H=opts.steps, B=opts.batch,
                                                  total=total))  # fmt: skip
     cli = [sys.executable, "-m", "peer.cli"]
-    made = subprocess.run([*cli, "create-run", "--config", "run.toml", "--key", "owner.key", "--out", "manifest.json"],
-                          cwd=wd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "MURMUR_HOME": str(wd / "home-create")})
+    made = subprocess.run(
+        [*cli, "create-run", "--config", "run.toml", "--key", "owner.key", "--out", "manifest.json"],
+        cwd=wd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MURMUR_HOME": str(wd / "home-create")},
+    )
     if made.returncode:
         raise BenchError(f"murmur create-run failed: {made.stdout}{made.stderr}")
     run_key = made.stdout.strip().splitlines()[-1].strip()
@@ -397,8 +402,10 @@ def initial_loss(opts: Options) -> float:
 
 def table(curves: list[Curve], opts: Options) -> str:
     marks = sorted({max(1, round(opts.rounds * f)) for f in (0.25, 0.5, 0.75, 1.0)})
-    rows = ["| system | tokens (swarm) | val loss mean (min-max) | wall s | MB sent / peer |",
-            "| --- | ---: | --- | ---: | ---: |"]
+    rows = [
+        "| system | tokens (swarm) | val loss mean (min-max) | wall s | MB sent / peer |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
     per_round = opts.peers * opts.steps * opts.batch * preset(opts.preset).seq_len
     for curve in curves:
         for k in marks:
@@ -410,8 +417,9 @@ def table(curves: list[Curve], opts: Options) -> str:
             rows.append(f"| {curve.system} | {k * per_round:,} | {mean:.3f} ({lo:.3f}-{hi:.3f}) | {t:.0f} | "
                         f"{sent / 1e6:.2f} |")  # fmt: skip
     rows.append("")
-    rows.append("| system | wall s (start to last exit) | CPU s / peer | MB sent / peer | MB received / peer | "
-                "tokens trained |")
+    rows.append(
+        "| system | wall s (start to last exit) | CPU s / peer | MB sent / peer | MB received / peer | tokens trained |"
+    )
     rows.append("| --- | ---: | ---: | ---: | ---: | ---: |")
     for c in curves:
         cpu = c.notes.get("cpu_s") or [0.0]
@@ -421,7 +429,7 @@ def table(curves: list[Curve], opts: Options) -> str:
     return "\n".join(rows)
 
 
-def plot(curves: list[Curve], start_loss: float, path: Path) -> None:
+def plot(curves: list[Curve], start_loss: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,7 +455,7 @@ def plot(curves: list[Curve], start_loss: float, path: Path) -> None:
     ax_t.legend()
     for ax in (ax_t, ax_b):
         ax.grid(alpha=0.3)
-    fig.suptitle("tiny preset, 4 peers, equal tokens: murmur run vs hivemind.Optimizer (all-reduce)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -501,7 +509,11 @@ def main(argv: list[str] | None = None) -> None:
                            "bytes_received": c.received, "evals_t_sent_loss": c.evals, **c.notes}
                           for c in curves]}  # fmt: skip
     (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
-    plot(curves, start_loss, a.out / f"{a.name}.png")
+    title = (
+        f"{opts.preset}, {opts.peers} peers, {opts.tokens:,} tokens each system: murmur run vs "
+        "hivemind.Optimizer (all-reduce)"
+    )
+    plot(curves, start_loss, a.out / f"{a.name}.png", title)
     print(f"wrote {a.out / (a.name + '.json')} and {a.out / (a.name + '.png')}")
 
 
