@@ -143,7 +143,7 @@ def run(**options: object) -> None:
             checkpoint_dir=options["checkpoint_dir"], checkpoint_every=int(options["checkpoint_every"]),
             metrics_port=options["metrics_port"],
             metrics_host=str(options["metrics_host"]), data=options["data"],
-            batch_size=options["batch_size"], max_rounds=int(options["max_rounds"]),
+            batch_size=options["batch_size"], grad_accum=options["grad_accum"], max_rounds=int(options["max_rounds"]),
             eval_every=int(options["eval_every"]),
         )  # fmt: skip
     except ValueError as exc:

@@ -18,6 +18,9 @@ import torch
 
 from peer.inner import InnerConfig
 from peer.model import ModelConfig
+from protocol.logs import get_logger
+
+log = get_logger(__name__)
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 HEADROOM = 0.8
@@ -116,6 +119,8 @@ def fit_inner(inner: InnerConfig, model: ModelConfig, device: torch.device, *, m
         fixed, per_sequence = training_bytes(model, trainable_params)
         micro = fit_micro_batch(run_batch, free, fixed, per_sequence)
         split = (micro, run_batch // micro)
+        log.info("micro-batch %d x %d accumulation steps: fitted to %.1f GiB free on %s (about %.2f GiB a sequence)",
+                 micro, split[1], free / 2**30, device, per_sequence / 2**30)  # fmt: skip
     if split is None:
         return inner
     return replace(inner, batch_size=split[0], grad_accum=split[1])
