@@ -1,0 +1,44 @@
+"""Issue 6's adversary test, with real processes on loopback: six adversaries (tests/adversaries.py) join one swarm
+of 4 honest `murmur run` peers; every attack is rejected or clipped, as the honest peers' own counters
+(/metrics) say, and the honest peers' validation loss after ROUNDS rounds stays within 5% of a baseline swarm
+of the same 4 peers (same identities, so the same data) without the adversaries.
+
+For CI both swarms run at once and all six adversaries share one swarm; `python -m benchmarks.adversaries` runs
+each adversary alone against its own baseline and prints the per-attack table.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from adversaries import KINDS, finish, start_swarm
+from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+ROUNDS = 12
+TOLERANCE = 0.05
+EXPECTED = {
+    "rejected:non_finite": "nan",
+    "rejected:wrong_shape": "shape",
+    "rejected:replay": "replay",
+    "rejected:over_limit": "flood",
+    "rejected:bad_signature": "badkey",
+    "clipped": "scaled",
+}
+"""Counter on the honest peers -> the attack it must show (banned senders then also count `rejected:banned`)."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_attack_is_rejected_or_clipped_and_the_loss_holds(procs: Procs) -> None:
+    began = time.monotonic()
+    baseline = start_swarm(procs, "base", [])
+    attacked = start_swarm(procs, "attacked", list(KINDS))
+    results = finish([baseline, attacked], ROUNDS, timeout=720, expect={"attacked": set(EXPECTED)})
+    base, hit = results["base"], results["attacked"]
+    print(f"\nbaseline {base}\nattacked {hit}\n{time.monotonic() - began:.0f}s in all")
+    assert base["alive"] and hit["alive"], results  # no honest peer crashed
+    for counter, attack in EXPECTED.items():
+        assert hit["counters"].get(counter, 0) > 0, (counter, attack, hit["counters"])
+    assert sum(v for k, v in base["counters"].items() if k.startswith("rejected:")) == 0, base["counters"]
+    assert hit["loss"] <= (1 + TOLERANCE) * base["loss"], (hit["losses"], base["losses"])
