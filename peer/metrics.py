@@ -44,6 +44,7 @@ class MetricsSnapshot:
     bytes_sent: int = 0
     bytes_received: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    clipped: int = 0
     peers_live: int = 0
     partners_reached: int = 0
 
@@ -63,6 +64,7 @@ _FAMILIES = (
     ("murmur_rejected_updates_total", "counter", "Partner updates rejected, by reason."),
     ("murmur_peers_live", "gauge", "Live peers seen in the swarm."),
     ("murmur_partners_reached", "gauge", "Partners exchanged with in the last round."),
+    ("murmur_clipped_updates_total", "counter", "Partner terms scaled down to the clipping bound (peer/robust.py)."),
 )
 
 
@@ -79,6 +81,7 @@ class Metrics:
         self._bytes_sent = 0
         self._bytes_received = 0
         self._rejected: dict[str, int] = {}
+        self._clipped = 0
         self._peers_live = 0
         self._partners_reached = 0
         self._server: asyncio.Server | None = None
@@ -127,6 +130,11 @@ class Metrics:
         with self._lock:
             self._rejected[reason] = self._rejected.get(reason, 0) + _non_negative("rejected", count)
 
+    def add_clipped(self, count: int) -> None:
+        """Count partner terms the outer step clipped (they were still mixed, scaled to the bound)."""
+        with self._lock:
+            self._clipped += _non_negative("clipped", count)
+
     # ------------------------------------------------------------------------------- reading
     def snapshot(self) -> MetricsSnapshot:
         with self._lock:
@@ -139,6 +147,7 @@ class Metrics:
                 bytes_sent=self._bytes_sent,
                 bytes_received=self._bytes_received,
                 rejected=dict(self._rejected),
+                clipped=self._clipped,
                 peers_live=self._peers_live,
                 partners_reached=self._partners_reached,
             )
@@ -158,6 +167,7 @@ class Metrics:
             ],
             "murmur_peers_live": [("", s.peers_live)],
             "murmur_partners_reached": [("", s.partners_reached)],
+            "murmur_clipped_updates_total": [("", s.clipped)],
         }
         lines = []
         for name, kind, help_text in _FAMILIES:

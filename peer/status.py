@@ -4,7 +4,8 @@
 seconds and right after each round. On a TTY the line is rewritten in place; anything else written to
 the terminal (the per-round stdout line, log records) first erases it, so no output lands glued to the
 end of a half-drawn status, and the next redraw puts it back under them. Off a TTY nothing is redrawn:
-the round lines and logs stay as they were, plus a plain status log line every `log_every_s`.
+the round lines and logs stay as they were, plus a plain status log line every `log_every_s`. Output
+from child processes (hivemind's p2pd) cannot be intercepted and may still land after the line.
 
 The daemon's calls: `start()` on the event loop, `emit(text)` for each stdout line, `aclose()` at stop.
 """
@@ -35,6 +36,22 @@ class _EraseBeforeRecord(logging.Filter):
         return True
 
 
+class _EraseBeforeWrite:
+    """sys.stdout while the line is drawn on a terminal: any print (the peer-list notices, say) erases the
+    status line first instead of landing glued to its end. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: TextIO, reporter: StatusReporter) -> None:
+        self.wrapped, self.reporter = stream, reporter
+
+    def write(self, text: str) -> int:
+        if text:
+            self.reporter.erase()
+        return self.wrapped.write(text)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.wrapped, name)
+
+
 class StatusReporter:
     """The daemon's status line on `stream` (stderr): redrawn every `every_s` and after each round."""
 
@@ -49,6 +66,7 @@ class StatusReporter:
         self._task: asyncio.Task | None = None
         self._filter = _EraseBeforeRecord(self)
         self._handlers: list[logging.Handler] = []
+        self._stdout: _EraseBeforeWrite | None = None
 
     @property
     def is_tty(self) -> bool:
@@ -62,6 +80,9 @@ class StatusReporter:
             self._handlers = [h for h in logging.getLogger("murmur").handlers if _writes_to(h, self.stream)]
             for handler in self._handlers:
                 handler.addFilter(self._filter)
+            if _isatty(sys.stdout):  # the same terminal: prints to it erase the line too
+                self._stdout = _EraseBeforeWrite(sys.stdout, self)
+                sys.stdout = self._stdout
         self.redraw()
         self._task = asyncio.get_running_loop().create_task(self._redraw_every())
 
@@ -101,8 +122,18 @@ class StatusReporter:
         for handler in self._handlers:
             handler.removeFilter(self._filter)
         self._handlers = []
+        if self._stdout is not None and sys.stdout is self._stdout:
+            sys.stdout = self._stdout.wrapped
+        self._stdout = None
         with contextlib.suppress(OSError, ValueError):
             self.line.close()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return False
 
 
 def _writes_to(handler: logging.Handler, stream: TextIO) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sys
 import threading
 import time
 
@@ -41,6 +42,9 @@ murmur_peers_live 7
 # HELP murmur_partners_reached Partners exchanged with in the last round.
 # TYPE murmur_partners_reached gauge
 murmur_partners_reached 2
+# HELP murmur_clipped_updates_total Partner terms scaled down to the clipping bound (peer/robust.py).
+# TYPE murmur_clipped_updates_total counter
+murmur_clipped_updates_total 3
 """
 
 
@@ -56,6 +60,7 @@ def known_state() -> Metrics:
     m.reject("nonfinite")
     m.reject("nonfinite")
     m.reject('a\\b "q"\nnl')
+    m.add_clipped(3)
     m.set_peers_live(7)
     m.set_partners_reached(2)
     return m
@@ -361,3 +366,22 @@ def test_status_reporter_off_a_tty_prints_round_lines_plainly_and_logs_status_no
     assert err.getvalue() == ""
     logged = [r.getMessage() for r in caplog.records if r.name == "test.rep"]
     assert len(logged) == 1 and logged[0].startswith("round 12 | slice 1/4 | loss 3.250")
+
+
+@pytest.mark.timeout(20)
+def test_status_reporter_erases_the_line_before_any_print_to_a_terminal_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peer.status import StatusReporter
+
+    tty, stdout = FakeTTY(), FakeTTY()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    reporter = StatusReporter(known_state(), tty, every_s=60)
+
+    async def main() -> None:
+        reporter.start()
+        assert tty.getvalue().endswith("| rejected 3")
+        print("peers: 2 live, slice coverage [1, 1], mine 0")  # a print that does not go through emit
+        assert tty.getvalue().endswith("| rejected 3\r\x1b[2K")
+        await reporter.aclose()
+
+    asyncio.run(main())
+    assert sys.stdout is stdout and stdout.getvalue() == "peers: 2 live, slice coverage [1, 1], mine 0\n"
