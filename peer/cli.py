@@ -48,6 +48,8 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Per peer and step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Inner lr.")
 @click.option("--fanout", type=click.IntRange(1, 8), default=1, show_default=True, help="Gossip partners/round.")
+@click.option("--overlap", is_flag=True,
+              help="Gossip methods: each round's exchange overlaps the next round's inner steps (one-round delay).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data", default=None, help="A .txt/.jsonl file or folder; the bundled corpus by default.")
 @click.option("--sweep", is_flag=True, help="Try a grid of outer lr/momentum per method; report each at its best.")
@@ -55,7 +57,7 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def simulate(
     preset: str, peers: int, methods: list[str], slices: int, cut: str, codec: str, tokens: int | None,
-    steps_per_round: int, batch_size: int, lr: float, fanout: int, seed: int, data: str | None,
+    steps_per_round: int, batch_size: int, lr: float, fanout: int, overlap: bool, seed: int, data: str | None,
     sweep: bool, json_path: Path | None, plot_path: Path | None,
 ) -> None:  # fmt: skip
     """Compare DDP, DiLoCo, all-reduce PPU and gossip PPU with N virtual peers in one process.
@@ -87,7 +89,7 @@ def simulate(
                             total_steps=total, warmup_steps=min(50, max(1, total // 10)))  # fmt: skip
         config = SimConfig(model=model, inner=inner, slices=SliceConfig(num_slices=slices, cut=cut),
                            codec=CodecConfig(name=codec), peers=peers, rounds=rounds, fanout=fanout,
-                           seed=seed, eval_every=max(1, rounds // 5))  # fmt: skip
+                           overlap=overlap, seed=seed, eval_every=max(1, rounds // 5))  # fmt: skip
         _check_cut(config)
     except (ValueError, FileNotFoundError) as error:
         raise click.UsageError(str(error)) from error

@@ -63,6 +63,7 @@ def report(corpus: Corpus, config: SimConfig, results: dict[str, MethodResult]) 
             "inner_steps_per_round": config.inner.steps_per_round,
             "batch_size": config.inner.batch_size,
             "fanout": config.fanout,
+            "overlap": config.overlap,
             "seed": config.seed,
         },
         "methods": {name: asdict(r) for name, r in results.items()},

@@ -16,6 +16,12 @@ One round (`Daemon.run_round`), DESIGN.md section 3:
 4. `gossip_step` through `compose_outer_step`, the same call the simulator makes; announce round,
    loss and tokens/s with the next refresh.
 
+With `overlap` (the default) step 2 of round r runs while round r+1's inner steps train, and steps 3-4
+of round r land after them: communication hides behind computation, and the outer step arrives one round
+late (a DiLoCoX-style one-round delay; `murmur simulate --overlap` measures what that costs). The training
+thread still does one thing at a time (train r+1, then apply r's outer step), so phi never changes under
+a running inner round. A signal drops the round in flight, as it drops a partial round.
+
 Round numbers work like a Lamport clock: a peer's next round is one past the highest round it has
 seen (its own or a partner's), so peers that started at different times agree on "now" after their
 first exchange, and "stale" means really behind (a stuck or much slower peer), not merely late to start.
@@ -33,14 +39,16 @@ from pathlib import Path
 import grpc
 
 from peer import resume
+from peer.devices import pick_device
 from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
 from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
 from peer.metrics import Metrics
 from peer.roundline import RoundLine
 from peer.runconfig import RunConfig
+from peer.status import StatusReporter
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
 from peer.swarm_join import JoinOptions, check_endpoint, obtain_manifest, refresh_until
-from peer.trainer import Halted, TrainedRound, Trainer, pick_device
+from peer.trainer import Halted, TrainedRound, Trainer
 from protocol.client import PeerClient
 from protocol.errors import MurmurError
 from protocol.identity import Identity
@@ -56,6 +64,19 @@ REST_ROUNDS = 2
 """Rounds a partner whose exchange failed is left out of partner choice."""
 PEERS_REFRESH_MIN_S = 2.0
 """An update from a sender not in our peer list re-reads the list, at most this often."""
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A trained round whose exchanges are running; its outer step lands when they are done."""
+
+    round: int
+    trained: TrainedRound
+    partners: int
+    exchanges: asyncio.Future
+    """Gathers one bool per partner: reached or not."""
+    started: float
+    """perf_counter() when its inner steps started."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,20 +95,27 @@ class DaemonOptions:
     """A local corpus path; None uses the manifest's source (the embedded corpus)."""
     batch_size: int | None = None
     """Micro-batch; the manifest's batch is kept by gradient accumulation, so every peer trains alike."""
+    grad_accum: int | None = None
+    """Micro-batches per optimiser step; with batch_size their product must be the run's batch."""
     max_rounds: int = 0
     """Stop after this many rounds (0: until a signal)."""
     eval_every: int = 0
     """Validation loss of phi every this many rounds (0: never)."""
+    overlap: bool = True
+    """Exchange round r while round r+1 trains (see the module docstring)."""
 
 
 class Daemon:
     """The round loop of one joined peer, and the server callbacks that feed it."""
 
     def __init__(
-        self, trainer: Trainer, member: Member, identity: Identity, run: RunConfig, eval_every: int = 0
-    ) -> None:
+        self, trainer: Trainer, member: Member, identity: Identity, run: RunConfig, eval_every: int = 0,
+        overlap: bool = True,
+    ) -> None:  # fmt: skip
         self.trainer, self.member, self.identity, self.run = trainer, member, identity, run
-        self.eval_every = eval_every
+        self.eval_every, self.overlap = eval_every, overlap
+        self.in_flight: InFlight | None = None
+        self._landed_at = 0.0
         self.inbox = Inbox()
         self.outgoing: OutgoingUpdate | None = None
         self.clock = -1
@@ -97,6 +125,8 @@ class Daemon:
         self.pushed_to_us = 0
         self.tokens_seen = 0
         self.metrics = Metrics()
+        self.reporter = StatusReporter(self.metrics)
+        """The live status line on stderr (a TTY), and the way round lines reach stdout without tearing it."""
         self._peers_read = 0.0
         self._peers_task: asyncio.Task | None = None
         self._rejections_seen: dict = {}
@@ -139,8 +169,9 @@ class Daemon:
         return PeerStatus(round=self.member.round, slice=self.member.slice)
 
     async def run_round(self, halt: threading.Event, stop: asyncio.Event) -> bool:
-        """One round; False when a signal ended it early (the partial round is dropped)."""
-        r = self.clock + 1
+        """Train one round and start its exchanges; land the previous round's (overlap) or this one's.
+        False when a signal ended it early (the partial round, and any round in flight, are dropped)."""
+        r = self.clock + 1 if self.in_flight is None else max(self.clock + 1, self.in_flight.round + 1)
         if self.member.slice != self.trainer.slice:
             await asyncio.to_thread(self.trainer.take_slice, self.member.slice)
         start = time.perf_counter()
@@ -148,32 +179,60 @@ class Daemon:
             trained = await asyncio.to_thread(self.trainer.train_round, r, halt)
         except Halted:
             return False
+        if self.in_flight is not None:
+            landed, self.in_flight = await self.land(self.in_flight, stop), None
+            if not landed:
+                return False
+        flight = self._launch(r, trained, start)
+        if self.overlap:
+            self.in_flight = flight
+            return True
+        return await self.land(flight, stop)
+
+    def _launch(self, r: int, trained: TrainedRound, start: float) -> InFlight:
+        """Serve round r's update to partners that call us, and start pushing it to `fanout` of them."""
         self.outgoing = trained.update
         avoid = [p for p, until in self.rested.items() if until >= r]
         avoid += self.server.bans.banned() if self.server is not None else []
         partners = choose_partners(self.member.peers, me=self.identity.peer_id, own_slice=self.trainer.slice,
                                    fanout=self.run.gossip.fanout, rng=self.member.rng, avoid=avoid)  # fmt: skip
         exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
-        if not await _unless_stopped(exchanges, stop):
+        return InFlight(round=r, trained=trained, partners=len(partners), exchanges=exchanges, started=start)
+
+    async def land(self, flight: InFlight, stop: asyncio.Event) -> bool:
+        """Wait for a round's exchanges, then its outer step with what arrived; False if `stop` came first."""
+        if not await _unless_stopped(flight.exchanges, stop):
             return False
-        ok = sum(1 for done in exchanges.result() if done)
+        r, trained = flight.round, flight.trained
+        ok = sum(1 for done in flight.exchanges.result() if done)
         updates = self.inbox.take(r)
-        await asyncio.to_thread(self.trainer.outer_step, trained.own, updates)
+        clipping = await asyncio.to_thread(self.trainer.outer_step, trained.own, updates)
         if r % SNAPSHOT_EVERY == 0:
             self.snapshot = await asyncio.to_thread(self.trainer.snapshot, r)
-        self.clock = max([r, *(u.round for u in updates)])
-        seconds = time.perf_counter() - start
+        self.clock = max([self.clock, r, *(u.round for u in updates)])
+        now = time.perf_counter()
+        seconds, self._landed_at = now - max(flight.started, self._landed_at), now
         self.tokens_seen += trained.tokens
         self._record(r, trained, ok)
+        for reason, count in clipping.rejected.items():
+            self.metrics.reject(reason, count)
+        self.metrics.add_clipped(clipping.clipped)
         self.member.round, self.member.loss = r, trained.loss
         self.member.tokens_per_second = trained.tokens / seconds
-        line = RoundLine(round=r, loss=trained.loss, tokens_per_s=trained.tokens / seconds, slice=self.trainer.slice,
-                         exchanged=ok, partners=len(partners), mixed=len(updates), pushed_to_us=self.pushed_to_us,
+        line = RoundLine(round=r, loss=trained.loss, tokens_per_s=trained.tokens / seconds, slice=trained.update.slice,
+                         exchanged=ok, partners=flight.partners, mixed=len(updates), pushed_to_us=self.pushed_to_us,
                          stale_dropped=self.inbox.dropped_stale, seconds=seconds)  # fmt: skip
-        print(line.format(), flush=True)
+        self.reporter.emit(line.format())
         if self.eval_every and r % self.eval_every == 0:
-            print(f"eval round {r} val_loss {await asyncio.to_thread(self.trainer.evaluate):.4f}", flush=True)
+            self.reporter.emit(f"eval round {r} val_loss {await asyncio.to_thread(self.trainer.evaluate):.4f}")
         return True
+
+    async def drop_in_flight(self) -> None:
+        """Abandon the round in flight (on a signal): its exchanges are cancelled, its outer step never lands."""
+        if self.in_flight is not None:
+            self.in_flight.exchanges.cancel()
+            await asyncio.gather(self.in_flight.exchanges, return_exceptions=True)
+            self.in_flight = None
 
     def _record(self, r: int, trained: TrainedRound, reached: int) -> None:
         """This round's values into the metrics (and the server's refusals since the last round)."""
@@ -284,7 +343,11 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
             if saver is not None:
                 await asyncio.to_thread(saver.after_round, daemon.trainer, round=daemon.clock,
                                         tokens_seen=daemon.tokens_seen)  # fmt: skip
+        if daemon.in_flight is not None and not stop.is_set():  # --rounds N: the last round lands too
+            flight, daemon.in_flight = daemon.in_flight, None
+            await daemon.land(flight, stop)
     finally:
+        await daemon.drop_in_flight()
         stop.set()
         await refresher
 
@@ -316,10 +379,11 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
               f"{run.method}, H={run.inner.steps_per_round}, device {device}", flush=True)  # fmt: skip
         trainer = await asyncio.to_thread(
-            Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size
-        )
+            Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size,
+            grad_accum=opts.grad_accum,
+        )  # fmt: skip
         member = Member(swarm, identity, signed, endpoint="", software_version=software_version)
-        daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every)
+        daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every, overlap=opts.overlap)
         if opts.metrics_port is not None:
             await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
             print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
@@ -336,6 +400,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             saver = resume.Checkpointer(directory=opts.checkpoint_dir, every=opts.checkpoint_every,
                                         run_id=daemon.policy.run_id, peer_id=identity.peer_id,
                                         version=software_version)  # fmt: skip
+        daemon.reporter.start()
         await _train(daemon, opts, stop, halt, saver)
     except JoinInterrupted as exc:
         log.info("%s", exc)
@@ -345,6 +410,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         if server is not None:
             await server.stop()
         if daemon is not None:
+            await daemon.reporter.aclose()
             await daemon.metrics.close()
         await asyncio.to_thread(dht.shutdown)
         rounds = "none" if daemon is None else daemon.clock + 1

@@ -59,6 +59,10 @@ class SimConfig:
     rounds: int = 10
     fanout: int = 1
     """Gossip partners per round (random matchings; partners with other slices preferred)."""
+    overlap: bool = False
+    """Gossip methods: a round's exchange overlaps the next round's inner steps (the daemon's default), so
+    its outer step lands one round late, after the next round's pseudo-gradient was taken (DiLoCoX-style
+    one-round delay). The last round's step is applied at the end, so every method sees every token."""
     seed: int = 0
     eval_every: int = 2
     eval_batches: int = 8
@@ -163,6 +167,8 @@ class Simulation:
         self.rng = random.Random(config.seed)
         self.bytes_sent = 0
         self.train_loss = float("nan")
+        self.in_flight: Exchange | None = None
+        """With `overlap`: the exchange of the previous round, whose outer step is still to be applied."""
 
     def batches(self, k: int, round_index: int) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
         accum, b = self.config.inner.grad_accum, self.config.inner.batch_size
@@ -192,7 +198,11 @@ class Simulation:
             deltas.append(self._compress(k, pseudo_gradient(phi, snapshot(model), self.layouts[k])))
         self.train_loss = sum(losses) / len(losses)
         if self.method.startswith("gossip"):
-            self._gossip(deltas, r)
+            exchange = self._exchange(deltas, r)
+            if self.config.overlap:
+                exchange, self.in_flight = self.in_flight, exchange
+            if exchange is not None:
+                self._gossip(exchange)
         else:
             self._all_reduce(deltas)
 
@@ -207,7 +217,9 @@ class Simulation:
         nesterov_step(self.phis[0], self.states[0], mean.mean(), self.outer.lr, self.outer.momentum)
         self.bytes_sent += self._all_reduce_bytes()
 
-    def _gossip(self, deltas: list[Contribution], r: int) -> None:
+    def _exchange(self, deltas: list[Contribution], r: int) -> Exchange:
+        """Round r's messages: who swaps with whom, and the weight slices as sent now (before any outer step
+        still in flight lands, as in the daemon)."""
         n = self.config.peers
         slice_of = [k % len(self.all_slices) for k in range(n)]
         partners = matchings(n, self.config.fanout, slice_of, self.rng)
@@ -215,12 +227,16 @@ class Simulation:
         codec = self.config.weights_codec
         plain = lambda _, t: encode(t, codec)  # noqa: E731 - weights carry no error feedback
         shared = [through_codec(weight_slice(phi, consensus), codec, plain) for phi in self.phis]
-        for k in range(n):
-            received = [deltas[j] for j in sorted(partners[k])]
-            weights = [shared[j] for j in sorted(partners[k])]
-            gossip_step(self.phis[k], self.states[k], deltas[k], received, weights, self.outer)
         sent = sum(len(p) for p in partners) / n
         self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus, weights=True)))
+        return Exchange(deltas, shared, partners)
+
+    def _gossip(self, exchange: Exchange) -> None:
+        for k in range(self.config.peers):
+            mine = sorted(exchange.partners[k])
+            received = [exchange.deltas[j] for j in mine]
+            weights = [exchange.weights[j] for j in mine]
+            gossip_step(self.phis[k], self.states[k], exchange.deltas[k], received, weights, self.outer)
 
     def _payload(self, layout: SliceLayout, *, weights: bool = False) -> int:
         codec = self.config.weights_codec if weights else self.config.codec
@@ -263,12 +279,24 @@ class Simulation:
         start, curve = time.perf_counter(), []
         for r in range(self.config.rounds):
             self.run_round(r)
+            if r + 1 == self.config.rounds and self.in_flight is not None:
+                self._gossip(self.in_flight)  # the last exchange lands: equal tokens for every method
+                self.in_flight = None
             tokens = (r + 1) * self.config.tokens_per_round
             if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
                 losses = [evaluate(self.model, phi, self.corpus, self.config) for phi in self.phis]
                 curve.append((tokens, sum(losses) / len(losses)))
             on_round()
         return self.result(self.config.rounds * self.config.tokens_per_round, curve, time.perf_counter() - start)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One gossip round's messages: each peer's decoded delta and weight slice, and each peer's partners."""
+
+    deltas: list[Contribution]
+    weights: list[Contribution]
+    partners: list[set[int]]
 
 
 def through_codec(
