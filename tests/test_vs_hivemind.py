@@ -29,12 +29,12 @@ def events(lines: list[str]) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)  # ~60 s on an idle 2-core machine; DHT starts take minutes under heavy load
 def test_two_hivemind_peers_make_global_steps_and_learn(procs: Procs) -> None:
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the processes run in the test's tmp dir
     boot = procs.start("hm-boot", [*WORKER, "--bootstrap"], env=env)
     try:
-        first = json.loads(boot.wait_for(EVENT, timeout=60).string)
+        first = json.loads(boot.wait_for(EVENT, timeout=120).string)
     except AssertionError as err:  # no p2pd here (sandbox, missing binary): say so instead of failing
         pytest.skip(f"hivemind's DHT did not start: {str(err)[-400:]}")
     if first["event"] != "maddrs":
@@ -45,8 +45,8 @@ def test_two_hivemind_peers_make_global_steps_and_learn(procs: Procs) -> None:
             "--epochs", "2", "--max-local-steps", "40", "--eval-every", "1", "--matchmaking-time", "2"]  # fmt: skip
     peers = [procs.start(f"hm{i}", [*WORKER, *args, "--index", str(i)], env=env) for i in (0, 1)]
     for peer in peers:
-        peer.wait_for(r'^\{"event": "(done|error)"', timeout=150)
-        assert peer.popen.wait(30) == 0, peer.logs()
+        peer.wait_for(r'^\{"event": "(done|error)"', timeout=240)
+        assert peer.popen.wait(60) == 0, peer.logs()
     torch.manual_seed(0)
     initial = val_loss(Transformer(preset("tiny")).eval(), load_corpus(None), seq_len=128, batch_size=8)
     for peer in peers:
