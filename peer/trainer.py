@@ -7,31 +7,25 @@ one call at a time, so the event loop keeps serving partners while a round train
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from peer.data import TokenStream, load_corpus, stream_index_for, val_batches
+from peer.devices import fit_inner
 from peer.exchange import compose_outer_step, encode_update
 from peer.inner import InnerConfig, SliceOptimizer, inner_round
 from peer.model import Transformer
 from peer.outer import Contribution, initial_state, pseudo_gradient
+from peer.robust import Clipper, ClipReport
 from peer.runconfig import RunConfig
-from peer.subsets import parameter_shapes, partition
+from peer.subsets import parameter_shapes, partition, slice_numel
 from protocol.codec import ErrorFeedback
 from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, make_state_snapshot
 
 
 class Halted(Exception):
     """Raised inside the inner loop when SIGTERM/SIGINT arrived: the round is abandoned after this step."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +43,7 @@ class Trainer:
     the training thread (one call at a time)."""
 
     def __init__(self, run: RunConfig, peer_id: str, device: torch.device, *, data: str | None = None,
-                 micro_batch: int | None = None) -> None:  # fmt: skip
+                 micro_batch: int | None = None, grad_accum: int | None = None) -> None:  # fmt: skip
         self.run, self.device = run, device
         torch.manual_seed(run.data.seed)  # every peer starts from the same phi
         self.model = Transformer(run.model).to(device)
@@ -57,7 +51,8 @@ class Trainer:
         self.state = initial_state(self.phi, run.outer)
         self.shapes = parameter_shapes(run.model)
         self.layouts = partition(run.model, run.slices)
-        self.inner = _inner_config(run, micro_batch)
+        self.inner = _inner_config(run, micro_batch, grad_accum, device,
+                                   max(slice_numel(layout, self.shapes) for layout in self.layouts))  # fmt: skip
         source = data if data is not None else (None if run.data.source in ("embedded", "default") else run.data.source)
         corpus = self.corpus = load_corpus(source)
         windows = corpus.train.numel() // (run.model.seq_len + 1)
@@ -70,6 +65,8 @@ class Trainer:
         self.slice = -1
         self.optimizer: SliceOptimizer | None = None
         self.feedback = ErrorFeedback(run.codec)
+        self.clipper = Clipper(run.clip)
+        """Running norm of own deltas: the bound on partners' terms (peer/robust.py)."""
 
     def take_slice(self, index: int) -> None:
         """Train slice `index` from now on: fresh optimiser state and error feedback for it."""
@@ -99,8 +96,8 @@ class Trainer:
         update, own = encode_update(round, self.slice, delta, self.phi, self.layouts, self.feedback)
         return TrainedRound(update, own, stats.mean_loss, stats.tokens)
 
-    def outer_step(self, own: Contribution, updates: list[ReceivedUpdate]) -> None:
-        compose_outer_step(self.phi, self.state, own, updates, self.layouts, self.run.outer)
+    def outer_step(self, own: Contribution, updates: list[ReceivedUpdate]) -> ClipReport:
+        return compose_outer_step(self.phi, self.state, own, updates, self.layouts, self.run.outer, self.clipper)
 
     def adopt(self, weights: dict[str, torch.Tensor]) -> None:
         """Start from a donor's outer weights (late join); the outer rule's buffer restarts from them."""
@@ -124,11 +121,9 @@ class Trainer:
         return make_state_snapshot(round, self.phi)
 
 
-def _inner_config(run: RunConfig, micro_batch: int | None) -> InnerConfig:
-    """The manifest's inner config, with the batch split into `micro_batch` x accumulation if asked."""
-    inner = run.inner
-    if micro_batch is None or micro_batch == inner.batch_size:
-        return inner
-    if inner.batch_size % micro_batch:
-        raise ValueError(f"--batch-size {micro_batch} must divide the run's batch size {inner.batch_size}")
-    return replace(inner, batch_size=micro_batch, grad_accum=inner.grad_accum * (inner.batch_size // micro_batch))
+def _inner_config(run: RunConfig, micro_batch: int | None, grad_accum: int | None = None,
+                  device: torch.device = torch.device("cpu"), trainable_params: int = 0) -> InnerConfig:  # fmt: skip
+    """The manifest's inner config with the run's batch split as the flags say, or fitted to a GPU's free
+    memory (peer/devices.py); every split keeps the run's batch per optimiser step."""
+    return fit_inner(run.inner, run.model, device, micro_batch=micro_batch, grad_accum=grad_accum,
+                     trainable_params=trainable_params)  # fmt: skip

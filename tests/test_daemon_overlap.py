@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from peer.daemon import Daemon
+from peer.robust import ClipReport
 from peer.trainer import TrainedRound
 from protocol.codec import CodecConfig
 from protocol.updates import OutgoingUpdate
@@ -40,9 +41,10 @@ class FakeTrainer:
         self.busy = False
         return TrainedRound(update=OutgoingUpdate(r, 0, {}), own=r, loss=1.0, tokens=100)  # type: ignore[arg-type]
 
-    def outer_step(self, own: int, updates: list) -> None:
+    def outer_step(self, own: int, updates: list) -> ClipReport:
         assert not self.busy, "an outer step ran while an inner round was training"
         self.calls.append(("outer", own))
+        return ClipReport()
 
     def snapshot(self, r: int) -> None:
         return None
