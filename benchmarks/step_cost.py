@@ -134,25 +134,25 @@ def interleaved_times(full: Stepper, part: Stepper, repeats: int) -> tuple[float
 def child_memory(case: Case, batch: int, device: torch.device) -> dict:
     """Run in a fresh process: peak RSS (and CUDA peak) of a few steps, and the footprint before them.
 
-    The process's peak is reset (Linux `clear_refs`) once the model is built, so `ru_maxrss` then
-    tracks the training steps alone rather than the transient peak of importing torch.
+    `process_peak_rss` is `ru_maxrss`, the whole process's peak, import of torch included. For what
+    training adds, freed heap pages go back to the kernel and the peak is reset (Linux `clear_refs`)
+    once the model is built; `VmHWM` then tracks the training steps alone. (`ru_maxrss` cannot: it
+    also keeps the peak of any thread that exited earlier.)
     """
     stepper = Stepper(case, batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_cuda = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    import_peak = _maxrss()
     try:
-        # hand freed heap pages back first, or training reuses them unseen and RSS never rises
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    except OSError:  # not Linux with glibc: the import peak stays in, training RSS then reads low
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # else training reuses freed pages unseen
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:  # not Linux with glibc: the base then includes the import peak
         pass
-    base_rss = _maxrss()
+    base_rss = _status_bytes("VmRSS")
     for _ in range(CHILD_STEPS):
         stepper.step()
-    out = {"import_peak_rss": import_peak, "base_rss": base_rss, "peak_rss": _maxrss()}
+    out = {"base_rss": base_rss, "peak_rss": max(base_rss, _status_bytes("VmHWM")), "process_peak_rss": _maxrss()}
     if device.type == "cuda":
         out.update(base_cuda=base_cuda, peak_cuda=torch.cuda.max_memory_allocated())
     return out
@@ -160,6 +160,17 @@ def child_memory(case: Case, batch: int, device: torch.device) -> dict:
 
 def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _status_bytes(field: str) -> int:
+    """A /proc/self/status memory field; `ru_maxrss` where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _maxrss()
 
 
 def spawn_child(case: Case, batch: int, device: torch.device, timeout: float) -> dict:
@@ -228,7 +239,8 @@ def measure_preset(preset: str, slices: list[Case], args: argparse.Namespace, de
 
 def memory_ratios(mem: dict, full: dict) -> dict:
     training, full_training = mem["peak_rss"] - mem["base_rss"], full["peak_rss"] - full["base_rss"]
-    out = {"rss_ratio": mem["peak_rss"] / full["peak_rss"], "training_rss_ratio": training / max(1, full_training)}
+    out = {"rss_ratio": mem["process_peak_rss"] / full["process_peak_rss"],
+           "training_rss_ratio": training / max(1, full_training)}  # fmt: skip
     if "peak_cuda" in mem:
         out["cuda_peak_ratio"] = mem["peak_cuda"] / full["peak_cuda"]
     return out
