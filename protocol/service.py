@@ -27,6 +27,7 @@ going over a per-peer limit (OVER_LIMIT) is banned for `Limits.over_limit_ban_s`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,6 +80,8 @@ _REFUSALS = (ProtocolViolation, IncompatibleVersion, BannedPeer)
 _NOT_BANNED = (Reason.REPLAY, Reason.TIMEOUT, Reason.RATE_LIMITED)
 """Refusals an honest peer can meet (a retry, a slow link, a busy server): counted, never banned."""
 MAX_SLICES_PROBED = 4096
+WRITE_STALL_S = 30.0
+"""How long past its budget one frame's write may hang before the stream is cut without a status."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,10 @@ class _Stream:
     """The sender, once its signature checked: from then on its failures are its own (bans)."""
     claim: tuple[str, int, int, int | None] | None = None
     """(peer, slice, round, previous round) claimed in the replay guard and not yet delivered."""
+
+
+class _WriteStalled(Exception):
+    """A reader stopped reading mid-stream; the call ends without a status (see `_stream_state`)."""
 
 
 class _Refusal(Exception):
@@ -361,7 +368,10 @@ class PeerServer:
             if self._fetch_slots.locked():
                 raise MalformedPayload(Reason.RATE_LIMITED, "too many downloads from this peer; try another")
             async with self._fetch_slots:
-                await asyncio.wait_for(self._stream_state(context, snapshot), self.config.fetch_timeout_s)
+                await self._stream_state(context, snapshot)
+        except _WriteStalled as exc:
+            # the reader stopped reading: no status can follow a cancelled write, so the call just ends
+            log.info("FetchState to %s cut off: %s", context.peer(), exc)
         except asyncio.TimeoutError:
             error = RejectedUpdate(Reason.TIMEOUT, f"download took over {self.config.fetch_timeout_s} s")
             await self._refuse(context, _Refusal(error, None))
@@ -369,9 +379,24 @@ class PeerServer:
             await self._refuse(context, _Refusal(exc, None))
 
     async def _stream_state(self, context: grpc.aio.ServicerContext, snapshot: StateSnapshot) -> None:
-        await context.write(pb.StateFrame(header=self._state_header(snapshot)))
-        for chunk in chunked(enc.payload for enc in snapshot.tensors.values()):
-            await context.write(pb.StateFrame(chunk=chunk))
+        """Header, then chunks, within `fetch_timeout_s` (TimeoutError, refused with a status, once it is spent).
+
+        The budget is checked between frames instead of by cancelling the stream: grpc.aio can send no status
+        on a call whose write was cancelled (the abort fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), so
+        the downloader would wait out its own deadline instead of hearing `timeout`. Only a write stuck
+        WRITE_STALL_S past the budget (a reader that stopped reading) is cancelled: `_WriteStalled`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.fetch_timeout_s
+        frames = (pb.StateFrame(chunk=chunk) for chunk in chunked(enc.payload for enc in snapshot.tensors.values()))
+        for frame in itertools.chain([pb.StateFrame(header=self._state_header(snapshot))], frames):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            try:
+                await asyncio.wait_for(context.write(frame), left + WRITE_STALL_S)
+            except asyncio.TimeoutError:
+                raise _WriteStalled(f"a write made no progress for {left + WRITE_STALL_S:.0f} s") from None
 
     def _checked_state_request(self, request: bytes) -> StateSnapshot | None:
         parsed = _parse(pb.FetchStateRequest, request)
