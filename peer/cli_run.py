@@ -121,6 +121,9 @@ def _typed(param: click.Option, key: str, value: object, path: Path) -> object:
               help="Stop after this many rounds (0: until SIGTERM/Ctrl-C).")  # fmt: skip
 @click.option("--eval-every", type=click.IntRange(0), default=20, show_default=True,
               help="Print the validation loss of this peer's weights every N rounds (0: never).")  # fmt: skip
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="Train the next round while this round's exchanges finish (its outer step lands one round "
+                   "late); --no-overlap waits for them.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(**options: object) -> None:
     """Join a swarm by name and train it: H local steps on this peer's slice, then swap updates with
@@ -144,7 +147,7 @@ def run(**options: object) -> None:
             metrics_port=options["metrics_port"],
             metrics_host=str(options["metrics_host"]), data=options["data"],
             batch_size=options["batch_size"], grad_accum=options["grad_accum"], max_rounds=int(options["max_rounds"]),
-            eval_every=int(options["eval_every"]),
+            eval_every=int(options["eval_every"]), overlap=bool(options["overlap"]),
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -126,6 +126,7 @@ batch-size = 2
 device = "cpu"
 announce-ttl = 9
 rounds = 12
+overlap = false
 """
     code, output, seen = invoke(["run"], tmp_path, config)
     assert code == 0, output
@@ -135,9 +136,10 @@ rounds = 12
     assert opts.join.listen is None and opts.join.announce_ttl_s == 9.0
     assert (opts.checkpoint_every, opts.eval_every, opts.batch_size, opts.device) == (3, 7, 2, "cpu")
     assert opts.max_rounds == 12  # keyed by the flag (--rounds), not by the parameter's name
+    assert opts.overlap is False
 
-    code, output, seen = invoke(["run", "--swarm", "from-flag", "--eval-every", "0"], tmp_path, config)
-    assert code == 0, output
+    code, output, seen = invoke(["run", "--swarm", "from-flag", "--eval-every", "0", "--overlap"], tmp_path, config)
+    assert code == 0 and seen["opts"].overlap is True, output
     assert (seen["opts"].join.swarm, seen["opts"].eval_every, seen["opts"].checkpoint_every) == ("from-flag", 0, 3)
     code, output, seen = invoke(["run"], tmp_path, config, env={"MURMUR_RUN_CHECKPOINT_EVERY": "4"})
     assert code == 0 and seen["opts"].checkpoint_every == 4, output  # the environment overrides the file too
