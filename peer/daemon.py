@@ -356,8 +356,14 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
     """Join, train until SIGTERM/SIGINT (or max_rounds), shut down in order; raises MurmurError on failure."""
     stop, halt = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("%s: stopping", sig.name)  # with the "left swarm" line: how long a clean stop takes
+        stop.set()
+        halt.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: (stop.set(), halt.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     j = opts.join
     device = pick_device(opts.device)
     identity = Identity.load_or_create(j.identity)

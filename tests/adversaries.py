@@ -13,15 +13,18 @@ Kinds (what each should meet at an honest receiver):
 - `shape`   every tensor one row short: the wire refuses the header (wrong_shape) and bans the sender
 - `replay`  after its first update, re-sends that same signed update forever: refused as a replay
 - `badkey`  signs with a key that is not its announced one: refused (bad_signature)
-- `flood`   besides its honest round, pushes FLOOD_PER_S duplicates a second to one partner at a time
-            (`Flooder`): refused over the per-peer limit (RESOURCE_EXHAUSTED, over_limit), then banned
+- `flood`   after one honest round it stops training and pushes FLOOD_PER_S duplicates a second to one
+            partner at a time (`Flooder`): refused over the per-peer limit (RESOURCE_EXHAUSTED, over_limit),
+            then banned
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -33,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # procs.py beside this file, also when run as a script
 from procs import Proc, Procs, murmur
 
+from peer import trainer as trainer_module
 from peer.roundline import parse_all
+from peer.trainer import TrainedRound
 from protocol import client as client_module
 from protocol import service as service_module
 from protocol.codec import CodecConfig, Encoded, decode, encode
@@ -157,6 +162,19 @@ class Flooder:
 
         client_module.PeerClient.connect = staticmethod(recording_connect)
         client_module.PeerClient.exchange = recording_exchange
+        train_round = trainer_module.Trainer.train_round
+        trained: list[int] = []
+
+        def train_once(trainer: trainer_module.Trainer, round: int, halt: threading.Event) -> TrainedRound:
+            """One real round (an update to duplicate, partners to dial), then idle until stopped: a flooder
+            spends its CPU on calls, and on a shared 2-core test machine so do the honest peers."""
+            if trained:
+                halt.wait()
+                raise trainer_module.Halted
+            trained.append(round)
+            return train_round(trainer, round, halt)
+
+        trainer_module.Trainer.train_round = train_once
 
     async def run(self) -> None:
         while True:
@@ -284,7 +302,8 @@ def start_swarm(procs: Procs, tag: str, kinds: list[str], *, clip: float = 0.0) 
         who = ["--manifest", f"{tag}-manifest.json", "--key", f"{tag}-owner.key"] if name == "owner" else []
         return ["--swarm", tag, "--initial-peers", maddr, "--identity", ident, "--announce-ttl", "6",
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--listen", "127.0.0.1:0", "--device", "cpu",
-                "--eval-every", "1", "--metrics-port", "0", *(who or ["--run-key", run_key])]  # fmt: skip
+                "--eval-every", "1" if name in HONEST else "0", "--metrics-port", "0",
+                *(who or ["--run-key", run_key])]  # fmt: skip
 
     def env(name: str) -> dict[str, str]:
         return {"MURMUR_HOME": str(procs.workdir / f"home-{tag}-{name}"), "OMP_NUM_THREADS": "1",
@@ -333,29 +352,52 @@ def finish(
     `loss` (their mean), `counters` (summed over honest peers) and `alive` (every honest peer still running).
     """
     procs = [p for s in swarms for p in s.honest + s.adversaries]
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     while not all(loss_at(p, rounds) is not None for s in swarms for p in s.honest):
         dead = [p.name for s in swarms for p in s.honest if p.popen.poll() is not None]
         if dead or time.monotonic() > deadline:
             why = f"honest peers exited: {dead}" if dead else f"not within {timeout}s: {rounds} rounds everywhere"
             raise AssertionError(why + "\n" + "\n".join(p.logs() for p in procs))
         time.sleep(1.0)
+    print(f"{rounds} rounds on every honest peer after {time.monotonic() - started:.0f}s", flush=True)
     losses = {s.tag: {p.name: loss_at(p, rounds) for p in s.honest} for s in swarms}
     expect = expect or {}
+    totals: dict[str, dict[str, float]] = {}
+    alive: dict[str, bool] = {}
+
+    def close(swarm: Swarm) -> None:
+        """Last counters and liveness, then SIGTERM to all its processes at once (each takes seconds to stop)."""
+        totals[swarm.tag] = _summed(swarm)
+        alive[swarm.tag] = all(p.popen.poll() is None for p in swarm.honest)
+        for p in swarm.honest + swarm.adversaries:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+
+    for swarm in swarms:  # swarms that wait for no counter stop now, and stop taking the others' CPU
+        if not expect.get(swarm.tag):
+            close(swarm)
+    waiting = [s for s in swarms if expect.get(s.tag)]
     deadline = time.monotonic() + counters_timeout
-    while True:
-        totals = {s.tag: _summed(s) for s in swarms}
-        missing = {tag: {k for k in keys if not totals[tag].get(k)} for tag, keys in expect.items()}
+    seen: dict[str, float] = {}
+    while waiting:
+        now = {s.tag: _summed(s) for s in waiting}
+        missing = {s.tag: {k for k in expect[s.tag] if not now[s.tag].get(k)} for s in waiting}
+        for tag, keys in missing.items():
+            for key in expect[tag] - keys:
+                seen.setdefault(f"{tag}:{key}", round(time.monotonic() - started))
         if not any(missing.values()) or time.monotonic() > deadline:
+            for swarm in waiting:
+                close(swarm)
             break
         time.sleep(2.0)
-    results: dict[str, dict[str, object]] = {}
-    for s in swarms:
-        alive = all(p.popen.poll() is None for p in s.honest)
-        mean = sum(losses[s.tag].values()) / len(s.honest)
-        results[s.tag] = {"losses": losses[s.tag], "loss": mean, "counters": totals[s.tag], "alive": alive}
+    print(f"counters first seen, s after the swarms trained: {seen}", flush=True)
     for p in procs:
         p.terminate(timeout=30)
+    results: dict[str, dict[str, object]] = {}
+    for s in swarms:
+        mean = sum(losses[s.tag].values()) / len(s.honest)
+        results[s.tag] = {"losses": losses[s.tag], "loss": mean, "counters": totals[s.tag], "alive": alive[s.tag]}
     return results
 
 
