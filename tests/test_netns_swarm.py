@@ -73,6 +73,12 @@ def test_a_shaped_link_runs_at_its_rate_and_nothing_is_left_after(netns: Network
     print(f"\n{got} bytes in {float(seconds):.2f}s: {rate:.1f} Mbit/s through a 20 Mbit/s link")
     assert int(got) == payload and 12 < rate < 21, rate
     stray = subprocess.Popen(fast.argv(["sleep", "600"]), start_new_session=True)  # not through procs
+
+    def inside() -> bool:  # on a loaded machine it may not have entered yet when close() looks
+        listed = subprocess.run(["ip", "netns", "pids", fast.netns], capture_output=True, text=True).stdout
+        return str(stray.pid) in listed.split()
+
+    wait_until(inside, 30, "the stray process to enter its namespace", [])
     names = [h.netns for h in netns.hosts.values()]
     netns.close()
     assert stray.wait(10) == -9
