@@ -1,6 +1,6 @@
 """Each adversary of tests/adversaries.py alone against 4 honest peers, next to a baseline swarm of the same 4
 peers (same identities, so the same data; run at the same time, so under the same load): what stopped the
-attack, the honest peers' counters, and their validation loss after the same number of rounds.
+attack, the honest peers' counters, and their validation loss over the same rounds, a few after the attack landed.
 
     python -m benchmarks.adversaries [--rounds 12] [--kinds scaled,nan,...] [--json out.json]
 
@@ -22,7 +22,7 @@ from adversaries import KINDS, finish, start_swarm
 from procs import Procs
 
 STOPPED_BY = {
-    "scaled": "clipped in the outer step (peer/robust.py)",
+    "scaled": "outer step: rejected as an outlier, >10x the clipping bound (peer/robust.py)",
     "nan": "wire: non-finite values refused, sender banned",
     "shape": "wire: header's shapes refused, sender banned",
     "replay": "wire: replay guard (round already seen)",
@@ -32,7 +32,7 @@ STOPPED_BY = {
 
 
 EXPECTED_COUNTER = {
-    "scaled": "clipped",
+    "scaled": "rejected:outlier",
     "nan": "rejected:non_finite",
     "shape": "rejected:wrong_shape",
     "replay": "rejected:replay",
@@ -53,7 +53,8 @@ def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
     base, hit = results["base"], results["attacked"]
     return {"attack": kind, "stopped_by": STOPPED_BY[kind], "counters": hit["counters"],
             "baseline_counters": base["counters"], "loss_with": hit["loss"], "loss_without": base["loss"],
-            "ratio": hit["loss"] / base["loss"], "honest_alive": hit["alive"], "rounds": rounds,
+            "ratio": hit["loss"] / base["loss"], "honest_alive": hit["alive"], "rounds": hit["target"],
+            "landed_s": hit["landed_s"],
             "seconds": time.monotonic() - began}  # fmt: skip
 
 

@@ -22,6 +22,11 @@ The rule, and why:
   bound where training is noisy.
 - Weight differences use the same reference times `PHI_FACTOR`: honest peers' outer weights differ by a
   few rounds of progress (measured with the simulator, see `PHI_FACTOR`), more than one delta.
+- A term more than `OUTLIER_RATIO` times the bound away is rejected (`OUTLIER`), not clipped: clipped, it
+  would still enter at the full bound in the sender's chosen direction, round after round (measured: a
+  peer scaling its updates by 1e4 got 2 of 4 terms into every outer step of the peers it reached, and
+  their validation loss rose by up to 0.7 nats over a few rounds). Honest terms stay below ~1.5x the
+  bound (daemon logs, tests/test_adversaries.py), so a factor of 10 is disagreement no honest peer has.
 Non-finite or wrong-shaped contributions are rejected outright (`check`); the wire already refuses
 them before decoding (protocol/updates.py), this guards the simulator and anything handed in directly.
 """
@@ -49,9 +54,12 @@ AUTO_FACTOR = 2.0
 """clip = 0: tau = AUTO_FACTOR * the AUTO_QUANTILE quantile of own delta RMS over the window."""
 PHI_FACTOR = 4.0
 """Weight differences may be this many times the delta bound (honest ones measured at <= ~2.5x own RMS)."""
+OUTLIER_RATIO = 10.0
+"""A term this many times over its bound is rejected as an outlier instead of clipped."""
 
 NON_FINITE = "non_finite"
 WRONG_SHAPE = "wrong_shape"
+OUTLIER = "outlier"
 
 
 @dataclass(slots=True)
@@ -63,7 +71,7 @@ class ClipReport:
     clipped: int = 0
     """Of those, how many were scaled down to the bound."""
     rejected: dict[str, int] = field(default_factory=dict)
-    """Refused contributions by reason (`NON_FINITE`, `WRONG_SHAPE`)."""
+    """Refused contributions by reason (`NON_FINITE`, `WRONG_SHAPE`, `OUTLIER`)."""
     largest_ratio: float = 0.0
     """Largest ||partner - own|| / tau seen this step (> 1: clipped)."""
 
@@ -201,6 +209,9 @@ def robust_terms(
             if tau is not None:
                 tensors, ratio = clip_toward(tensors, term.layout, reference, tau * factor)
                 report.largest_ratio = max(report.largest_ratio, ratio)
+                if ratio > OUTLIER_RATIO:
+                    report.reject(OUTLIER)
+                    continue
                 report.clipped += ratio > 1.0
             report.mixed += 1
             out.append(term if tensors is term.tensors else replace(term, tensors=tensors))

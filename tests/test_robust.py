@@ -13,6 +13,7 @@ from peer.outer import Contribution, OuterConfig, gossip_step, initial_state, ps
 from peer.robust import (
     AUTO_FACTOR,
     NON_FINITE,
+    OUTLIER,
     PHI_FACTOR,
     WRONG_SHAPE,
     Clipper,
@@ -93,30 +94,35 @@ def test_clipper_running_norm_and_auto_percentile() -> None:
         Clipper(clip=-1.0)
 
 
-def test_robust_terms_clip_a_scaled_update_to_the_bound_and_leave_honest_ones() -> None:
+def test_robust_terms_clip_a_far_update_to_the_bound_reject_an_outlier_and_leave_honest_ones() -> None:
     gen = torch.Generator().manual_seed(0)
     phi = {"w": torch.randn(4, generator=gen, dtype=torch.float64)}
     own = Contribution(FIRST_TWO, {"w": t(0.01, -0.02)})
     honest = Contribution(ALL, {"w": t(0.012, -0.018, 0.01, 0.015)})
-    attack = Contribution(ALL, {"w": honest.tensors["w"] * 1e4})
+    far = Contribution(ALL, {"w": honest.tensors["w"] * 5})  # ~2x the bound: clipped
+    attack = Contribution(ALL, {"w": honest.tensors["w"] * 1e4})  # thousands of times over: rejected
     poisoned = Contribution(ALL, {"w": t(0.0, float("inf"), 0.0, 0.0)})
-    far_weights = Contribution(ALL, {"w": phi["w"] + 1e3})
+    far_weights = Contribution(ALL, {"w": phi["w"] + 0.3})
+    outlier_weights = Contribution(ALL, {"w": phi["w"] + 1e3})
     clipper = Clipper(clip=2.0)
 
-    received, weights, report = robust_terms(phi, own, [honest, attack, poisoned], [far_weights], clipper)
+    received, weights, report = robust_terms(
+        phi, own, [honest, far, attack, poisoned], [far_weights, outlier_weights], clipper
+    )
 
     own_rms = math.sqrt((0.01**2 + 0.02**2) / 2)
     tau = 2.0 * own_rms  # the window holds this round's own norm only
     assert clipper.history == [pytest.approx(own_rms)]
-    assert received[0] is honest  # honest: inside the bound, untouched
+    assert len(received) == 2 and received[0] is honest  # honest: inside the bound, untouched
     reference = t(0.01, -0.02, 0.0, 0.0)
     clipped_diff = received[1].tensors["w"] - reference
     assert float(clipped_diff.norm()) == pytest.approx(tau * 2)  # tau_rms * sqrt(4 coordinates)
-    direction = attack.tensors["w"] - reference
+    direction = far.tensors["w"] - reference
     torch.testing.assert_close(clipped_diff / clipped_diff.norm(), direction / direction.norm())
+    assert len(weights) == 1
     weight_diff = weights[0].tensors["w"] - phi["w"]
     assert float(weight_diff.norm()) == pytest.approx(PHI_FACTOR * tau * 2)
-    assert (report.mixed, report.clipped, report.rejected) == (3, 2, {NON_FINITE: 1})
+    assert (report.mixed, report.clipped, report.rejected) == (3, 2, {NON_FINITE: 1, OUTLIER: 2})
     assert report.largest_ratio > 1e3
 
 
@@ -158,10 +164,15 @@ def test_compose_outer_step_reports_and_bounds_a_1e4_scaled_partner() -> None:
     assert same <= 0.05 * moved  # an honest partner is (nearly) untouched
 
     attacked, report = step([scaled], Clipper(run.clip))
-    assert report.clipped >= 1 and report.largest_ratio > 100
+    assert report.rejected == {OUTLIER: 1} and report.largest_ratio > 100  # the delta; its weights are honest
     unguarded, _ = step([scaled], None)
     shift = lambda p: math.sqrt(sum(float((p[n] - phi[n]).pow(2).sum()) for n in phi))  # noqa: E731
     assert shift(attacked) < 3 * shift(guarded) and shift(unguarded) > 100 * shift(guarded)
+
+    _, _, over = _wire(run, shapes, layouts, 3, 1, scale=8.0)  # over the bound, not an outlier: clipped
+    clipped, report = step([over], Clipper(run.clip))
+    assert report.clipped == 1 and 1 < report.largest_ratio < 10 and report.rejected == {}
+    assert shift(clipped) < 3 * shift(guarded)
 
     bad = ReceivedUpdate("f" * 64, "r" * 64, 3, 1, {"delta/nope": torch.zeros(3)}, b"\0" * 32, 0)
     _, report = step([honest, bad], Clipper(run.clip))
