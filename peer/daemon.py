@@ -44,7 +44,7 @@ from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
 from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
 from peer.metrics import Metrics
 from peer.roundline import RoundLine
-from peer.runconfig import RunConfig
+from peer.runconfig import GossipConfig, RunConfig
 from peer.status import StatusReporter
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
 from peer.swarm_join import JoinOptions, check_endpoint, obtain_manifest, refresh_until
@@ -321,11 +321,12 @@ async def _resume_or_late_join(daemon: Daemon, directory: Path | None) -> None:
         await daemon.late_join()
 
 
-async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], timeout_s: float) -> PeerServer:
+async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], gossip: GossipConfig) -> PeerServer:
     server = PeerServer(
         identity=identity, policy=daemon.policy, on_update=daemon.on_update, reply_for=daemon.reply_for,
         status=daemon.status, state_provider=lambda: daemon.snapshot,
-        config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=timeout_s),
+        config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=gossip.exchange_timeout_s,
+                            min_round_s=gossip.min_round_s),  # fmt: skip
     )  # fmt: skip
     await server.start()
     return server
@@ -394,7 +395,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
             await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
             print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
         if j.listen is not None:
-            server = await _serve(daemon, identity, j.listen, run.gossip.exchange_timeout_s)
+            server = await _serve(daemon, identity, j.listen, run.gossip)
             member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
         await asyncio.to_thread(member.join)
         if server is not None:

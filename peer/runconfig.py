@@ -11,7 +11,7 @@ A run config comes from flags or a TOML file with the sections below (all option
     [model]   any ModelConfig field, overriding the preset
     [slices]  num_slices, cut       [inner] InnerConfig fields (betas = [0.9, 0.95])
     [outer]   OuterConfig fields (default: the method's tuned settings) and clip
-    [gossip]  fanout, exchange_timeout_s       [codec] name, block_size, topk_fraction
+    [gossip]  fanout, exchange_timeout_s, min_round_s      [codec] name, block_size, topk_fraction
     [data]    source, tokenizer, seed
 """
 
@@ -31,6 +31,7 @@ from peer.subsets import SliceConfig
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
 from protocol.codec import CodecConfig
+from protocol.limits import DEFAULT_MIN_ROUND_S
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,10 +49,16 @@ class GossipConfig:
     """Partners per round (DESIGN.md: prefer >= 2 so clipping can do its job)."""
     exchange_timeout_s: float = 60.0
     """An exchange slower than this is skipped."""
+    min_round_s: float = DEFAULT_MIN_ROUND_S
+    """The shortest round an honest peer of this run makes. Servers admit twice one push per this many seconds
+    from each peer (protocol/limits.py) and ban a peer over it: a run whose rounds take minutes sets it high,
+    so that a flooder is cut off after a few calls instead of hundreds."""
 
     def __post_init__(self) -> None:
         if self.fanout < 1 or not self.exchange_timeout_s > 0:
             raise ValueError("gossip fanout must be >= 1 and exchange_timeout_s > 0")
+        if not 0 < self.min_round_s <= 3600:
+            raise ValueError(f"gossip min_round_s must be in (0, 3600] seconds, got {self.min_round_s}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -162,7 +169,8 @@ class RunConfig:
             outer=pb.OuterSpec(
                 method=self.method, lr=o.lr, momentum=o.momentum, clip=self.clip, rule=o.rule, consensus=o.consensus
             ),  # fmt: skip
-            gossip=pb.GossipSpec(fanout=self.gossip.fanout, exchange_timeout_s=self.gossip.exchange_timeout_s),
+            gossip=pb.GossipSpec(fanout=self.gossip.fanout, exchange_timeout_s=self.gossip.exchange_timeout_s,
+                                 min_round_s=self.gossip.min_round_s),  # fmt: skip
             codec=pb.CodecSpec(
                 name=self.codec.name, block_size=self.codec.block_size, topk_fraction=self.codec.topk_fraction
             ),  # fmt: skip
@@ -188,7 +196,8 @@ class RunConfig:
             slices=SliceConfig(num_slices=manifest.slices.num_slices, cut=manifest.slices.cut,
                                shared_head=manifest.slices.shared_head), inner=inner,
             outer=OuterConfig(rule=o.rule, lr=o.lr, momentum=o.momentum, consensus=o.consensus), clip=o.clip,
-            gossip=GossipConfig(fanout=manifest.gossip.fanout, exchange_timeout_s=manifest.gossip.exchange_timeout_s),
+            gossip=GossipConfig(fanout=manifest.gossip.fanout, exchange_timeout_s=manifest.gossip.exchange_timeout_s,
+                                min_round_s=manifest.gossip.min_round_s or DEFAULT_MIN_ROUND_S),
             codec=CodecConfig(name=manifest.codec.name, block_size=manifest.codec.block_size,
                               topk_fraction=manifest.codec.topk_fraction),
             data=DataConfig(source=manifest.data.source, tokenizer=manifest.data.tokenizer, seed=manifest.data.seed),

@@ -11,7 +11,7 @@ import pytest
 from peer.inner import InnerConfig
 from peer.model import ModelConfig
 from peer.outer import OuterConfig
-from peer.runconfig import RunConfig
+from peer.runconfig import DataConfig, GossipConfig, RunConfig
 from peer.subsets import SliceConfig
 from protocol import manifest as M
 from protocol._generated import murmur_pb2 as pb
@@ -38,7 +38,8 @@ def test_run_config_round_trips_through_the_manifest(config: RunConfig) -> None:
         "model": {"mlp": "gelu", "positions": "learned", "tie_embeddings": False, "norm_eps": 1e-6},
         "slices": {"num_slices": 5, "cut": "blocks", "shared_head": False},
         "inner": {"grad_accum": 3, "total_steps": 77},
-        "outer": {"clip": 2.5, "consensus": 0.25}, "gossip": {"fanout": 3}, "codec": {"name": "topk"},
+        "outer": {"clip": 2.5, "consensus": 0.25}, "gossip": {"fanout": 3, "min_round_s": 2.5},
+        "codec": {"name": "topk"},
         "data": {"source": "hf:x", "seed": 9},
     })  # fmt: skip
     assert RunConfig.from_manifest(odd.to_manifest()) == odd
@@ -49,13 +50,24 @@ def test_every_config_field_has_a_manifest_field() -> None:
     """Walk the dataclasses, so a field added to a config without a manifest field fails here."""
     specs = {
         ModelConfig: pb.ModelSpec, SliceConfig: pb.SliceSpec, InnerConfig: pb.InnerSpec,
-        OuterConfig: pb.OuterSpec, CodecConfig: pb.CodecSpec,
+        OuterConfig: pb.OuterSpec, CodecConfig: pb.CodecSpec, GossipConfig: pb.GossipSpec, DataConfig: pb.DataSpec,
     }  # fmt: skip
     renamed = {"betas": "beta1", "num_slices": "num_slices", "name": "name"}
     for cls, spec in specs.items():
         names = set(spec.DESCRIPTOR.fields_by_name)
         for f in dataclasses.fields(cls):
             assert renamed.get(f.name, f.name) in names, f"{cls.__name__}.{f.name} is not in {spec.__name__}"
+
+
+def test_min_round_s_sets_the_servers_limits_and_an_unset_one_is_the_default() -> None:
+    config = RunConfig.from_dict({"swarm": "t", "gossip": {"min_round_s": 2.0}})
+    assert RunConfig.from_manifest(config.to_manifest()).gossip.min_round_s == 2.0
+    unset = config.to_manifest()
+    unset.gossip.ClearField("min_round_s")  # a manifest that predates the field
+    assert RunConfig.from_manifest(unset).gossip.min_round_s == GossipConfig().min_round_s == 0.25
+    for bad in (0.0, -1.0, float("nan"), 1e9):
+        with pytest.raises(ValueError, match="min_round_s"):
+            RunConfig.from_dict({"swarm": "t", "gossip": {"min_round_s": bad}})
 
 
 def test_unknown_config_keys_are_refused() -> None:

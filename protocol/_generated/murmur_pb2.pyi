@@ -91,12 +91,14 @@ class OuterSpec(_message.Message):
     def __init__(self, method: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., clip: _Optional[float] = ..., rule: _Optional[str] = ..., consensus: _Optional[float] = ...) -> None: ...
 
 class GossipSpec(_message.Message):
-    __slots__ = ("fanout", "exchange_timeout_s")
+    __slots__ = ("fanout", "exchange_timeout_s", "min_round_s")
     FANOUT_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_ROUND_S_FIELD_NUMBER: _ClassVar[int]
     fanout: int
     exchange_timeout_s: float
-    def __init__(self, fanout: _Optional[int] = ..., exchange_timeout_s: _Optional[float] = ...) -> None: ...
+    min_round_s: float
+    def __init__(self, fanout: _Optional[int] = ..., exchange_timeout_s: _Optional[float] = ..., min_round_s: _Optional[float] = ...) -> None: ...
 
 class CodecSpec(_message.Message):
     __slots__ = ("name", "block_size", "topk_fraction")
