@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from adversaries import KINDS, finish, start_swarm
+from adversaries import KINDS, finish, start_swarms
 from procs import Procs
 
 STOPPED_BY = {
@@ -45,9 +45,8 @@ def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
     procs = Procs(workdir)
     began = time.monotonic()
     try:
-        baseline = start_swarm(procs, "base", [])
-        attacked = start_swarm(procs, "attacked", [kind])
-        results = finish([baseline, attacked], rounds, timeout=1200, expect={"attacked": {EXPECTED_COUNTER[kind]}})
+        swarms = start_swarms(procs, {"base": [], "attacked": [kind]})
+        results = finish(swarms, rounds, timeout=1200, expect={"attacked": {EXPECTED_COUNTER[kind]}})
     finally:
         procs.stop_all()
     base, hit = results["base"], results["attacked"]

@@ -324,20 +324,33 @@ class Swarm:
     metrics_urls: dict[str, str] = field(default_factory=dict)
 
 
-def start_swarm(procs: Procs, tag: str, kinds: list[str], *, clip: float = 0.0) -> Swarm:
-    """A bootstrap node, 4 honest `murmur run` peers and one adversary process per kind in `kinds`.
+def start_swarms(procs: Procs, kinds: dict[str, list[str]], *, clip: float = 0.0) -> list[Swarm]:
+    """Per tag in `kinds`: a bootstrap node, 4 honest `murmur run` peers and one adversary process per kind.
 
-    Honest peers use identity files shared across swarms (`<name>.id` in the work dir), so a baseline and an
-    attacked swarm train on the same data streams and differ only by the attack.
+    All swarms start together and share the machine from their first second (one after the other, the first
+    trained alone for a minute while the second's 10 processes started). Honest peers use identity files
+    shared across swarms (`<name>.id` in the work dir), so a baseline and an attacked swarm train on the same
+    data streams and differ only by the attack.
     """
-    (procs.workdir / f"{tag}.toml").write_text(RUN_TOML.format(swarm=tag, clip=clip))
-    made = procs.start(f"{tag}-create", murmur("create-run", "--config", f"{tag}.toml", "--key", f"{tag}-owner.key",
-                                               "--out", f"{tag}-manifest.json"))  # fmt: skip
-    boot = procs.start(f"{tag}-boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                                             "--identity", f"{tag}-boot.key"))  # fmt: skip
-    maddr = boot.wait_for(MADDR, timeout=120).group(1)
-    assert made.wait_exit(120) == 0, made.logs()
-    run_key = made.lines[-1]
+    made, boots = {}, {}
+    for tag in kinds:
+        (procs.workdir / f"{tag}.toml").write_text(RUN_TOML.format(swarm=tag, clip=clip))
+        create = ("create-run", "--config", f"{tag}.toml", "--key", f"{tag}-owner.key", "--out", f"{tag}-manifest.json")
+        made[tag] = procs.start(f"{tag}-create", murmur(*create))
+        boot = ("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", f"{tag}-boot.key")
+        boots[tag] = procs.start(f"{tag}-boot", murmur(*boot))
+    swarms = []
+    for tag, adversary_kinds in kinds.items():
+        maddr = boots[tag].wait_for(MADDR, timeout=120).group(1)
+        assert made[tag].wait_exit(120) == 0, made[tag].logs()
+        swarms.append(_start_peers(procs, tag, maddr, made[tag].lines[-1], adversary_kinds))
+    for swarm in swarms:
+        swarm.honest[0].wait_for(r"^joined swarm", timeout=120)
+    return swarms
+
+
+def _start_peers(procs: Procs, tag: str, maddr: str, run_key: str, kinds: list[str]) -> Swarm:
+    """The honest peers of swarm `tag` (the owner first) and its adversaries, all started at once."""
 
     def args(name: str, ident: str) -> list[str]:
         who = ["--manifest", f"{tag}-manifest.json", "--key", f"{tag}-owner.key"] if name == "owner" else []
@@ -356,7 +369,6 @@ def start_swarm(procs: Procs, tag: str, kinds: list[str], *, clip: float = 0.0) 
     script = str(Path(__file__).resolve())
     adversaries = [procs.start(f"{tag}-adv-{k}", [sys.executable, script, k, *args(k, f"{tag}-adv-{k}.id")],
                                env=env(f"adv-{k}")) for k in kinds]  # fmt: skip
-    honest[0].wait_for(r"^joined swarm", timeout=120)
     return Swarm(tag, honest, adversaries)
 
 

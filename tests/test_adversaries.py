@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from adversaries import KINDS, finish, start_swarm
+from adversaries import KINDS, finish, start_swarms
 from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
 ROUNDS = 8
@@ -33,9 +33,8 @@ EXPECTED = {
 @pytest.mark.timeout(900)
 def test_every_attack_is_rejected_or_clipped_and_the_loss_holds(procs: Procs) -> None:
     began = time.monotonic()
-    baseline = start_swarm(procs, "base", [])
-    attacked = start_swarm(procs, "attacked", list(KINDS))
-    results = finish([baseline, attacked], ROUNDS, timeout=720, expect={"attacked": set(EXPECTED)})
+    swarms = start_swarms(procs, {"base": [], "attacked": list(KINDS)})
+    results = finish(swarms, ROUNDS, timeout=720, expect={"attacked": set(EXPECTED)})
     base, hit = results["base"], results["attacked"]
     print(f"\nbaseline {base}\nattacked {hit}\n{time.monotonic() - began:.0f}s in all")
     assert base["alive"] and hit["alive"], results  # no honest peer crashed
