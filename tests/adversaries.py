@@ -322,6 +322,7 @@ class Swarm:
     honest: list[Proc]
     adversaries: list[Proc]
     metrics_urls: dict[str, str] = field(default_factory=dict)
+    """Honest peer name -> its /metrics URL, once its log has printed it."""
 
 
 def start_swarms(procs: Procs, kinds: dict[str, list[str]], *, clip: float = 0.0) -> list[Swarm]:
@@ -429,8 +430,8 @@ def finish(
             raise AssertionError(why + "\n" + "\n".join(p.logs() for p in procs) + "\n" + why)
 
     while landed_at is None:  # every expected counter non-zero somewhere among the honest peers
-        missing = sorted(f"{tag}:{key}" for tag, keys in expect.items() for key in keys)
-        check_alive(f"counters never seen: {sorted(set(missing) - set(seen))}, seen (s): {seen}")
+        wanted = {f"{tag}:{key}" for tag, keys in expect.items() for key in keys}
+        check_alive(f"counters never seen: {sorted(wanted - set(seen))}, seen (s): {seen}")
         for swarm in swarms:
             if swarm.tag in expect:
                 now = _summed(swarm)
@@ -473,7 +474,11 @@ def _summed(swarm: Swarm) -> dict[str, float]:
     """The honest peers' counters, summed (over those that serve metrics yet)."""
     total: dict[str, float] = {}
     for p in swarm.honest:
-        url = next((m[1] for line in p.lines if (m := re.match(METRICS_AT, line))), None)
-        for key, value in (counters(url) if url else {}).items():
+        if p.name not in swarm.metrics_urls:  # found once, not re-read from a growing log every poll
+            url = next((m[1] for line in p.lines if (m := re.match(METRICS_AT, line))), None)
+            if url is None:
+                continue
+            swarm.metrics_urls[p.name] = url
+        for key, value in counters(swarm.metrics_urls[p.name]).items():
             total[key] = total.get(key, 0.0) + value
     return total
