@@ -1,6 +1,6 @@
 """Shared pieces of the wire tests: two identities, a policy, a server on 127.0.0.1, raw calls.
 
-Imported explicitly by tests/test_service.py and tests/test_fuzz.py (not an autouse conftest).
+Imported explicitly by the wire, fuzz, limits and metrics tests (not an autouse conftest).
 Every coroutine runs under uvloop through `run`, which also closes the loop, so nothing is left running.
 """
 
@@ -71,6 +71,15 @@ class Wire:
             if names is None or name in names
         }
         return OutgoingUpdate(round, slice, tensors)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll `condition` until it holds: a server's (or any task's) state moves between our awaits."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager

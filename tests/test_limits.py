@@ -22,6 +22,7 @@ from conftest_wire import (
     run,
     serving,
     unary,
+    until,
     update_frames,
 )
 
@@ -256,14 +257,6 @@ def test_a_flood_of_concurrent_pushes_keeps_payload_memory_under_the_cap() -> No
     assert open_peak > 16 * one, "without the cap, every stream's buffer at once"
 
 
-async def until(condition, timeout: float = 20.0) -> None:
-    """Poll `condition` until it holds (the server's state moves between our awaits)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.timeout(60)
 def test_one_peer_holds_at_most_two_streams_at_once_and_is_not_banned_for_a_third() -> None:
     wire = Wire()
@@ -277,7 +270,7 @@ def test_one_peer_holds_at_most_two_streams_at_once_and_is_not_banned_for_a_thir
                     stalled.append(asyncio.ensure_future(
                         push_frames(channel, update_frames(wire.update(r)), half_close=False)))  # fmt: skip
                     if r < 3:
-                        await until(lambda n=r: sum(server.limiter._streams.values()) == n)
+                        await until(lambda n=r: sum(server.limiter._streams.values()) == n, timeout=20.0)
                 outcomes = await asyncio.gather(*stalled)
                 after = await push_frames(channel, update_frames(wire.update(4)))
             finally:

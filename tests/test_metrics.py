@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest_wire import until
 
 from peer.metrics import Metrics, StatusLine, human_bytes
 
@@ -121,14 +122,6 @@ async def request(port: int, raw: bytes, *, hang_up: bool = False) -> bytes:
 
 async def get(port: int, path: str = "/metrics") -> bytes:
     return await request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-
-
-async def until(condition, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def run(coro_fn) -> None:
