@@ -24,9 +24,10 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.dht.storage import DictionaryDHTValue
 
 from bootstrap.reachability import serve_reachability
+from protocol.dht import refresh_routing, start_dht
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.records import InvalidRecord, refresh_routing, start_dht, verify_announcement
+from protocol.records import InvalidRecord, verify_announcement
 
 log = get_logger(__name__)
 

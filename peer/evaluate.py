@@ -191,10 +191,10 @@ def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: b
     from peer.latejoin import fetch_initial_state
     from peer.subsets import parameter_shapes
     from peer.swarm import Swarm, SwarmConfig
+    from protocol.dht import start_dht
     from protocol.errors import MurmurError
     from protocol.identity import Identity
     from protocol.manifest import PinStore
-    from protocol.records import start_dht
 
     dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=timeout_s,
                     client_mode=True)  # fmt: skip

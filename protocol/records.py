@@ -24,22 +24,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 from google.protobuf.message import DecodeError
-from hivemind.dht import DHT, DHTNode
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.p2p import PeerID
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.multiaddr import Multiaddr
 
 from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
-from protocol.errors import MurmurError, ProtocolViolation, Reason
+from protocol.errors import ProtocolViolation, Reason
 from protocol.identity import (
     Identity,
     certificate_fingerprint,
@@ -47,9 +40,6 @@ from protocol.identity import (
     verify,
     verify_tls_binding,
 )
-from protocol.logs import get_logger
-
-log = get_logger(__name__)
 
 KEY_PREFIX = "murmur/v1"
 MANIFEST_TAG = b"murmur/manifest/v1\0"
@@ -294,76 +284,3 @@ class RecordValidator(RecordValidatorBase):
         except InvalidRecord:
             return False
         return True
-
-
-class DHTStartError(MurmurError):
-    """The DHT could not start; the message names the cause and what to do."""
-
-
-def _start_hint(detail: str, timeout_s: float) -> str:
-    if "failed to connect to bootstrap peers" in detail:
-        return (
-            "none of the --initial-peers answered. Check each address (it must end in /p2p/<id>), "
-            "that the node is up, and that your firewall allows outgoing TCP to it"
-        )
-    if "failed to start in" in detail:
-        return f"p2pd did not start within {timeout_s:.0f}s; raise --dht-start-timeout on a slow machine"
-    if "multiaddr" in detail:
-        return "a multiaddr is malformed; they look like /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."
-    if "address already in use" in detail.lower():
-        return "the --host-maddrs port is taken by another process; pick another port or use tcp/0"
-    return "see the p2pd message above"
-
-
-def start_dht(
-    *,
-    initial_peers: Sequence[str] = (),
-    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
-    announce_maddrs: Sequence[str] = (),
-    identity_path: Path | None = None,
-    startup_timeout_s: float = 60.0,
-    client_mode: bool = False,
-) -> DHT:
-    """A started hivemind DHT that admits murmur records only (`RecordValidator`).
-
-    `identity_path` is a libp2p key file (created when missing): it keeps the DHT peer id stable across
-    restarts. Raises DHTStartError with the cause and a hint instead of hivemind's bare errors.
-    """
-    try:
-        return DHT(
-            initial_peers=list(initial_peers),
-            host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) or None,
-            identity_path=str(identity_path) if identity_path is not None else None,
-            startup_timeout=startup_timeout_s,
-            record_validators=[RecordValidator()],
-            client_mode=client_mode,
-            start=True,
-        )
-    except (P2PDaemonError, RuntimeError, OSError, ValueError) as exc:
-        detail = str(exc).strip()
-        hint = _start_hint(detail, startup_timeout_s)
-        raise DHTStartError(f"the DHT failed to start: {detail}\n  -> {hint}") from exc
-
-
-async def _refresh_routing(_dht: DHT, node: DHTNode, initial_peers: Sequence[str]) -> int:
-    """Inside the DHT process: re-dial the initial peers, then look up our own neighbourhood."""
-    for text in initial_peers:
-        try:
-            maddr = Multiaddr(text)
-            peer = PeerID.from_base58(maddr["p2p"])
-            await node.p2p._client.connect(peer, [maddr.decapsulate(Multiaddr(f"/p2p/{maddr['p2p']}"))])
-            await node.protocol.call_ping(peer)
-        except Exception as exc:  # one dead bootstrap node must not stop the others
-            log.debug("re-bootstrap: %s did not answer (%r)", text, exc)
-    await node.find_nearest_nodes([node.node_id])
-    return len(node.protocol.routing_table.uid_to_peer_id)
-
-
-def refresh_routing(dht: DHT, initial_peers: Sequence[str]) -> int:
-    """Re-bootstrap: dial `initial_peers` again and refresh the routing table; returns its size.
-
-    Peers call it when they see too few peers; bootstrap nodes call it on a timer (DHT splits at start
-    and stale routing tables are the usual cause of a swarm that does not find itself).
-    """
-    return dht.run_coroutine(partial(_refresh_routing, initial_peers=list(initial_peers)))

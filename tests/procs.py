@@ -126,6 +126,21 @@ class Proc:
         self.popen.wait(10)
         self._reap()
 
+    def kill_alone(self, gone_s: float = 20.0) -> None:
+        """SIGKILL this process's own PID only, as the kernel's OOM killer does (not its group), and wait until
+        its group empties by itself: the DHT process and p2pd must follow it (protocol/dht.py) within `gone_s`."""
+        helpers = group_pids(self.pgid)
+        assert len(helpers) >= 3, f"{self.name}: expected the process, its DHT process and p2pd, found {helpers}"
+        os.kill(self.popen.pid, signal.SIGKILL)
+        assert self.popen.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + gone_s
+        while group_pids(self.pgid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: {group_pids(self.pgid)} still running {gone_s:.0f} s after the "
+                                     f"process was killed\n{self.logs()}")  # fmt: skip
+            time.sleep(0.2)
+        self._reap()
+
     def _reap(self) -> None:
         self._reader.join(5)
         self._stderr.close()

@@ -6,9 +6,10 @@
   round number catches up with the swarm's through the Lamport rule. Every peer dialled at least two
   different partners, and every peer's validation loss (`--eval-every`) ends well below the corpus's
   unigram entropy.
-- Crash and resume: a peer killed with SIGKILL (no exit checkpoint) restarts from its newest periodic
-  checkpoint (`--checkpoint-every`); with that checkpoint truncated, it says which one it skipped and why,
-  and resumes from the one before.
+- Crash and resume: a peer killed with SIGKILL on its own PID (the OOM killer's way; no exit checkpoint) takes
+  its DHT process and p2pd with it, restarts at once with the same identity, rejoins the live swarm from its
+  newest periodic checkpoint (`--checkpoint-every`); with that checkpoint truncated, it says which one it
+  skipped and why, and resumes from the one before.
 
 Waits poll for conditions with generous deadlines (two shared cores, other tests running); no assertion
 rests on a fixed sleep.
@@ -187,21 +188,25 @@ def _ckpt_rounds(directory: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_a_killed_peer_resumes_from_its_newest_valid_periodic_checkpoint(procs: Procs) -> None:
-    maddr, _ = start_swarm(procs)
+    """SIGKILL on the daemon's own PID (the OOM killer's way): its DHT process and p2pd follow it; restarted at
+    once with the same identity it rejoins the live swarm and resumes from its newest periodic checkpoint."""
+    maddr, run_key = start_swarm(procs)
     ckpt = procs.workdir / "ckpt-owner"
     flags = ("--checkpoint-dir", "ckpt-owner", "--checkpoint-every", "2")
     owner = start_peer(procs, "owner", maddr, *flags)
-    wait_until(lambda: len(_ckpt_rounds(ckpt)) >= 2, 120, "two periodic checkpoints", [owner])
-    owner.kill()  # SIGKILL: no exit checkpoint
-    assert owner.popen.returncode == -signal.SIGKILL
+    live = start_peer(procs, "peer1", maddr, "--run-key", run_key)
+    wait_until(lambda: len(_ckpt_rounds(ckpt)) >= 2, 120, "two periodic checkpoints", [owner, live])
+    owner.kill_alone()  # no exit checkpoint; and its group must empty by itself
     newest = _ckpt_rounds(ckpt)[0]
 
-    again = start_peer(procs, "owner-again", maddr, *flags, ident="owner")
+    again = start_peer(procs, "owner-again", maddr, *flags, ident="owner")  # at once: nothing holds its identity
     resumed = int(again.wait_for(r"^resumed from the checkpoint of round (\d+)", timeout=180).group(1))
     first = int(again.wait_for(ROUND_PATTERN_RE.pattern, timeout=60).group(1))
     assert (resumed, first) == (newest, newest + 1), again.logs()
+    wait_until(lambda: any(r.exchanged for r in parse_all(again.lines)), 120, "an exchange with the live peer",
+               [again, live])  # fmt: skip
     wait_until(lambda: _ckpt_rounds(ckpt)[0] > newest, 120, "a periodic checkpoint after the restart", [again])
-    again.kill()
+    again.kill_alone()
     newest, previous = _ckpt_rounds(ckpt)[:2]
     phi = ckpt / f"round-{newest:06d}" / "phi.safetensors"
     size = phi.stat().st_size
@@ -221,6 +226,7 @@ def test_a_killed_peer_resumes_from_its_newest_valid_periodic_checkpoint(procs: 
     assert third.terminate(timeout=30) == 0, third.logs()
     for proc in (owner, again, third):
         assert group_pids(proc.pgid) == [], f"{proc.name} left processes behind"
+    assert live.terminate(timeout=30) == 0, live.logs()
 
 
 @pytest.mark.timeout(180)

@@ -1,0 +1,96 @@
+"""Processes die together (DESIGN 5b): a bootstrap node killed with SIGKILL on its own PID (what the OOM killer
+does; not the whole group) takes its hivemind DHT process and p2pd with it and restarts with its identity. A
+`murmur run` peer killed the same way, restarted at once, rejoining and resuming from its checkpoint, is
+tests/test_daemon_faults.py's crash test (one swarm for both).
+
+The DHT process itself honours SIGTERM, and its p2pd dies with it even when it is SIGKILLed (p2pd is
+spawned with PR_SET_PDEATHSIG, which uvloop's subprocess_exec sets up through preexec_fn).
+Waits poll with generous deadlines; nothing rests on a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.subprocess
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import uvloop
+from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+from protocol.dht import DHTStopped, _spawn_with_death_signal, start_dht
+
+MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
+PRINT_DEATH_SIGNAL = "import ctypes as c; s = c.c_int(); c.CDLL(None).prctl(2, c.byref(s), 0, 0, 0); print(s.value)"
+"""Prints the death signal of the process running it (prctl 2 = PR_GET_PDEATHSIG)."""
+GONE_S = 20.0
+"""A killed process's DHT child and p2pd must be gone within this (they take about a second)."""
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: Sequence[Proc] = ()) -> None:
+    """Poll `condition` until true; fail with the processes' logs after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}\n" + "\n".join(p.logs() for p in procs))
+        time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_the_dht_process_honours_sigterm_and_takes_p2pd_along_even_when_killed(sig: signal.Signals) -> None:
+    dht = start_dht(host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=30)
+    try:
+        p2pd = children(dht.pid)
+        assert len(p2pd) == 1 and alive(p2pd[0]), p2pd
+        os.kill(dht.pid, sig)
+        wait_until(lambda: not alive(dht.pid) and not alive(p2pd[0]), 10, f"the DHT process and p2pd exit on {sig!r}")
+        with pytest.raises(DHTStopped):  # a call to a DHT process that is gone fails instead of hanging
+            dht.get("murmur/v1/lifecycle/peers")
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_p2pd_is_spawned_with_a_death_signal_by_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the DHT process does before starting p2pd, here in the test process (monkeypatch restores it)."""
+    monkeypatch.setattr(asyncio.subprocess, "create_subprocess_exec", asyncio.subprocess.create_subprocess_exec)
+    _spawn_with_death_signal()
+
+    async def death_signal_of_a_child() -> bytes:
+        child = await asyncio.subprocess.create_subprocess_exec(
+            sys.executable, "-c", PRINT_DEATH_SIGNAL, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await child.communicate()
+        return out
+
+    assert uvloop.run(death_signal_of_a_child()).strip() == str(int(signal.SIGKILL)).encode()
+
+
+@pytest.mark.timeout(90)
+def test_a_bootstrap_node_killed_alone_leaves_nothing_and_restarts_with_its_identity(procs: Procs) -> None:
+    args = ("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key")
+    boot = procs.start("boot", murmur(*args))
+    boot_id = boot.wait_for(MADDR, timeout=40).group(2)
+    boot.kill_alone(GONE_S)
+    again = procs.start("boot-again", murmur(*args))
+    assert again.wait_for(MADDR, timeout=40).group(2) == boot_id, "a bootstrap node keeps its libp2p identity"
