@@ -91,6 +91,7 @@ def simulate(
                            codec=CodecConfig(name=codec), peers=peers, rounds=rounds, fanout=fanout,
                            overlap=overlap, seed=seed, eval_every=max(1, rounds // 5))  # fmt: skip
         _check_cut(config)
+        _check_outputs(json_path, plot_path)
     except (ValueError, FileNotFoundError) as error:
         raise click.UsageError(str(error)) from error
     torch.manual_seed(seed)
@@ -141,6 +142,15 @@ def _check_cut(config: object) -> None:
     from peer.subsets import partition
 
     partition(config.model, config.slices)
+
+
+def _check_outputs(json_path: Path | None, plot_path: Path | None) -> None:
+    """Before minutes of simulation, not after: the --json and --plot files can be written."""
+    from peer.preflight import writable_file
+
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            writable_file(path, flag, replaced=True)
 
 
 def _progress_bars(tqdm: Callable, rounds: int) -> Callable[[str], Callable[[], None]]:

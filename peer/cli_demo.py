@@ -34,11 +34,16 @@ def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: flo
       murmur demo --peers 4 --minutes 3 --out demo-out
     """
     from peer.demo import DemoError, DemoOptions, format_table, run_demo, write_outputs
+    from peer.preflight import usable_directory
 
     try:
         opts = DemoOptions(out=out, peers=peers, slices=slices, seconds=60 * minutes, progress_every=progress_every)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    try:
+        usable_directory(out, "--out")
+    except ValueError as exc:  # SetupError
+        raise click.ClickException(str(exc)) from exc
     # SIGTERM, and SIGINT even where a shell started us ignoring it, end run_demo through its `finally`,
     # which stops every child (they run in their own sessions, so Ctrl-C reaches only this process).
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}

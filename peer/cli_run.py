@@ -136,6 +136,7 @@ def run(**options: object) -> None:
       murmur run --config peer.toml --device cuda:1
     """
     from peer.daemon import DaemonOptions, run_daemon
+    from peer.preflight import check_run
     from peer.swarm_join import JoinOptions
 
     if options["log_level"]:
@@ -154,6 +155,7 @@ def run(**options: object) -> None:
     import uvloop
 
     try:
+        check_run(opts)  # paths, ports, a --manifest file: wrong ones cost a second, not a minute of joining
         uvloop.run(run_daemon(opts, software_version=__version__))
-    except (MurmurError, ValueError) as exc:
+    except (MurmurError, ValueError) as exc:  # SetupError, ManifestError, DataNotFound...: one line each
         raise click.ClickException(str(exc)) from exc

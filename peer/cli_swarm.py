@@ -46,7 +46,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], in
       murmur bootstrap --host-maddrs /ip4/0.0.0.0/tcp/31337 --identity bootstrap.key --addrs-file addrs.txt
     """
     from bootstrap.node import BootstrapConfig, run_bootstrap
-    from protocol.records import DHTStartError
+    from peer.preflight import listenable_maddrs, writable_file
 
     config = BootstrapConfig(
         identity_path=identity, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
@@ -54,8 +54,12 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], in
         startup_timeout_s=dht_start_timeout,
     )  # fmt: skip
     try:
+        writable_file(identity, "--identity")  # before the DHT: hivemind creates the key file on first start
+        if addrs_file is not None:
+            writable_file(addrs_file, "--addrs-file", replaced=True)
+        listenable_maddrs(host_maddrs, "--host-maddrs")
         run_bootstrap(config)
-    except DHTStartError as exc:
+    except MurmurError as exc:  # DHTStartError, SetupError
         raise click.ClickException(str(exc)) from exc
 
 
@@ -79,11 +83,14 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
     Example:
       murmur create-run --swarm tinystories-tiny --preset tiny --slices 3 --key owner.key --out manifest.json
     """
+    from peer.preflight import writable_file
     from peer.runconfig import RunConfig
     from protocol import manifest as manifest_mod
     from protocol.identity import Identity, IdentityFileError
 
     try:
+        writable_file(key_path, "--key")
+        writable_file(out, "--out", replaced=True)
         data = _toml(config_path) if config_path else {}
         overrides = {"swarm": swarm, "preset": preset, "method": method}
         data.update({k: v for k, v in overrides.items() if v is not None})
@@ -100,7 +107,10 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
         signed = manifest_mod.sign(config.to_manifest(), owner)
     except (ValueError, manifest_mod.ManifestError) as exc:
         raise click.ClickException(str(exc)) from exc
-    out.write_text(signed.to_json())
+    try:
+        out.write_text(signed.to_json())
+    except OSError as exc:
+        raise click.ClickException(f"--out {out}: cannot write it ({exc.strerror or exc})") from exc
     click.echo(f"wrote {out}: swarm {config.swarm}, {config.preset}, K={config.slices.num_slices}, {config.method}")
     click.echo(f"run id  {signed.run_id}")
     click.echo(signed.owner_key_hex)
@@ -130,7 +140,8 @@ def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, dht_start_
     import time
 
     from peer.swarm import Swarm, SwarmConfig
-    from protocol.records import DHTStartError, check_swarm_name, start_dht
+    from protocol.dht import DHTStartError, start_dht
+    from protocol.records import check_swarm_name
 
     try:
         check_swarm_name(swarm)
@@ -183,7 +194,7 @@ def membership_options(command: Callable) -> Callable:
         ),
         click.option(
             "--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
-            help="This peer's Ed25519 key (created if missing); its DHT key lives beside it.",
+            help="This peer's Ed25519 key (created if missing): who it is in the swarm. Its DHT id is new each start.",
         ),
         click.option("--listen", help="host:port of this peer's gRPC service, e.g. 0.0.0.0:7000 (port 0: any)."),
         click.option("--announce", help="host:port others dial, when it differs from --listen (port forward)."),
@@ -216,6 +227,7 @@ def join(**options: object) -> None:
       murmur join --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... \\
                   --identity peer.key --listen 0.0.0.0:7000 --announce 198.51.100.4:7000
     """
+    from peer.preflight import check_join
     from peer.swarm_join import JoinOptions, run_join
 
     try:
@@ -225,6 +237,7 @@ def join(**options: object) -> None:
     import uvloop
 
     try:
+        check_join(opts)  # paths, the port, a --manifest file, before the DHT starts
         uvloop.run(run_join(opts, software_version=__version__))
-    except MurmurError as exc:
+    except (MurmurError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -19,10 +19,11 @@ from hivemind.utils import get_dht_time
 
 from peer.runconfig import RunConfig
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, check_reachability, slice_counts
+from protocol.dht import start_dht
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import ManifestError, PinStore, SignedRunManifest, accept_owner, load_json, parse_run_key
-from protocol.records import check_swarm_name, start_dht
+from protocol.records import check_swarm_name
 from protocol.service import PeerServer, PeerStatus, ServerConfig
 from protocol.updates import ReceivedUpdate, WirePolicy
 
@@ -36,6 +37,7 @@ class JoinOptions:
     swarm: str
     initial_peers: tuple[str, ...]
     identity: Path
+    """The peer's Ed25519 key file: its identity in the swarm. The DHT's libp2p id is not kept (fresh each start)."""
     run_key: bytes | None = None
     manifest_path: Path | None = None
     owner_key: Path | None = None
@@ -78,16 +80,23 @@ class JoinOptions:
         )
 
 
+def read_manifest_file(opts: JoinOptions) -> SignedRunManifest:
+    """The --manifest file, verified for this swarm and, with --key, signed by that key; ManifestError (or
+    IdentityFileError for a --key that is not a key) otherwise. No network: it is checked before the DHT too."""
+    assert opts.manifest_path is not None
+    signed = load_json(opts.manifest_path, swarm=opts.swarm)
+    if opts.owner_key is not None and Identity.load(opts.owner_key).public_key != signed.owner_public_key:
+        raise ManifestError(f"--key {opts.owner_key} is not the key that signed {opts.manifest_path}")
+    return signed
+
+
 def obtain_manifest(swarm: Swarm, opts: JoinOptions, halt: threading.Event | None = None) -> SignedRunManifest:
     """Publish the manifest file (owner, or anyone holding a trusted one) or fetch it from the DHT."""
     pins = PinStore(opts.pins_path)
     if opts.manifest_path is None:
         return swarm.fetch_manifest(run_key=opts.run_key, pins=pins, halt=halt)
-    signed = load_json(opts.manifest_path, swarm=opts.swarm)
-    if opts.owner_key is not None:
-        if Identity.load(opts.owner_key).public_key != signed.owner_public_key:
-            raise ManifestError(f"--key {opts.owner_key} is not the key that signed {opts.manifest_path}")
-    else:
+    signed = read_manifest_file(opts)
+    if opts.owner_key is None:
         accept_owner(opts.swarm, signed, opts.run_key, pins)
     if not swarm.publish_manifest(signed):
         log.warning("no DHT node stored the manifest yet; it is published again at every refresh")
@@ -149,15 +158,19 @@ async def refresh_until(stop: asyncio.Event, member: Member) -> None:
 
 
 async def run_join(opts: JoinOptions, *, software_version: str) -> None:
-    """Join and stay until SIGTERM/SIGINT; raises DHTStartError/ManifestError (MurmurError) on failure."""
+    """Join and stay until SIGTERM/SIGINT; raises DHTStartError/ManifestError (MurmurError) on failure.
+
+    The DHT node gets a fresh libp2p identity each start: announcements are signed by `opts.identity` and
+    stored under its peer id, so nobody pins the libp2p one, and a restart never finds it "already taken".
+    """
     stop, halt = asyncio.Event(), threading.Event()  # halt: the same signal, for work in threads
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: (stop.set(), halt.set()))
     identity = Identity.load_or_create(opts.identity)
+    # a fresh libp2p id each start (the swarm knows this peer by `identity`): a restart never finds it "taken"
     dht = await asyncio.to_thread(
         start_dht, initial_peers=opts.initial_peers, host_maddrs=opts.host_maddrs,
-        identity_path=opts.identity.with_name(opts.identity.name + ".p2p.key"),
         startup_timeout_s=opts.dht_start_timeout_s,
     )  # fmt: skip
     server: PeerServer | None = None

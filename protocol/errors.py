@@ -8,7 +8,14 @@
     ├── BannedPeer                we refuse this peer for a while
     └── ProtocolViolation         the partner sent something invalid; it is counted by `reason`
         ├── MalformedPayload      bytes that do not decode (garbage, truncated, bad lengths)
-        └── RejectedUpdate        decodes, but fails a check (shape, finiteness, signature, replay...)
+        └── RejectedUpdate        decodes, but fails a check (shape, finiteness, signature, replay,
+                                  a round from the future...)
+
+One more branch is nobody's fault but the local set-up's, and the user's to fix:
+
+    MurmurError
+    └── SetupError                a port taken, a path that cannot be written, a file that is not there;
+                                  also a ValueError, so every command reports it as one line
 
 Callers branch on the class (or `reason`), never on message text.
 """
@@ -30,6 +37,8 @@ class Reason(str, Enum):
     UNKNOWN_PEER = "unknown_peer"
     WRONG_RUN = "wrong_run"
     REPLAY = "replay"
+    FUTURE_ROUND = "future_round"
+    """A round further ahead of the receiver's view of "now" than a live peer can be (peer/rounds.py)."""
     BANNED = "banned"
     RATE_LIMITED = "rate_limited"
     """The server is busy (downloads, payload buffers in flight): retry later or elsewhere; nobody is banned."""
@@ -42,6 +51,11 @@ class Reason(str, Enum):
 
 class MurmurError(Exception):
     """Base of every error murmur raises on purpose."""
+
+
+class SetupError(MurmurError, ValueError):
+    """Something this process was told to use cannot be used (a port in use, an unwritable path); the message
+    names it and what to do, and the CLI prints it as one line (a ValueError, like every bad input)."""
 
 
 class TransportError(MurmurError):

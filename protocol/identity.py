@@ -44,7 +44,8 @@ _CERT_VALIDITY = datetime.timedelta(days=3650)
 
 
 class IdentityFileError(MurmurError, ValueError):
-    """An identity or TLS file exists but cannot be used (corrupt, wrong key type, unreadable)."""
+    """An identity or TLS file exists but cannot be used (corrupt, wrong key type, unreadable), or a new one
+    cannot be written where it was asked for."""
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:
@@ -242,13 +243,19 @@ class Identity:
         return identity
 
     def save(self, path: Path) -> None:
-        """Write the Ed25519 key to `path` and the TLS key + certificate beside it, both 0600."""
+        """Write the Ed25519 key to `path` and the TLS key + certificate beside it, both 0600.
+
+        Raises IdentityFileError naming the path when it cannot be written (no such folder and none can be
+        made, a file where a folder should be, no permission, a read-only disk)."""
         path = Path(path)
         pem = self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(path, pem)
-        self._save_tls(tls_path_for(path))
+        try:
+            _write_private(path, pem)
+            self._save_tls(tls_path_for(path))
+        except OSError as exc:
+            raise IdentityFileError(f"{path}: cannot write the key there ({exc.strerror or exc})") from exc
 
     def _save_tls(self, tls_path: Path) -> None:
         key_pem = self._tls_key.private_bytes(

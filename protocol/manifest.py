@@ -47,6 +47,10 @@ class UntrustedOwner(ManifestError):
     """The manifest is signed by a key other than the one this peer trusts for the swarm."""
 
 
+class BadRunKey(ManifestError, ValueError):
+    """A --run-key that is not an Ed25519 public key: a bad command-line value (ValueError) about trust."""
+
+
 @dataclass(frozen=True, slots=True)
 class SignedRunManifest:
     """A manifest as its owner signed it. Construct with `sign` or `parse_signed`; both verify."""
@@ -153,12 +157,16 @@ def load_json(path: Path, *, swarm: str | None = None, trusted_key: bytes | None
     """Read a manifest file written by `to_json`, verify it, and check the readable copy matches."""
     try:
         doc = json.loads(Path(path).read_text())
+        if not isinstance(doc, dict):
+            raise TypeError(f"a JSON {type(doc).__name__}, not an object")
         signed = SignedRunManifest(
             payload=base64.b64decode(doc["manifest_b64"], validate=True),
             owner_public_key=bytes.fromhex(doc["owner_public_key"]),
             signature=bytes.fromhex(doc["signature"]),
         )
-    except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except KeyError as exc:
+        raise ManifestError(f"{path}: not a murmur manifest file (no {exc} field)") from exc
+    except (OSError, ValueError, TypeError, binascii.Error) as exc:
         raise ManifestError(f"{path}: not a murmur manifest file ({exc})") from exc
     if doc.get("format") != FILE_FORMAT:
         raise ManifestError(f"{path}: unknown format {doc.get('format')!r} (expected {FILE_FORMAT})")
@@ -220,7 +228,7 @@ def parse_run_key(text: str) -> bytes:
     except ValueError:
         key = b""
     if len(key) != 32:
-        raise ManifestError(f"--run-key must be 64 hex characters (an Ed25519 public key), got {text!r}")
+        raise BadRunKey(f"--run-key must be 64 hex characters (an Ed25519 public key), got {text!r}")
     return key
 
 

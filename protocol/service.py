@@ -6,10 +6,11 @@ exchange (`reply_for`), for late joiners (`state_provider`) and for Info (`statu
 
 Order of checks in Exchange (cheap and unauthenticated first, nothing large read before the cap):
 calls per minute of the caller's address -> parse -> protocol version -> sender banned? -> run id ->
-sender known -> signature (addressed to us) -> [authenticated from here] tensor table vs the slice's
-shapes, exact payload lengths -> the sender's exchanges and bytes per minute -> room in the in-flight
-budget -> replay -> chunks (each 1..1 MiB, never beyond the announced total) -> signed digest and
-decode in a worker thread (shape, dtype, finiteness) -> `on_update` -> our reply, signed for the caller.
+sender known -> signature (addressed to us) -> [authenticated from here] the round (not from the future:
+`WirePolicy.admit_round`) -> tensor table vs the slice's shapes, exact payload lengths -> the sender's
+exchanges and bytes per minute -> room in the in-flight budget -> replay -> chunks (each 1..1 MiB, never
+beyond the announced total) -> signed digest and decode in a worker thread (shape, dtype, finiteness) ->
+`on_update` -> our reply, signed for the caller.
 Info and FetchState are limited by address too. The limits and what each refusal means are in
 protocol/limits.py.
 
@@ -47,10 +48,12 @@ from protocol.errors import (
     ProtocolViolation,
     Reason,
     RejectedUpdate,
+    SetupError,
 )
 from protocol.identity import Identity, state_signing_bytes
 from protocol.limits import DEFAULT_MIN_ROUND_S, Limiter, Limits, address_of
 from protocol.logs import get_logger
+from protocol.ports import check_listenable
 from protocol.updates import (
     OutgoingUpdate,
     PayloadBuffer,
@@ -77,8 +80,9 @@ log = get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PeerService"].full_name
 _REFUSALS = (ProtocolViolation, IncompatibleVersion, BannedPeer)
-_NOT_BANNED = (Reason.REPLAY, Reason.TIMEOUT, Reason.RATE_LIMITED)
-"""Refusals an honest peer can meet (a retry, a slow link, a busy server): counted, never banned."""
+_NOT_BANNED = (Reason.REPLAY, Reason.TIMEOUT, Reason.RATE_LIMITED, Reason.FUTURE_ROUND)
+"""Refusals an honest peer can meet (a retry, a slow link, a busy server, a clock briefly ahead of ours):
+counted, never banned here (repeated future rounds are banned by the policy's `admit_round`, which keeps count)."""
 MAX_SLICES_PROBED = 4096
 WRITE_STALL_S = 30.0
 """How long past its budget one frame's write may hang before the stream is cut without a status."""
@@ -183,12 +187,20 @@ class PeerServer:
 
     async def start(self) -> None:
         """Bind (TLS with the identity's P-256 certificate) and serve."""
-        server = grpc.aio.server(options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        host, port = self.config.host, self.config.port
+        check_listenable(host, port, "PeerService")  # grpc's own failure names no cause (protocol/ports.py)
+        # grpc binds with SO_REUSEPORT by default: a second peer on a taken port would bind silently and get
+        # half of the first one's connections. Off, a taken port is an error.
+        options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
         server.add_generic_rpc_handlers((self._handler(),))
         credentials = grpc.ssl_server_credentials([(self.identity.tls_key_pem, self.identity.tls_cert_pem)])
-        self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", credentials)
+        try:
+            self.port = server.add_secure_port(f"{host}:{port}", credentials)
+        except RuntimeError as exc:  # taken since the check
+            raise SetupError(f"PeerService: cannot listen on {host}:{port} ({exc})") from exc
         if not self.port:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+            raise SetupError(f"PeerService: cannot listen on {host}:{port}")
         await server.start()
         self._server = server
         log.info(

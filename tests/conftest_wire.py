@@ -107,6 +107,9 @@ class Outcome:
     reason: str | None
     details: str
     responses: list[bytes]
+    write_raced: bool = False
+    """One of our writes was in flight when the server ended the call: grpc.aio then replaces the server's
+    status with a local INTERNAL "Internal error from Core" (grpc/grpc#36066), so `code` is not the server's."""
 
 
 async def push_frames(
@@ -116,11 +119,13 @@ async def push_frames(
 
     After the first frame it waits for the server's go-ahead (`murmur-accept`) and sends nothing more
     without it. A refusal caused by a later frame is only reported intact when that frame is the last
-    one: grpc.aio turns a write that races the server's final status into a local INTERNAL.
+    one: grpc.aio turns a write that races the server's final status into a local INTERNAL, which is
+    reported as `write_raced` (see `Outcome`).
     """
     call = channel.stream_stream(PATH + "Exchange", request_serializer=None, response_deserializer=None)(
         timeout=timeout
     )
+    write_raced = False
     try:
         for index, frame in enumerate(frames):
             await call.write(frame)
@@ -129,15 +134,20 @@ async def push_frames(
         else:
             if half_close:
                 await call.done_writing()
-    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-        pass  # the server ended the call early; its status says why
+    except asyncio.InvalidStateError:
+        pass  # the server ended the call before this write; its status says why
+    except grpc.aio.AioRpcError as exc:
+        # A write fails with a status only when the call ended under it: INTERNAL is then grpc.aio's local
+        # "Failed execute_batch (SendMessageOperation)", written over the status the server sent (the
+        # server's own INTERNAL, on_update failing, comes after we half-closed, when no write is in flight).
+        write_raced = exc.code() is grpc.StatusCode.INTERNAL
     responses: list[bytes] = []
     try:
         async for raw in call:
             responses.append(raw)
     except grpc.aio.AioRpcError:
         pass
-    return await outcome(call, responses)
+    return await outcome(call, responses, write_raced)
 
 
 async def unary(channel: grpc.aio.Channel, method: str, request: bytes, timeout: float = 10.0) -> Outcome:
@@ -163,10 +173,10 @@ async def unary(channel: grpc.aio.Channel, method: str, request: bytes, timeout:
     return await outcome(call, responses)
 
 
-async def outcome(call: grpc.aio.Call, responses: list[bytes]) -> Outcome:
+async def outcome(call: grpc.aio.Call, responses: list[bytes], write_raced: bool = False) -> Outcome:
     code = await call.code()
     reason = reason_from_metadata(await call.trailing_metadata())
-    return Outcome(code, reason, await call.details() or "", responses)
+    return Outcome(code, reason, await call.details() or "", responses, write_raced)
 
 
 def update_frames(

@@ -1,22 +1,36 @@
-"""Fuzz every RPC of a running server with thousands of random and mutated inputs, for a bounded time.
+"""Fuzz every RPC of a running server with a fixed number of random and mutated inputs.
 
 What must hold afterwards: the server still answers Info, it never failed with an unexpected exception
-(grpc's UNKNOWN status), and every update that reached its callback passed validation (signed by a
-known peer, shapes from the table, float32, finite). Mutations come in three kinds:
+(no UNKNOWN or INTERNAL status, and no error logged by a handler, even where a status was lost), and
+every update that reached its callback passed validation (signed by a known peer, shapes from the
+table, float32, finite). Mutations come in three kinds:
 - bytes: random strings, bit flips, truncations, splices of valid frames;
 - streams: frames dropped, duplicated, reordered, or a header sent twice;
 - fields: a valid header or payload changed field by field and then signed honestly by a registered
   peer, so the mutation gets past the signature and exercises the table, cap and codec checks.
-Bans last 0 s here so that one banned mutation does not shield the deeper checks from the rest.
+Bans last 0 s here so that one banned mutation does not shield the deeper checks from the rest, and the
+rate limits are out of the fuzzer's reach (tests/test_limits.py is about them): the same TARGET_CALLS
+mutations, drawn from one seed (MURMUR_FUZZ_SEED to try others), reach the same checks on a fast machine
+and on a slow one.
+
+Statuses are counted as the client saw them, except one: a stream that goes on after a frame the server
+refuses (a header sent twice, a mutated chunk before the last) has a write in flight when the refusal
+arrives, and grpc.aio then reports a local INTERNAL instead of the server's status (grpc/grpc#36066: its
+`_StreamRequestMixin._write` calls `set_internal_error` over the delivered status). The server cannot
+prevent that short of reading on after a refusal, so such calls are counted as "write raced", and the
+server's side of them is checked through its error log instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -38,14 +52,25 @@ from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList
 from protocol.identity import Identity, update_signing_bytes
+from protocol.limits import Limits
+from protocol.service import ServerConfig
 from protocol.updates import OutgoingUpdate, chunked, make_state_snapshot, payload_digest, seal_update
 
 TARGET_CALLS = 5000
-DURATION_S = 20.0
-"""Stop at TARGET_CALLS or after DURATION_S, whichever comes first (a loaded 2-core box is slow)."""
-MIN_CALLS = 2000
+"""Exactly this many calls, however long they take: each call's choices (RPC, mutation, where) are drawn from
+the seed before its first await, so every machine runs the same sequence of mutations."""
+SEED = int(os.environ.get("MURMUR_FUZZ_SEED", "20261122"))
 CONCURRENCY = 16
 SIGNERS = [CLIENT_ID, *(Identity.generate() for _ in range(3))]
+OUT_OF_REACH = Limits(
+    calls_per_minute_per_address=2 * TARGET_CALLS,
+    exchanges_per_minute_per_peer=2 * TARGET_CALLS,
+    bytes_per_minute_per_peer=2 * TARGET_CALLS << 20,
+    max_streams_per_peer=2 * CONCURRENCY,
+    over_limit_ban_s=0,
+)
+"""Buckets start full, so a bucket of 2 x TARGET_CALLS is never emptied by TARGET_CALLS calls, at any speed."""
+WRITE_RACED = "write raced"
 
 
 class Fuzzer:
@@ -195,13 +220,39 @@ def rng_choice(rng: random.Random, items: list[Identity]) -> Identity:
     return items[rng.randrange(len(items))]
 
 
-@pytest.mark.timeout(90)
+class ErrorRecords(logging.Handler):
+    """Collects ERROR records of murmur's and grpc's loggers: a handler that raised (grpc logs "Unexpected ...
+    raised by servicer method") or an on_update that failed shows here even when its status was lost."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def error_records() -> Iterator[ErrorRecords]:
+    handler = ErrorRecords()
+    loggers = [logging.getLogger("murmur"), logging.getLogger("grpc")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+@pytest.mark.timeout(240)
 def test_fuzz_every_rpc_server_survives_and_delivers_nothing_invalid() -> None:
     wire = Wire()
     wire.keys.update({s.peer_id: s.public_key for s in SIGNERS})
     snapshot = make_state_snapshot(2, {name: torch.randn(shape) for name, shape in wire.shapes.items()})
-    fuzzer = Fuzzer(wire, seed=20261122)
+    fuzzer = Fuzzer(wire, seed=SEED)
     codes: Counter[str] = Counter()
+    tickets = iter(range(TARGET_CALLS))  # shared by the workers: exactly TARGET_CALLS calls in all
 
     async def one_call(channel: grpc.aio.Channel) -> None:
         pick = fuzzer.rng.random()
@@ -211,20 +262,23 @@ def test_fuzz_every_rpc_server_survives_and_delivers_nothing_invalid() -> None:
             result = await unary(channel, "FetchState", fuzzer.state_request(), timeout=5)
         else:
             result = await push_frames(channel, fuzzer.exchange_frames(), timeout=5)
-        codes[result.code.name] += 1
+        codes[WRITE_RACED if result.write_raced else result.code.name] += 1
 
-    async def worker(channel: grpc.aio.Channel, deadline: float) -> None:
-        while time.monotonic() < deadline and sum(codes.values()) < TARGET_CALLS:
+    async def worker(channel: grpc.aio.Channel) -> None:
+        for _ in tickets:
             await one_call(channel)
 
     async def scenario():
         bans = BanList(duration_s=0)
         reply = wire.update(10_000)
-        async with serving(wire, bans=bans, state_provider=lambda: snapshot, reply_for=lambda r, s: reply) as server:
+        config = ServerConfig(limits=OUT_OF_REACH)
+        async with serving(
+            wire, bans=bans, state_provider=lambda: snapshot, reply_for=lambda r, s: reply, config=config
+        ) as server:
             channel = pinned_channel(server)
             try:
                 started = time.monotonic()
-                await asyncio.gather(*(worker(channel, started + DURATION_S) for _ in range(CONCURRENCY)))
+                await asyncio.gather(*(worker(channel) for _ in range(CONCURRENCY)))
                 elapsed = time.monotonic() - started
                 request = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR).SerializeToString()
                 info = await unary(channel, "Info", request)
@@ -232,15 +286,18 @@ def test_fuzz_every_rpc_server_survives_and_delivers_nothing_invalid() -> None:
                 await channel.close()
             return server, info, elapsed
 
-    server, info, elapsed = run(scenario)
+    with error_records() as errors:
+        server, info, elapsed = run(scenario)
     calls = sum(codes.values())
     print(
-        f"\nfuzz: {calls} calls in {elapsed:.1f} s; statuses {dict(codes)}; "
+        f"\nfuzz (seed {SEED}): {calls} calls in {elapsed:.1f} s; statuses {dict(codes)}; "
         f"refusals {dict((r.value, n) for r, n in server.rejections.items())}; delivered {len(wire.received)}"
     )
-    assert info.code is grpc.StatusCode.OK, "the server still answers Info"
-    assert calls >= MIN_CALLS
+    assert info.code is grpc.StatusCode.OK, f"the server still answers Info: {info.code.name} {info.details}"
+    assert calls == TARGET_CALLS
     assert codes["UNKNOWN"] == 0, "a handler raised something it should have refused precisely"
+    assert codes["INTERNAL"] == 0, "an INTERNAL status other than grpc.aio's write race (grpc/grpc#36066)"
+    assert not errors.records, [record.getMessage() for record in errors.records]
     assert sum(server.rejections.values()) > calls / 3
     assert len(wire.received) == server.accepted > 0
     known = {s.peer_id for s in SIGNERS}
