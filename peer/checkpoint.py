@@ -44,6 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from peer.rounds import MAX_ROUND
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -88,8 +89,8 @@ class CheckpointState:
     path: Path | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
-            raise ValueError(f"round must be an int >= 0, got {self.round!r}")
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or not 0 <= self.round <= MAX_ROUND:
+            raise ValueError(f"round must be an int in [0, {MAX_ROUND}], got {self.round!r}")
         if isinstance(self.slice_index, bool) or not isinstance(self.slice_index, int) or self.slice_index < 0:
             raise ValueError(f"slice_index must be an int >= 0, got {self.slice_index!r}")
         if not re.fullmatch(r"[0-9a-f]+", self.run_id or ""):

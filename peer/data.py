@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from protocol.errors import SetupError
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -46,6 +47,11 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _DOC_SEPARATOR = "\n\n"
 _SUFFIXES = (".txt", ".jsonl")
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y): int64 (B, T), y[:, t] = x[:, t + 1] in the window
+
+
+class DataNotFound(SetupError, FileNotFoundError):
+    """A corpus or tokenizer path that does not exist: a FileNotFoundError, and a SetupError (so a ValueError)
+    that every command reports as one line."""
 
 
 class Tokenizer(ABC):
@@ -105,7 +111,7 @@ class JsonTokenizer(Tokenizer):
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise DataNotFound(f"tokenizer file not found: {path}")
         try:
             from tokenizers import Tokenizer as HfTokenizer
         except ImportError as exc:
@@ -180,7 +186,7 @@ def load_corpus(
 ) -> Corpus:
     """Load, split and tokenise a corpus; None or "default" is the corpus embedded in the package.
 
-    Raises FileNotFoundError for a missing path and ValueError (naming file and line) for a source
+    Raises DataNotFound (a FileNotFoundError) for a missing path and ValueError (naming file and line) for a source
     with no text, a jsonl line that is not a JSON object with a string `text_field`, or a corpus too
     short to split. A source with fewer documents than the split needs (one long paragraph, say) holds
     out the last val_fraction of its tokens instead, with a warning.
@@ -235,7 +241,7 @@ def _read_source(source: str | Path | None, text_field: str) -> tuple[str, list[
             raise ValueError(f"directory {path} holds no .txt or .jsonl files")
         return str(path), [doc for file in files for doc in _read_file(file, text_field)]
     if not path.exists():
-        raise FileNotFoundError(f"corpus not found: {path}")
+        raise DataNotFound(f"corpus not found: {path}")
     return str(path), _read_file(path, text_field)
 
 
@@ -344,7 +350,8 @@ class TokenStream:
     def _stream_windows(self, epoch: int) -> torch.Tensor:
         """This stream's window ids in epoch `epoch`, in consumption order (two epochs cached)."""
         if epoch not in self._perm_cache:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            # epochs past int64 (only a lying round gets there) wrap: the seed stays a function of the epoch
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch % (1 << 63)))
             perm = torch.randperm(self.n_windows, generator=gen)
             owned = perm[self.stream_index :: self.num_streams][: self.windows_per_epoch]
             if len(self._perm_cache) >= 2:
@@ -361,14 +368,16 @@ class TokenStream:
                 f"batch_size {batch_size} needs 1..{self.windows_per_epoch} windows per stream and epoch "
                 f"({self.n_windows} windows of {self.seq_len + 1} tokens, {self.num_streams} streams)"
             )
+        # Python ints until the offsets: a round is whatever the wire carried (uint64), and (round * steps + step)
+        # * batch overflows int64 long before it overflows anything else (an epoch of 2^62 crashed a peer).
         start = (round * self.steps_per_round + step) * batch_size
-        positions = torch.arange(start, start + batch_size)
-        epochs = positions // self.windows_per_epoch
-        offsets = positions % self.windows_per_epoch
+        first_epoch, first_offset = divmod(start, self.windows_per_epoch)
+        offsets = torch.arange(first_offset, first_offset + batch_size)
         ids = torch.empty(batch_size, dtype=torch.long)
-        for epoch in torch.unique(epochs).tolist():  # one or two epochs per batch
-            mask = epochs == epoch
-            ids[mask] = self._stream_windows(int(epoch))[offsets[mask]]
+        for extra in range(2):  # batch_size <= windows_per_epoch: one or two epochs per batch
+            mask = offsets // self.windows_per_epoch == extra
+            if bool(mask.any()):
+                ids[mask] = self._stream_windows(first_epoch + extra)[offsets[mask] % self.windows_per_epoch]
         return ids
 
     def batch(self, round: int, step: int, batch_size: int) -> Batch:

@@ -94,6 +94,11 @@ class WirePolicy:
     """Codec names accepted besides `codec.name` (e.g. "bf16" for weight slices)."""
     dtype: str = "float32"
     """The dtype every update tensor must decode to."""
+    admit_round: Callable[[str, int], bool] = lambda _sender, _round: True
+    """`admit_round(sender, round)` after the signature checked: False refuses the update as FUTURE_ROUND.
+
+    Whether a round is plausible is the peer's judgement (its clock and what the swarm agrees on), not the
+    wire's; the callback may also remember the claim and decide on bans, since the sender is proven by then."""
 
     def codec_for(self, name: str) -> CodecConfig | None:
         """The config to decode codec `name` with, or None when it is not accepted."""
@@ -178,9 +183,10 @@ def chunked(payloads: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def authenticate_header(header: pb.UpdateHeader, policy: WirePolicy, recipient: str) -> None:
-    """Run id, known sender and signature (addressed to `recipient`); raises RejectedUpdate.
+    """Run id, known sender, signature (addressed to `recipient`), then the round; raises RejectedUpdate.
 
-    Nothing here may ban: until the signature checks, the claimed sender proves nothing.
+    Nothing here bans: until the signature checks, the claimed sender proves nothing; after it, a round
+    refused by `policy.admit_round` is the policy's to punish (it knows the sender's history).
     """
     if header.run_id != policy.run_id:
         raise RejectedUpdate(
@@ -199,6 +205,8 @@ def authenticate_header(header: pb.UpdateHeader, policy: WirePolicy, recipient: 
     )
     if len(header.payload_sha256) != 32 or not verify(public_key, message, header.signature):
         raise RejectedUpdate(Reason.BAD_SIGNATURE, f"signature of {header.sender[:16]} does not check")
+    if not policy.admit_round(header.sender, header.round):
+        raise RejectedUpdate(Reason.FUTURE_ROUND, f"round {header.round} of {header.sender[:16]} is too far ahead")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ message text is for humans only. Clients branch on (code, reason), never on text
     bad_signature,          UNAUTHENTICATED
     unknown_peer
     wrong_run, replay,      FAILED_PRECONDITION
+    future_round,
     incompatible_version
     oversize, rate_limited, RESOURCE_EXHAUSTED
     over_limit
@@ -56,6 +57,7 @@ STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.UNKNOWN_PEER: grpc.StatusCode.UNAUTHENTICATED,
     Reason.WRONG_RUN: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.REPLAY: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.FUTURE_ROUND: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.INCOMPATIBLE_VERSION: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.OVERSIZE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
