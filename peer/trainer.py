@@ -7,11 +7,12 @@ one call at a time, so the event loop keeps serving partners while a round train
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from peer.data import TokenStream, load_corpus, stream_index_for, val_batches
+from peer.data import DataNotFound, TokenStream, load_corpus, stream_index_for, val_batches
 from peer.devices import fit_inner
 from peer.exchange import compose_outer_step, encode_update
 from peer.inner import InnerConfig, SliceOptimizer, inner_round
@@ -54,7 +55,12 @@ class Trainer:
         self.inner = _inner_config(run, micro_batch, grad_accum, device,
                                    max(slice_numel(layout, self.shapes) for layout in self.layouts))  # fmt: skip
         source = data if data is not None else (None if run.data.source in ("embedded", "default") else run.data.source)
-        corpus = self.corpus = load_corpus(source)
+        try:
+            corpus = self.corpus = load_corpus(source)
+        except DataNotFound as exc:
+            if data is not None:
+                raise
+            raise DataNotFound(f"{exc} (the run's [data] source); give --data PATH with a local copy") from exc
         windows = corpus.train.numel() // (run.model.seq_len + 1)
         num_streams = max(1, min(1024, windows // (2 * self.inner.batch_size)))
         self.stream = TokenStream(
@@ -106,10 +112,12 @@ class Trainer:
         self.state = initial_state(self.phi, self.run.outer)
 
     @torch.no_grad()
-    def evaluate(self, batches: int = 8) -> float:
-        """Validation loss of phi on the same held-out windows every time (comparable across peers)."""
+    def evaluate(self, batches: int = 8, weights: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Validation loss of phi (or of `weights`, phi untouched: a late joiner's candidates) on the same
+        held-out windows every time (comparable across peers)."""
+        source = self.phi if weights is None else weights
         for name, p in self.model.named_parameters():
-            p.copy_(self.phi[name])
+            p.copy_(source[name])
         self.model.eval()
         seq_len, size = self.run.model.seq_len, self.inner.batch_size * 2
         losses = [float(self.model.loss(x.to(self.device), y.to(self.device)))
