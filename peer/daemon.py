@@ -39,22 +39,35 @@ from pathlib import Path
 import grpc
 
 from peer import resume
+from peer.admission import PROBE_TIMEOUT_S, PROBES_AT_ONCE, Admission
 from peer.devices import pick_device
 from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
-from peer.latejoin import SNAPSHOT_EVERY, choose_donors, fetch_initial_state
+from peer.latejoin import (
+    MAX_CANDIDATES,
+    SNAPSHOT_EVERY,
+    choose_donors,
+    combine,
+    download_deadline,
+    fetch_states,
+    loss_check,
+)
 from peer.metrics import Metrics
 from peer.roundline import RoundLine
+from peer.rounds import MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView, lower_median
 from peer.runconfig import GossipConfig, RunConfig
 from peer.status import StatusReporter
 from peer.swarm import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
 from peer.swarm_join import JoinOptions, check_endpoint, obtain_manifest, refresh_until
 from peer.trainer import Halted, TrainedRound, Trainer
+from peer.trust import PartnerTrust
+from protocol.bans import BanList
 from protocol.client import PeerClient
-from protocol.errors import MurmurError
+from protocol.dht import start_dht
+from protocol.errors import MurmurError, ProtocolViolation, Reason
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import ManifestError
-from protocol.records import Announcement, start_dht
+from protocol.records import Announcement
 from protocol.service import PeerServer, PeerStatus, ServerConfig
 from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, WirePolicy
 
@@ -64,6 +77,8 @@ REST_ROUNDS = 2
 """Rounds a partner whose exchange failed is left out of partner choice."""
 PEERS_REFRESH_MIN_S = 2.0
 """An update from a sender not in our peer list re-reads the list, at most this often."""
+ADMISSION_EVERY_S = 3.0
+"""How often the admission loop looks for announced peers to probe (and forgets peers that left)."""
 
 
 @dataclass(slots=True)
@@ -118,8 +133,14 @@ class Daemon:
         self._landed_at = 0.0
         self.inbox = Inbox()
         self.outgoing: OutgoingUpdate | None = None
-        self.clock = -1
-        """Highest round seen, own or a partner's (Lamport): the next round is clock + 1."""
+        self.admission = Admission()
+        """Which announced peers answered at their endpoint or exchanged with us (peer/admission.py)."""
+        self.view = RoundView(voters=self.admission.admitted_ids)
+        """The Lamport clock, bounded by what the admitted peers agree on (peer/rounds.py)."""
+        self.trust = PartnerTrust()
+        """Partners whose terms keep being clipped or rejected lose their place (peer/trust.py)."""
+        self.bans = BanList()
+        """This peer's local bans: its server refuses them, and they are never picked as partners."""
         self.rested: dict[str, int] = {}
         self.server: PeerServer | None = None
         self.pushed_to_us = 0
@@ -130,6 +151,8 @@ class Daemon:
         self._peers_read = 0.0
         self._peers_task: asyncio.Task | None = None
         self._rejections_seen: dict = {}
+        self._future_announced: dict[str, int] = {}
+        self._probes: set[asyncio.Task] = set()
         self.snapshot: StateSnapshot | None = None
         """What FetchState serves: phi every SNAPSHOT_EVERY rounds."""
         tables = [update_shapes(trainer.layouts, trainer.shapes, k) for k in range(len(trainer.layouts))]
@@ -139,7 +162,34 @@ class Daemon:
             lookup=self._lookup,
             codec=run.codec,
             accepted_codecs=frozenset({"bf16"}),
+            admit_round=self._admit_round,
         )
+
+    @property
+    def clock(self) -> int:
+        """Highest round taken as "now" (Lamport, bounded: `peer/rounds.py`); the next round is clock + 1."""
+        return self.view.clock
+
+    @clock.setter
+    def clock(self, round: int) -> None:
+        self.view.start(round)
+
+    def _admit_state_round(self, sender: str, round: int) -> bool:
+        """`_admit_round` for a donor's state (late join), counted here: no server saw it."""
+        admitted = self._admit_round(sender, round)
+        if not admitted:
+            self.metrics.reject(Reason.FUTURE_ROUND.value)
+        return admitted
+
+    def _admit_round(self, sender: str, round: int) -> bool:
+        """The wire's round check (`WirePolicy.admit_round`), for pushes and replies alike."""
+        verdict = self.view.admit(sender, round)
+        if verdict.ban:
+            self.bans.ban(sender, f"{STRIKES_TO_BAN} updates in a row more than {MAX_ROUND_LEAD} rounds ahead")
+        if not verdict.admitted:
+            log.info("refused round %d from %s: more than %d ahead of the swarm (ceiling %d)", round, sender[:16],
+                     MAX_ROUND_LEAD, verdict.ceiling)  # fmt: skip
+        return verdict.admitted
 
     def _lookup(self, peer_id: str) -> bytes | None:
         """A live peer's key. A miss (typically a peer that joined since our last refresh, refused once
@@ -158,6 +208,7 @@ class Daemon:
 
     async def on_update(self, update: ReceivedUpdate) -> None:
         """A partner pushed its update to our server: keep it for this round's outer step."""
+        self.admission.prove(update.sender)
         self.pushed_to_us += 1
         self.metrics.add_bytes_received(update.payload_bytes)
         self.inbox.add(update)
@@ -192,9 +243,8 @@ class Daemon:
     def _launch(self, r: int, trained: TrainedRound, start: float) -> InFlight:
         """Serve round r's update to partners that call us, and start pushing it to `fanout` of them."""
         self.outgoing = trained.update
-        avoid = [p for p, until in self.rested.items() if until >= r]
-        avoid += self.server.bans.banned() if self.server is not None else []
-        partners = choose_partners(self.member.peers, me=self.identity.peer_id, own_slice=self.trainer.slice,
+        avoid = [p for p, until in self.rested.items() if until >= r] + self.bans.banned()
+        partners = choose_partners(self.eligible(), me=self.identity.peer_id, own_slice=self.trainer.slice,
                                    fanout=self.run.gossip.fanout, rng=self.member.rng, avoid=avoid)  # fmt: skip
         exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
         return InFlight(round=r, trained=trained, partners=len(partners), exchanges=exchanges, started=start)
@@ -207,9 +257,13 @@ class Daemon:
         ok = sum(1 for done in flight.exchanges.result() if done)
         updates = self.inbox.take(r)
         clipping = await asyncio.to_thread(self.trainer.outer_step, trained.own, updates)
+        for sender, why in self.trust.record(clipping.outcomes).items():
+            self.bans.ban(sender, why)
+            self.inbox.pending.pop(sender, None)
+            self.metrics.reject("distrusted")  # once per ban; what it pushes while banned counts as "banned"
         if r % SNAPSHOT_EVERY == 0:
             self.snapshot = await asyncio.to_thread(self.trainer.snapshot, r)
-        self.clock = max([self.clock, r, *(u.round for u in updates)])
+        self.view.advance(r, (u.round for u in updates))
         now = time.perf_counter()
         seconds, self._landed_at = now - max(flight.started, self._landed_at), now
         self.tokens_seen += trained.tokens
@@ -234,6 +288,79 @@ class Daemon:
             await asyncio.gather(self.in_flight.exchanges, return_exceptions=True)
             self.in_flight = None
 
+    def eligible(self) -> list[Announcement]:
+        """Announced peers that may take a partner slot or donate weights: admitted (they answered at their
+        endpoint or exchanged with us) and not claiming a round beyond the ceiling. Notes their rounds as votes."""
+        admitted = self.admission.admitted(self.member.others())
+        for peer in admitted:
+            self.view.note(peer.peer_id, peer.round)
+        ceiling = self.view.ceiling()
+        for peer in admitted:
+            if peer.round > ceiling and self._future_announced.get(peer.peer_id) != peer.round:
+                self._future_announced[peer.peer_id] = peer.round  # counted once per announced round
+                self.metrics.reject("future_round")
+                log.info("%s announces round %d, beyond the ceiling %d: not a partner", peer.peer_id[:16],
+                         peer.round, ceiling)  # fmt: skip
+        return [p for p in admitted if p.round <= ceiling]
+
+    def probe_candidates(self) -> list[asyncio.Task]:
+        """Start probes of announced, unadmitted peers (at most PROBES_AT_ONCE in flight); the started tasks."""
+        room = PROBES_AT_ONCE - self.admission.probing()
+        chosen = self.admission.to_probe(self.member.peers, me=self.identity.peer_id, limit=room,
+                                         rng=self.member.rng)  # fmt: skip
+        started = [asyncio.get_running_loop().create_task(self._probe(peer)) for peer in chosen]
+        for task in started:
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+        return started
+
+    async def admit_now(self, timeout_s: float = 2 * PROBE_TIMEOUT_S) -> None:
+        """Probe announced peers until none is left unprobed or `timeout_s` passed (before the first round, so
+        that slice, donors and partners are chosen among peers that answered)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while (started := self.probe_candidates()) or self._probes:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(started or set(self._probes), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _probe(self, peer: Announcement) -> None:
+        """Info at the peer's endpoint over TLS pinned to its announced certificate; admitted if it answers as
+        itself, for this run."""
+        ok = False
+        try:
+            async with PeerClient.connect(
+                peer.endpoint, peer_id=peer.peer_id, tls_fingerprint=peer.tls_fingerprint, identity=self.identity,
+                tls_certificate=peer.tls_certificate or None, deadline=PROBE_TIMEOUT_S,
+            ) as client:  # fmt: skip
+                info = await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S)
+            ok = info.peer_id == peer.peer_id and info.run_id == self.policy.run_id
+        except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
+            log.debug("probe of %s at %s failed: %r", peer.peer_id[:16], peer.endpoint, exc)
+        except Exception:  # a bug of ours with one stranger's announcement must not stop admission
+            log.exception("probe of %s at %s failed unexpectedly", peer.peer_id[:16], peer.endpoint)
+        finally:  # also when cancelled: a probe slot is never lost
+            self.admission.probed(peer.peer_id, ok)
+
+    async def admission_loop(self, stop: asyncio.Event) -> None:
+        """Keep probing newly announced peers, and forget peers that left, until `stop`."""
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), ADMISSION_EVERY_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            # peers that answered are kept while a DHT hiccup hides their announcement; strangers are forgotten
+            keep = {p.peer_id for p in self.member.peers} | set(self.admission.admitted_ids())
+            for table in (self.admission, self.view, self.trust):
+                table.forget(keep)
+            self.probe_candidates()
+
+    async def close_probes(self) -> None:
+        for task in list(self._probes):
+            task.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
+
     def _record(self, r: int, trained: TrainedRound, reached: int) -> None:
         """This round's values into the metrics (and the server's refusals since the last round)."""
         m = self.metrics
@@ -242,6 +369,7 @@ class Daemon:
         m.set_loss(trained.loss)
         m.add_tokens(trained.tokens)
         m.set_peers_live(len(self.member.peers))
+        m.set_peers_admitted(len(self.admission.admitted(self.member.others())))
         m.set_partners_reached(reached)
         if self.server is not None:
             for reason, count in self.server.rejections.items():
@@ -250,20 +378,30 @@ class Daemon:
             self._rejections_seen = dict(self.server.rejections)
 
     async def late_join(self) -> None:
-        """Start from a live peer's weights when the swarm is already training (see peer/latejoin.py)."""
-        donors = choose_donors(self.member.peers, me=self.identity.peer_id, rng=self.member.rng)
-        if not donors:
+        """Start from weights several live donors agree on when the swarm is already training: the median of 3,
+        which one lying donor cannot steer, at the lower median of their rounds (see peer/latejoin.py)."""
+        candidates = choose_donors(self.eligible(), me=self.identity.peer_id, rng=self.member.rng,
+                                   limit=MAX_CANDIDATES)  # fmt: skip
+        if not candidates:
             return
-        run_id, timeout = self.member.manifest.run_id, self.run.gossip.exchange_timeout_s
-        state = await fetch_initial_state(
-            donors, identity=self.identity, run_id=run_id, shapes=self.trainer.shapes, timeout_s=timeout
+        run_id = self.member.manifest.run_id
+        timeout = download_deadline(self.trainer.shapes, self.run.gossip.exchange_timeout_s)
+        states = await fetch_states(
+            candidates, identity=self.identity, run_id=run_id, shapes=self.trainer.shapes, timeout_s=timeout,
+            admit_round=self._admit_state_round,
         )
-        if state is None:
+        if not states:
             print("late join: no donor delivered its state; starting from the initial weights", flush=True)
             return
-        await asyncio.to_thread(self.trainer.adopt, state.tensors)
-        self.clock = state.round
-        print(f"late join: fetched the weights of round {state.round} from {state.sender[:16]}", flush=True)
+        try:
+            start = await asyncio.to_thread(combine, states, lambda w: self.trainer.evaluate(weights=w))
+        except ValueError as exc:
+            print(f"late join: {exc}; starting from the initial weights", flush=True)
+            return
+        await asyncio.to_thread(self.trainer.adopt, start.weights)
+        self.clock = min(start.round, self.view.ceiling())  # even 2 of 3 donors cannot take it past the bound
+        print(start.summary(), flush=True)
+        print(loss_check(await asyncio.to_thread(self.trainer.evaluate), self.member.others()), flush=True)
 
     async def _exchange_with(self, partner: Announcement, update: OutgoingUpdate, r: int) -> bool:
         """Push-pull with one partner within the manifest's timeout; a failure skips it (and rests it)."""
@@ -280,12 +418,15 @@ class Daemon:
         except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
             log.warning("round %d: exchange with %s at %s failed, skipped: %r", r, partner.peer_id[:16],
                         partner.endpoint, exc)  # fmt: skip
+            if isinstance(exc, ProtocolViolation) and exc.reason is Reason.FUTURE_ROUND:
+                self.metrics.reject(exc.reason.value)  # its reply was refused here (its own refusals say "peer")
             self.rested[partner.peer_id] = r + REST_ROUNDS
             return False
         except Exception:  # a bug of ours with this one partner must not end the round (or the daemon)
             log.exception("round %d: exchange with %s failed unexpectedly, skipped", r, partner.peer_id[:16])
             self.rested[partner.peer_id] = r + REST_ROUNDS
             return False
+        self.admission.prove(partner.peer_id)
         if reply is not None:
             self.inbox.add(reply)
         log.info("round %d: exchanged with %s (slice %d), reply round %s", r, partner.peer_id[:16], partner.slice,
@@ -316,15 +457,16 @@ async def _resume_or_late_join(daemon: Daemon, directory: Path | None) -> None:
         if resumed is not None:
             daemon.clock = resumed
             print(f"resumed from the checkpoint of round {resumed} in {directory}", flush=True)
-    swarm_round = max((p.round for p in daemon.member.others()), default=0)
-    if daemon.clock < 0 or swarm_round > daemon.clock + STALE_ROUNDS:
+    # what the peers that answered agree on (a lower median: one liar announcing round 2^62 is no reason)
+    swarm_round = lower_median(p.round for p in daemon.eligible())
+    if daemon.clock < 0 or (swarm_round is not None and swarm_round > daemon.clock + STALE_ROUNDS):
         await daemon.late_join()
 
 
 async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], gossip: GossipConfig) -> PeerServer:
     server = PeerServer(
         identity=identity, policy=daemon.policy, on_update=daemon.on_update, reply_for=daemon.reply_for,
-        status=daemon.status, state_provider=lambda: daemon.snapshot,
+        status=daemon.status, state_provider=lambda: daemon.snapshot, bans=daemon.bans,
         config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=gossip.exchange_timeout_s,
                             min_round_s=gossip.min_round_s),  # fmt: skip
     )  # fmt: skip
@@ -335,13 +477,14 @@ async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], go
 async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event,
                  saver: resume.Checkpointer | None) -> None:  # fmt: skip
     refresher = asyncio.create_task(refresh_until(stop, daemon.member))
+    admitter = asyncio.create_task(daemon.admission_loop(stop))
     try:
         rounds = 0
         while not stop.is_set() and (opts.max_rounds == 0 or rounds < opts.max_rounds):
             if not await daemon.run_round(halt, stop):
                 break
             rounds += 1
-            if saver is not None:
+            if saver is not None and daemon.clock >= 0:  # with overlap, nothing has landed after the first round
                 await asyncio.to_thread(saver.after_round, daemon.trainer, round=daemon.clock,
                                         tokens_seen=daemon.tokens_seen)  # fmt: skip
         if daemon.in_flight is not None and not stop.is_set():  # --rounds N: the last round lands too
@@ -351,10 +494,16 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
         await daemon.drop_in_flight()
         stop.set()
         await refresher
+        await admitter
+        await daemon.close_probes()
 
 
 async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
-    """Join, train until SIGTERM/SIGINT (or max_rounds), shut down in order; raises MurmurError on failure."""
+    """Join, train until SIGTERM/SIGINT (or max_rounds), shut down in order; raises MurmurError on failure.
+
+    The DHT node (a `TetheredDHT`: it and p2pd die with this process, however it dies) gets a fresh libp2p
+    identity each start, as in `run_join`: a restart right after a crash joins at once.
+    """
     stop, halt = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
 
@@ -368,9 +517,9 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
     j = opts.join
     device = pick_device(opts.device)
     identity = Identity.load_or_create(j.identity)
+    # a fresh libp2p id each start (the swarm knows this peer by `identity`): a restart never finds it "taken"
     dht = await asyncio.to_thread(
-        start_dht, initial_peers=j.initial_peers, host_maddrs=j.host_maddrs,
-        identity_path=j.identity.with_name(j.identity.name + ".p2p.key"), startup_timeout_s=j.dht_start_timeout_s,
+        start_dht, initial_peers=j.initial_peers, host_maddrs=j.host_maddrs, startup_timeout_s=j.dht_start_timeout_s,
     )  # fmt: skip
     server: PeerServer | None = None
     daemon: Daemon | None = None
@@ -397,6 +546,10 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         if j.listen is not None:
             server = await _serve(daemon, identity, j.listen, run.gossip)
             member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
+        # slice, donors and partners are chosen among peers that answered at their endpoint (peer/admission.py)
+        member.counted = daemon.admission.admitted
+        member.peers = await asyncio.to_thread(swarm.live_peers, signed.run_id)
+        await daemon.admit_now()
         await asyncio.to_thread(member.join)
         if server is not None:
             server = daemon.server = await check_endpoint(member, server, j)

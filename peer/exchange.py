@@ -103,14 +103,14 @@ def split_update(
         if not (k.isdigit() and int(k) < len(layouts) and param in layouts[int(k)]):
             raise ValueError(f"unexpected tensor {name[:80]!r}")
         phis.setdefault(int(k), {})[param] = tensor.to(device)
-    delta_c = Contribution({n: delta_layout[n] for n in delta}, delta) if delta else None
+    delta_c = Contribution({n: delta_layout[n] for n in delta}, delta, update.sender) if delta else None
     if not phis:
         return delta_c, None
     k = min(phis)
     if len(phis) > 1:
         log.info("update from %s carries %d weight slices; using slice %d", update.sender[:16], len(phis), k)
     weights = phis[k]
-    return delta_c, Contribution({n: layouts[k][n] for n in weights}, weights)
+    return delta_c, Contribution({n: layouts[k][n] for n in weights}, weights, update.sender)
 
 
 def compose_outer_step(
@@ -128,14 +128,14 @@ def compose_outer_step(
     report says how many terms were mixed, clipped and rejected (by reason) for the daemon's metrics.
     """
     received, weights = [], []
-    rejected: dict[str, int] = {}
+    unsplit: list[str] = []  # senders of updates that could not even be split into terms (WRONG_SHAPE)
     device = next(iter(phi.values())).device
     for update in updates:
         try:
             delta, weight = split_update(update, layouts, device)
         except ValueError as exc:
             log.warning("update from %s not mixed: %s", update.sender[:16], exc)
-            rejected[WRONG_SHAPE] = rejected.get(WRONG_SHAPE, 0) + 1
+            unsplit.append(update.sender)
             continue
         if delta is not None:
             received.append(delta)
@@ -144,8 +144,8 @@ def compose_outer_step(
     report = gossip_step(phi, state, own, received, weights, config, clipper)
     if report is None:
         report = ClipReport(mixed=len(received) + len(weights))
-    for reason, n in rejected.items():
-        report.rejected[reason] = report.rejected.get(reason, 0) + n
+    for sender in unsplit:
+        report.reject(WRONG_SHAPE, sender)
     if report.clipped or report.rejected:
         log.info("outer step: %d partner terms mixed, %d clipped (largest %.3g x the bound), rejected %s",
                  report.mixed, report.clipped, report.largest_ratio, report.rejected)  # fmt: skip

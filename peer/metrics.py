@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from protocol.errors import SetupError
 from protocol.logs import get_logger
+from protocol.ports import bind_error
 
 log = get_logger(__name__)
 
@@ -46,6 +48,7 @@ class MetricsSnapshot:
     rejected: dict[str, int] = field(default_factory=dict)
     clipped: int = 0
     peers_live: int = 0
+    peers_admitted: int = 0
     partners_reached: int = 0
 
     @property
@@ -63,6 +66,7 @@ _FAMILIES = (
     ("murmur_bytes_received_total", "counter", "Payload bytes received from partners."),
     ("murmur_rejected_updates_total", "counter", "Partner updates rejected, by reason."),
     ("murmur_peers_live", "gauge", "Live peers seen in the swarm."),
+    ("murmur_peers_admitted", "gauge", "Live peers that answered at their endpoint or exchanged with this one."),
     ("murmur_partners_reached", "gauge", "Partners exchanged with in the last round."),
     ("murmur_clipped_updates_total", "counter", "Partner terms scaled down to the clipping bound (peer/robust.py)."),
 )
@@ -83,6 +87,7 @@ class Metrics:
         self._rejected: dict[str, int] = {}
         self._clipped = 0
         self._peers_live = 0
+        self._peers_admitted = 0
         self._partners_reached = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
@@ -107,6 +112,10 @@ class Metrics:
     def set_peers_live(self, count: int) -> None:
         with self._lock:
             self._peers_live = _non_negative("peers_live", count)
+
+    def set_peers_admitted(self, count: int) -> None:
+        with self._lock:
+            self._peers_admitted = _non_negative("peers_admitted", count)
 
     def set_partners_reached(self, count: int) -> None:
         with self._lock:
@@ -149,6 +158,7 @@ class Metrics:
                 rejected=dict(self._rejected),
                 clipped=self._clipped,
                 peers_live=self._peers_live,
+                peers_admitted=self._peers_admitted,
                 partners_reached=self._partners_reached,
             )
 
@@ -166,6 +176,7 @@ class Metrics:
                 (f'{{reason="{escape_label(reason)}"}}', n) for reason, n in sorted(s.rejected.items())
             ],
             "murmur_peers_live": [("", s.peers_live)],
+            "murmur_peers_admitted": [("", s.peers_admitted)],
             "murmur_partners_reached": [("", s.partners_reached)],
             "murmur_clipped_updates_total": [("", s.clipped)],
         }
@@ -180,7 +191,10 @@ class Metrics:
         """Listen for scrapes on host:port (port 0 picks a free one: read it back with `port`)."""
         if self._server is not None:
             raise RuntimeError("metrics server already running")
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_REQUEST_BYTES)
+        try:
+            self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_REQUEST_BYTES)
+        except OSError as exc:  # binding is all that fails here: a port in use, an address not ours
+            raise SetupError(bind_error("metrics server", f"{host}:{port}", exc)) from exc
         log.info("metrics at http://%s:%d/metrics", host, self.port)
         return self._server
 

@@ -62,6 +62,8 @@ class Contribution:
 
     layout: SliceLayout
     tensors: Params
+    source: str | None = None
+    """Who sent it (a peer id), where that matters: robust aggregation reports per sender (`peer/trust.py`)."""
 
 
 def pseudo_gradient(phi: Params, theta: Params, layout: SliceLayout) -> Contribution:

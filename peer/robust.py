@@ -74,9 +74,17 @@ class ClipReport:
     """Refused contributions by reason (`NON_FINITE`, `WRONG_SHAPE`, `OUTLIER`)."""
     largest_ratio: float = 0.0
     """Largest ||partner - own|| / tau seen this step (> 1: clipped)."""
+    outcomes: dict[str, list[str]] = field(default_factory=dict)
+    """Per sender (contributions that name their `source`): "clean", "clipped" or the rejection reason of each of
+    its delta terms, and of any malformed term, for partner trust (`peer/trust.py`; see `robust_terms`)."""
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, source: str | None = None) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.outcome(source, reason)
+
+    def outcome(self, source: str | None, what: str) -> None:
+        if source is not None:
+            self.outcomes.setdefault(source, []).append(what)
 
     @property
     def rejected_total(self) -> int:
@@ -199,20 +207,26 @@ def robust_terms(
     for name, region in own.layout.items():
         region.scatter_(own_full[name], own.tensors[name].to(own_full[name].dtype))
     kept: tuple[list[Contribution], list[Contribution]] = ([], [])
-    for out, terms, reference, factor in ((kept[0], received, own_full, 1.0), (kept[1], weights, phi, PHI_FACTOR)):
+    # Partner trust judges senders by their deltas only: a delta is one round of progress, as large for an honest
+    # peer whatever happened before, while honest weights drift apart in a partition and are clipped or refused
+    # after it through no fault of their sender (which must not then be banned, or the swarm would never heal).
+    groups = ((kept[0], received, own_full, 1.0, True), (kept[1], weights, phi, PHI_FACTOR, False))
+    for out, terms, reference, factor, judged in groups:
         for term in terms:
             reason = check(term.tensors, term.layout, shapes)
             if reason is not None:
-                report.reject(reason)
+                report.reject(reason, term.source)  # malformed: never honest, whichever kind of term
                 continue
-            tensors = term.tensors
+            tensors, ratio = term.tensors, 0.0
             if tau is not None:
                 tensors, ratio = clip_toward(tensors, term.layout, reference, tau * factor)
                 report.largest_ratio = max(report.largest_ratio, ratio)
                 if ratio > OUTLIER_RATIO:
-                    report.reject(OUTLIER)
+                    report.reject(OUTLIER, term.source if judged else None)
                     continue
                 report.clipped += ratio > 1.0
+            if judged:
+                report.outcome(term.source, "clipped" if ratio > 1.0 else "clean")
             report.mixed += 1
             out.append(term if tensors is term.tensors else replace(term, tensors=tensors))
     return kept[0], kept[1], report

@@ -18,7 +18,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from hivemind.dht import DHT
@@ -28,6 +28,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
+from protocol.dht import refresh_routing
 from protocol.errors import MurmurError
 from protocol.identity import Identity
 from protocol.logs import get_logger
@@ -40,7 +41,6 @@ from protocol.records import (
     InvalidRecord,
     encode_manifest_record,
     manifest_record_signer,
-    refresh_routing,
     sign_announcement,
     swarm_keys,
     verify_announcement,
@@ -265,6 +265,9 @@ class Member:
         self.tokens_per_second = 0.0
         self.loss = math.nan
         self.peers: list[Announcement] = []
+        self.counted: Callable[[list[Announcement]], list[Announcement]] = lambda peers: peers
+        """Which announcements count for slice coverage: the daemon counts only peers that answered at their
+        endpoint or exchanged with it (peer/admission.py), so fake announcements cannot skew the slices."""
 
     def others(self) -> list[Announcement]:
         return [p for p in self.peers if p.peer_id != self.identity.peer_id]
@@ -272,14 +275,14 @@ class Member:
     def join(self) -> None:
         """Pick the least covered slice among live peers and announce."""
         self.peers = self.swarm.live_peers(self.manifest.run_id)
-        self.slice = choose_slice(self.others(), self.num_slices, self.rng)
+        self.slice = choose_slice(self.counted(self.others()), self.num_slices, self.rng)
         self.announce()
 
     def refresh(self) -> None:
         """List peers, re-bootstrap if too few, re-balance if skewed, re-announce, re-publish the manifest."""
         self.peers = self.swarm.live_peers(self.manifest.run_id)
         self.swarm.maybe_rebootstrap(len(self.others()))
-        target = rebalance(self.peers, self.identity.peer_id, self.slice, self.num_slices, self.rng,
+        target = rebalance(self.counted(self.peers), self.identity.peer_id, self.slice, self.num_slices, self.rng,
                            self.swarm.config.rebalance_gap)  # fmt: skip
         if target is not None:
             log.info("slice coverage %s is skewed: moving from slice %d to %d",

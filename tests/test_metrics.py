@@ -40,6 +40,9 @@ murmur_rejected_updates_total{reason="nonfinite"} 2
 # HELP murmur_peers_live Live peers seen in the swarm.
 # TYPE murmur_peers_live gauge
 murmur_peers_live 7
+# HELP murmur_peers_admitted Live peers that answered at their endpoint or exchanged with this one.
+# TYPE murmur_peers_admitted gauge
+murmur_peers_admitted 5
 # HELP murmur_partners_reached Partners exchanged with in the last round.
 # TYPE murmur_partners_reached gauge
 murmur_partners_reached 2
@@ -63,6 +66,7 @@ def known_state() -> Metrics:
     m.reject('a\\b "q"\nnl')
     m.add_clipped(3)
     m.set_peers_live(7)
+    m.set_peers_admitted(5)
     m.set_partners_reached(2)
     return m
 
@@ -82,7 +86,7 @@ def test_fresh_metrics_render_nan_loss_and_no_rejection_samples() -> None:
 @pytest.mark.timeout(10)
 def test_counters_only_go_up() -> None:
     m = known_state()
-    for add in (m.add_tokens, m.add_bytes_sent, m.add_bytes_received, m.set_peers_live):
+    for add in (m.add_tokens, m.add_bytes_sent, m.add_bytes_received, m.set_peers_live, m.set_peers_admitted):
         with pytest.raises(ValueError):
             add(-1)
     with pytest.raises(ValueError):

@@ -124,6 +124,25 @@ def test_robust_terms_clip_a_far_update_to_the_bound_reject_an_outlier_and_leave
     assert float(weight_diff.norm()) == pytest.approx(PHI_FACTOR * tau * 2)
     assert (report.mixed, report.clipped, report.rejected) == (3, 2, {NON_FINITE: 1, OUTLIER: 2})
     assert report.largest_ratio > 1e3
+    assert report.outcomes == {}  # contributions that name no source (the simulator's) report no senders
+
+
+def test_robust_terms_report_what_happened_to_each_senders_terms() -> None:
+    """Partner trust (peer/trust.py) needs, per sender, which of its terms were clean, clipped or rejected."""
+    phi = {"w": t(0.5, -0.5, 0.25, 0.0)}
+    own = Contribution(FIRST_TWO, {"w": t(0.01, -0.02)})
+    honest = Contribution(ALL, {"w": t(0.012, -0.018, 0.01, 0.015)}, source="honest")
+    patient = Contribution(ALL, {"w": honest.tensors["w"] * 5}, source="patient")
+    liar = Contribution(ALL, {"w": honest.tensors["w"] * 1e4}, source="liar")
+    weights = [Contribution(ALL, {"w": phi["w"] + 0.3}, source="patient"), Contribution(ALL, dict(phi), "honest")]
+
+    *_, report = robust_terms(phi, own, [honest, patient, liar], weights, Clipper(clip=2.0))
+
+    # deltas are judged; a sender's weights are not (honest weights drift apart in a partition), unless malformed
+    assert report.outcomes == {"honest": ["clean"], "patient": ["clipped"], "liar": [OUTLIER]}
+    broken = Contribution(ALL, {"w": t(0.0, float("nan"), 0.0, 0.0)}, source="honest")
+    *_, report = robust_terms(phi, own, [], [broken], Clipper(clip=2.0))
+    assert report.outcomes == {"honest": [NON_FINITE]}
 
 
 def _setup() -> tuple[RunConfig, dict, list]:
