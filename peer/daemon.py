@@ -478,6 +478,16 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
                  saver: resume.Checkpointer | None) -> None:  # fmt: skip
     refresher = asyncio.create_task(refresh_until(stop, daemon.member))
     admitter = asyncio.create_task(daemon.admission_loop(stop))
+
+    def stop_if_failed(task: asyncio.Task) -> None:
+        """A background loop that ended with an error (the DHT process died: DHTStopped) ends the training too;
+        its error is raised below, when it is awaited, so the volunteer reads what happened."""
+        if not task.cancelled() and task.exception() is not None:
+            stop.set()
+            halt.set()
+
+    refresher.add_done_callback(stop_if_failed)
+    admitter.add_done_callback(stop_if_failed)
     try:
         rounds = 0
         while not stop.is_set() and (opts.max_rounds == 0 or rounds < opts.max_rounds):
@@ -493,9 +503,11 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
     finally:
         await daemon.drop_in_flight()
         stop.set()
-        await refresher
-        await admitter
+        ended = await asyncio.gather(refresher, admitter, return_exceptions=True)
         await daemon.close_probes()
+    for error in ended:
+        if isinstance(error, BaseException):
+            raise error
 
 
 async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:

@@ -94,3 +94,38 @@ def test_a_bootstrap_node_killed_alone_leaves_nothing_and_restarts_with_its_iden
     boot.kill_alone(GONE_S)
     again = procs.start("boot-again", murmur(*args))
     assert again.wait_for(MADDR, timeout=40).group(2) == boot_id, "a bootstrap node keeps its libp2p identity"
+
+
+RUN_TOML = """
+swarm = "lifecycle"
+preset = "tiny"
+[slices]
+num_slices = 2
+[inner]
+steps_per_round = 3
+batch_size = 4
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_whose_dht_process_is_killed_stops_with_a_clear_error(procs: Procs) -> None:
+    """The other way round: the OOM killer picks the DHT process, not the daemon. The daemon must not train on
+    blind (its peer list frozen); it stops, says why in one line, exits non-zero, and p2pd goes too."""
+    (procs.workdir / "run.toml").write_text(RUN_TOML)
+    made = procs.run("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key", "--out", "m.json"))
+    assert made.popen.returncode == 0, made.logs()
+    boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
+    maddr = boot.wait_for(MADDR, timeout=60).group(1)
+    peer = procs.start("owner", murmur("run", "--swarm", "lifecycle", "--initial-peers", maddr, "--identity", "o.id",
+                                       "--manifest", "m.json", "--key", "owner.key", "--announce-ttl", "3",
+                                       "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--client-only", "--device", "cpu",
+                                       "--eval-every", "0"))  # fmt: skip
+    peer.wait_for(r"^round \d+ ", timeout=120)
+    dht_pid = next(pid for pid in children(peer.popen.pid) if children(pid))  # the one that started p2pd
+    p2pd = children(dht_pid)
+    os.kill(dht_pid, signal.SIGKILL)
+    assert peer.wait_exit(60) == 1, peer.logs()
+    wait_until(lambda: not any(alive(pid) for pid in p2pd), GONE_S, "p2pd exits with its DHT process", [peer])
+    errors = [line for line in peer.stderr_path.read_text().splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "DHT process" in errors[0], peer.logs()
+    assert "Traceback" not in peer.stderr_path.read_text(), peer.logs()
