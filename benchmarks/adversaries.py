@@ -4,6 +4,10 @@ attack, the honest peers' counters, and their validation loss over the same roun
 
     python -m benchmarks.adversaries [--rounds 12] [--kinds scaled,nan,...] [--json out.json]
 
+A late-join attack (`poisoned-donor`) does not fit that model: it lands on a newcomer, not on the swarm's
+counters or losses. Its row (`run_poisoned_donor`) compares a newcomer's late join from two honest donors and
+the poisoned one with the same late join from three honest donors.
+
 Real processes on loopback (bootstrap nodes, `murmur run`), like tests/test_adversaries.py; everything started
 is stopped in `finally`.
 """
@@ -18,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from adversaries import KINDS, finish, start_swarms
+from adversaries import KINDS, LATE_JOIN_KINDS, finish, start_swarms
+from latejoin_swarm import late_join_of, served_losses, start_donors, start_newcomer, wait_for_snapshots
 from procs import Procs
 
 STOPPED_BY = {
@@ -28,6 +33,9 @@ STOPPED_BY = {
     "replay": "wire: replay guard (round already seen)",
     "badkey": "wire: signature does not check against the announced key",
     "flood": "limits: per-peer exchanges/minute (RESOURCE_EXHAUSTED), then banned",
+    "future-round": "wire: round beyond the swarm's median + 16 refused (peer/rounds.py), sender banned after 3",
+    "sub-outlier": "outer step clips it to the bound; partner trust bans it after 3 clipped terms (peer/trust.py)",
+    "sybil": "admission: only peers that answered a probe or exchanged take partner slots (peer/admission.py)",
 }
 
 
@@ -38,7 +46,14 @@ EXPECTED_COUNTER = {
     "replay": "rejected:replay",
     "badkey": "rejected:bad_signature",
     "flood": "rejected:over_limit",
+    "future-round": "rejected:future_round",
+    "sub-outlier": "clipped",
+    "sybil": "peers_live>=720",
 }
+"""The counter that says the attack landed ("key>=N": at least N summed over the 4 honest peers; the sybil's 200
+fakes are listed by every one of them)."""
+MIN_ROUNDS = {"sub-outlier": 32}
+"""Attacks measured over more rounds than --rounds: a patient attacker's damage is what 30+ rounds of it do."""
 
 
 def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
@@ -46,24 +61,58 @@ def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
     began = time.monotonic()
     try:
         swarms = start_swarms(procs, {"base": [], "attacked": [kind]})
-        results = finish(swarms, rounds, timeout=1200, expect={"attacked": {EXPECTED_COUNTER[kind]}})
+        rounds = max(rounds, MIN_ROUNDS.get(kind, 0))
+        results = finish(swarms, rounds, timeout=2400, expect={"attacked": {EXPECTED_COUNTER[kind]}})
     finally:
         procs.stop_all()
     base, hit = results["base"], results["attacked"]
     return {"attack": kind, "stopped_by": STOPPED_BY[kind], "counters": hit["counters"],
             "baseline_counters": base["counters"], "loss_with": hit["loss"], "loss_without": base["loss"],
             "ratio": hit["loss"] / base["loss"], "honest_alive": hit["alive"], "rounds": hit["target"],
-            "landed_s": hit["landed_s"],
+            "landed_s": hit["landed_s"], "reach_with": hit["reach"], "reach_without": base["reach"],
             "seconds": time.monotonic() - began}  # fmt: skip
 
 
+LATE_JOIN_STOPPED_BY = (
+    "late join: coordinate-wise median of 3 donors' snapshots, lower median of their rounds (peer/latejoin.py); "
+    "loss: the newcomer's val loss right after adopting"
+)
+
+
+def run_poisoned_donor(workdir: Path) -> dict[str, object]:
+    """A newcomer late-joins from donors 1-2 (honest) and 3 (`poisoned-donor`), next to a baseline swarm where
+    donor 3 is honest; both swarms train at once, with the same identities (so the same data). Compared: the
+    validation loss of the weights each newcomer adopted, measured right after adopting them."""
+    procs = Procs(workdir)
+    began = time.monotonic()
+    try:
+        base = start_donors(procs, "base", {"donor1": None, "donor2": None, "donor3": None})
+        hit = start_donors(procs, "attacked", {"donor1": None, "donor2": None, "donor3": "poisoned-donor"})
+        wait_for_snapshots([base, hit], timeout=900)
+        snapshots_s = time.monotonic() - began
+        newcomers = {swarm.tag: start_newcomer(procs, swarm) for swarm in (base, hit)}
+        joins = {tag: late_join_of(proc, timeout=300) for tag, proc in newcomers.items()}
+        honest = {swarm.tag: served_losses(swarm, joins[swarm.tag]) for swarm in (base, hit)}
+        alive = all(p.popen.poll() is None for p in hit.procs.values())
+    finally:
+        procs.stop_all()
+    with_, without = joins["attacked"], joins["base"]
+    return {"attack": "poisoned-donor", "stopped_by": LATE_JOIN_STOPPED_BY, "counters": {}, "baseline_counters": {},
+            "loss_with": with_.held_out, "loss_without": without.held_out, "ratio": with_.held_out / without.held_out,
+            "honest_alive": alive, "rounds": with_.round, "landed_s": round(snapshots_s),
+            "served": {"attacked": with_.served, "base": without.served}, "rule": with_.rule,
+            "honest_snapshot_losses": honest, "seconds": time.monotonic() - began}  # fmt: skip
+
+
 def table(rows: list[dict[str, object]]) -> str:
-    head = "| attack | what stopped it | honest peers' counters (sum of 4) | val loss with | without | ratio |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = ("| attack | what stopped it | honest peers' counters (sum of 4) | val loss with | without | ratio | "
+            "rounds reaching a partner, with / without |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         counters = ", ".join(f"{k} {v:g}" for k, v in sorted(r["counters"].items())) or "none"
+        reach = f"{r['reach_with']:.0%} / {r['reach_without']:.0%}" if "reach_with" in r else "-"
         lines.append(f"| {r['attack']} | {r['stopped_by']} | {counters} | {r['loss_with']:.4f} | "
-                     f"{r['loss_without']:.4f} | {r['ratio']:.3f} |")  # fmt: skip
+                     f"{r['loss_without']:.4f} | {r['ratio']:.3f} | {reach} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -80,7 +129,8 @@ def main() -> None:
     rows = []
     for kind in kinds:
         with tempfile.TemporaryDirectory(prefix=f"murmur-adv-{kind}-") as tmp:
-            rows.append(run_one(kind, args.rounds, Path(tmp)))
+            late = kind in LATE_JOIN_KINDS
+            rows.append(run_poisoned_donor(Path(tmp)) if late else run_one(kind, args.rounds, Path(tmp)))
         print(f"{kind}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:

@@ -18,14 +18,31 @@ Kinds (what each should meet at an honest receiver):
             rounds stops training and pushes FLOOD_PER_S duplicates a second to the peers it has dialled,
             FLOOD_AT_ONCE at a time (`Flooder`): refused over the per-peer limit (RESOURCE_EXHAUSTED,
             over_limit), then banned
+- `poisoned-donor`  serves late joiners (FetchState) its phi plus Gaussian noise of std POISON_STD, labelled
+            POISON_ROUNDS_AHEAD rounds ahead (under the round ceiling), validly signed by its own key; its gossip
+            stays honest. A joiner
+            takes the coordinate-wise median of 3 donors and their rounds' lower median (peer/latejoin.py), so
+            neither lands; what shows it is the joiner's held-out loss (tests/test_latejoin.py), not a counter
+- `future-round`  every update it sends, and its announcement, claims a round FUTURE_ROUND ahead (2^62): the
+            wire refuses it (future_round, peer/rounds.py), and after STRIKES_TO_BAN refusals its sender is banned
+- `sub-outlier`  a patient attacker: every update carries, on top of its honest delta and weights, one fixed
+            direction sized SUB_OUTLIER_RATIO times the receiver's clipping bound (estimated from its own deltas,
+            as the receiver's own bound is): under the outlier ratio, so it is clipped to the bound and mixed in,
+            round after round; partner trust (peer/trust.py) bans it after a few clipped terms
+- `sybil`   a client-only process that trains nothing and keeps SYBILS validly signed announcements of made-up
+            peers (fresh keys, endpoints on loopback where nothing listens) in the swarm's DHT key: none of them
+            answers a probe, so none gets a partner slot, a vote on the round or a say in slice coverage
+            (peer/admission.py)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,7 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # procs.py beside this
 from procs import Proc, Procs, murmur
 
 from peer import daemon as daemon_module
+from peer import swarm as swarm_module
 from peer import trainer as trainer_module
+from peer.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
 from peer.roundline import parse_all
 from peer.trainer import TrainedRound
 from protocol import client as client_module
@@ -48,10 +67,29 @@ from protocol import service as service_module
 from protocol.codec import CodecConfig, Encoded, decode, encode
 from protocol.errors import BannedPeer, MurmurError, Reason
 from protocol.identity import Identity, update_signing_bytes
-from protocol.updates import OutgoingUpdate
+from protocol.records import sign_announcement
+from protocol.updates import OutgoingUpdate, StateSnapshot, make_state_snapshot
 
-KINDS = ("scaled", "nan", "shape", "replay", "badkey", "flood")
+KINDS = ("scaled", "nan", "shape", "replay", "badkey", "flood", "poisoned-donor", "future-round", "sub-outlier",
+         "sybil")
+LATE_JOIN_KINDS = ("poisoned-donor",)
+"""Kinds that attack only late joiners: in a swarm where nobody joins late they are honest peers."""
+POISON_STD = 1.0
+"""Noise added to every weight a poisoned donor serves (the tiny preset's weights are ~0.02-1 in size)."""
+POISON_ROUNDS_AHEAD = 10
+"""Rounds a poisoned snapshot claims to be ahead of the truth (signed): within the round ceiling (peer/rounds.py
+refuses a state more than 16 ahead of what the swarm agrees on, as any claim), so what keeps the joiner's clock
+from following it is the lower median of the donors' rounds."""
 SCALE = 1e4
+FUTURE_ROUND = 1 << 62
+"""What `future-round` adds to every round it claims (the value that crashed honest peers before peer/rounds.py)."""
+SUB_OUTLIER_RATIO = 8.0
+"""How far over the receiver's clipping bound `sub-outlier` aims its fixed direction: under the outlier ratio
+(10, peer/robust.py) with room for the receiver's own bound being a little smaller than the attacker's estimate."""
+SYBILS = 200
+"""Made-up peers `sybil` keeps announced (MURMUR_SYBILS overrides it)."""
+SYBIL_TTL_S = 600.0
+"""Expiry of the fake announcements; they are stored again every half of it."""
 FLOOD_PER_S = 8.0
 """Well over the per-peer exchange limit (with RUN_TOML's min_round_s: 60 at once, refilled at 1 a second), well
 under the per-address one (8 x 60 + 600 = 1080 a minute, 18 a second), which every peer on loopback shares."""
@@ -120,6 +158,134 @@ def patch_outgoing(sabotage: Sabotage) -> None:
         server_init(self, *args, reply_for=sabotaged_reply, **kwargs)
 
     service_module.PeerServer.__init__ = init
+
+
+def patch_poisoned_snapshot() -> None:
+    """What FetchState serves is phi plus noise, at a round far ahead; the daemon's own phi, and so its gossip,
+    stay honest. The server signs the snapshot's header with this peer's real key, as for any snapshot."""
+
+    def poisoned(trainer: trainer_module.Trainer, round: int) -> StateSnapshot:
+        noise = torch.Generator().manual_seed(round)
+        phi = {name: t + POISON_STD * torch.randn(t.shape, generator=noise, dtype=t.dtype)
+               for name, t in trainer.phi.items()}  # fmt: skip
+        return make_state_snapshot(round + POISON_ROUNDS_AHEAD, phi)
+
+    trainer_module.Trainer.snapshot = poisoned
+
+
+def from_the_future(update: OutgoingUpdate) -> OutgoingUpdate:
+    return replace(update, round=FUTURE_ROUND + update.round)
+
+
+def patch_future_round() -> None:
+    """Updates (pushed and replied) and the announcement claim rounds FUTURE_ROUND ahead."""
+    patch_outgoing(from_the_future)
+    announcement = swarm_module.Member.announcement
+
+    def future(member: swarm_module.Member, expires_unix: float) -> bytes:
+        round_ = member.round
+        member.round = FUTURE_ROUND + round_
+        try:
+            return announcement(member, expires_unix)
+        finally:
+            member.round = round_
+
+    swarm_module.Member.announcement = future
+
+
+class SubOutlier:
+    """Adds one fixed direction to every update, sized SUB_OUTLIER_RATIO times the receiver's bound.
+
+    The receiver's bound is AUTO_FACTOR x the AUTO_QUANTILE quantile of its own delta RMS (clip = 0, the
+    test runs' setting); this attacker's own deltas have about the same RMS, so it keeps the same history and
+    uses its bound as the estimate. Weight slices get PHI_FACTOR times that, as the receiver allows them.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[float] = []
+        self.directions: dict[str, torch.Tensor] = {}
+
+    def direction(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.directions:
+            seed = int.from_bytes(name.encode()[-8:].ljust(8, b"\0"), "little") % (1 << 62)
+            self.directions[name] = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        return self.directions[name]
+
+    def __call__(self, update: OutgoingUpdate) -> OutgoingUpdate:
+        decoded = {n: decode(e, CodecConfig(name=e.codec)) for n, e in update.tensors.items()}
+        deltas = {n: t for n, t in decoded.items() if n.startswith("delta/")}
+        self.history = [*self.history, rms(deltas.values())][-16:]
+        tau = AUTO_FACTOR * quantile(self.history, AUTO_QUANTILE)
+        out = {}
+        for group, factor in (("delta/", 1.0), ("phi/", PHI_FACTOR)):
+            names = [n for n in decoded if n.startswith(group)]
+            push = {n: self.direction(n, tuple(decoded[n].shape)) for n in names}
+            size = rms(push.values()) or 1.0
+            for n in names:
+                bent = decoded[n] + push[n] * (SUB_OUTLIER_RATIO * factor * tau / size)
+                out[n] = encode(bent, CodecConfig(name=update.tensors[n].codec))
+        return replace(update, tensors=out)
+
+
+class SybilFlood:
+    """Keeps SYBILS made-up peers announced next to this process's own announcement; trains nothing.
+
+    Each fake has a fresh Ed25519 key (so its announcement verifies), a plausible slice, round and loss, and an
+    endpoint on loopback where nothing listens (ports bound once and closed again). Run it --client-only, so
+    that the only thing it offers the swarm is the fakes.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.fakes = [Identity.generate() for _ in range(count)]
+        self.ports = _closed_ports(count)
+
+    def install(self) -> None:
+        announce = swarm_module.Member.announce
+        fakes, ports = self.fakes, self.ports
+        renewed = [-SYBIL_TTL_S]
+
+        def flood(member: swarm_module.Member) -> None:
+            announce(member)
+            if time.monotonic() - renewed[0] < SYBIL_TTL_S / 2:
+                return
+            renewed[0] = time.monotonic()
+            # the fakes live long: an attacker picks its own expiry, and re-storing 200 records every few seconds
+            # is more than a loaded DHT does (measured: ~10 stores a second on two busy cores)
+            expires = swarm_module.get_dht_time() + SYBIL_TTL_S
+            stores = []
+            for i, (fake, port) in enumerate(zip(fakes, ports)):
+                value = sign_announcement(fake, run_id=member.manifest.run_id, endpoint=f"127.0.0.1:{port}",
+                                          slice_index=i % member.num_slices, round=max(member.round, 0),
+                                          tokens_per_second=1000.0, loss=member.loss,
+                                          software_version=member.software_version,
+                                          protocol_version=swarm_module.PROTOCOL_VERSION,
+                                          expires_unix=expires)  # fmt: skip
+                stores.append(member.swarm.dht.store(member.swarm.keys.peers, value, expiration_time=expires,
+                                                     subkey=fake.peer_id, return_future=True))  # fmt: skip
+            stored = sum(1 for future in stores if future.result())
+            print(f"sybil: {stored} of {len(fakes)} fake announcements stored", flush=True)
+
+        swarm_module.Member.announce = flood
+
+        def idle(trainer: trainer_module.Trainer, round: int, halt: threading.Event) -> TrainedRound:
+            halt.wait()
+            raise trainer_module.Halted
+
+        trainer_module.Trainer.train_round = idle
+
+
+def _closed_ports(count: int) -> list[int]:
+    """`count` loopback ports that were free a moment ago (bound, read and closed): nothing listens there."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def patch_bad_key() -> None:
@@ -266,6 +432,14 @@ def install(kind: str) -> None:
         patch_bad_key()
     elif kind == "flood":
         Flooder().install()
+    elif kind == "poisoned-donor":
+        patch_poisoned_snapshot()
+    elif kind == "future-round":
+        patch_future_round()
+    elif kind == "sub-outlier":
+        patch_outgoing(SubOutlier())
+    elif kind == "sybil":
+        SybilFlood(int(os.environ.get("MURMUR_SYBILS", SYBILS))).install()
     else:
         raise SystemExit(f"unknown adversary {kind!r}; choose one of {', '.join(KINDS)}")
 
@@ -310,7 +484,12 @@ banned on a loaded machine, because a server there handles fewer of one peer's c
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 METRICS_AT = r"^metrics at (http://\S+/metrics)$"
 EVAL_LINE = re.compile(r"^eval round (\d+) val_loss ([\d.]+)$")
-SAMPLE = re.compile(r'^(murmur_rejected_updates_total|murmur_clipped_updates_total)(?:\{reason="([^"]*)"\})? (\S+)$')
+SAMPLE = re.compile(
+    r'^(murmur_rejected_updates_total|murmur_clipped_updates_total|murmur_peers_live|murmur_peers_admitted)'
+    r'(?:\{reason="([^"]*)"\})? (\S+)$'
+)
+NAMES = {"murmur_clipped_updates_total": "clipped", "murmur_peers_live": "peers_live",
+         "murmur_peers_admitted": "peers_admitted"}  # fmt: skip
 HONEST = ("owner", "peer1", "peer2", "peer3")
 
 
@@ -355,8 +534,9 @@ def _start_peers(procs: Procs, tag: str, maddr: str, run_key: str, kinds: list[s
 
     def args(name: str, ident: str) -> list[str]:
         who = ["--manifest", f"{tag}-manifest.json", "--key", f"{tag}-owner.key"] if name == "owner" else []
+        reach = ["--client-only"] if name == "sybil" else ["--listen", "127.0.0.1:0"]  # the fakes are its only offer
         return ["--swarm", tag, "--initial-peers", maddr, "--identity", ident, "--announce-ttl", "6",
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--listen", "127.0.0.1:0", "--device", "cpu",
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *reach, "--device", "cpu",
                 "--eval-every", "1" if name in HONEST else "0", "--metrics-port", "0",
                 *(who or ["--run-key", run_key])]  # fmt: skip
 
@@ -383,14 +563,20 @@ def loss_at(proc: Proc, rounds: int) -> float | None:
 
 
 def counters(url: str) -> dict[str, float]:
-    """rejected:<reason> and clipped from a peer's /metrics."""
+    """rejected:<reason>, clipped, peers_live and peers_admitted from a peer's /metrics."""
     with urllib.request.urlopen(url, timeout=20) as response:
         text = response.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         if m := SAMPLE.match(line):
-            out["clipped" if m[1].startswith("murmur_clipped") else f"rejected:{m[2]}"] = float(m[3])
+            out[NAMES.get(m[1], f"rejected:{m[2]}")] = float(m[3])
     return out
+
+
+def reached(values: dict[str, float], wanted: str) -> bool:
+    """Whether `wanted` holds: "key" (non-zero) or "key>=N" (summed over the honest peers)."""
+    key, _, least = wanted.partition(">=")
+    return values.get(key, 0.0) >= float(least) if least else bool(values.get(key))
 
 
 def finish(
@@ -405,11 +591,13 @@ def finish(
 
     `expect` names, per swarm tag, counters that must become non-zero (an attack lands when the attacker is
     picked as a partner or picks one). The rounds compared are the same for every swarm: at least `rounds`,
-    and `settle` past the most rounds any honest peer had when the last expected counter appeared. A peer's
+    and `settle` past the most rounds any honest peer had when the last expected counter appeared (a counter is
+    "key", non-zero, or "key>=N", at least N; summed over the honest peers). A peer's
     loss is the mean validation loss of its last `window` compared rounds (one round's eval swings by up to
     0.3 nats on the tiny preset at this stage, attacked or not). Returns per swarm: `losses` (per honest
     peer), `loss` (their mean), `counters` (summed over honest peers, read at the end), `alive` (every honest
-    peer still running), `target` (the rounds compared) and `landed_s` (when the last counter appeared).
+    peer still running), `target` (the rounds compared), `landed_s` (when the last counter appeared) and `reach`
+    (the share of the honest peers' rounds after that which reached at least one partner).
     """
     procs = [p for s in swarms for p in s.honest + s.adversaries]
     started = time.monotonic()
@@ -417,6 +605,7 @@ def finish(
     expect = {tag: keys for tag, keys in (expect or {}).items() if keys}
     seen: dict[str, float] = {}
     landed_at: float | None = None if expect else started
+    landed_lines = {p.name: 0 for s in swarms for p in s.honest}
     target = rounds
 
     results: dict[str, dict[str, object]] = {}
@@ -436,10 +625,11 @@ def finish(
             if swarm.tag in expect:
                 now = _summed(swarm)
                 for key in expect[swarm.tag]:
-                    if now.get(key):
+                    if reached(now, key):
                         seen.setdefault(f"{swarm.tag}:{key}", round(time.monotonic() - started))
         if len(seen) == sum(len(keys) for keys in expect.values()):
             landed_at = time.monotonic()
+            landed_lines = {p.name: len(parse_all(p.lines)) for s in swarms for p in s.honest}
             attacked = [s for s in swarms if s.tag in expect]  # a baseline trains faster: not its rounds
             done = max(len(parse_all(p.lines)) for s in attacked for p in s.honest)
             target = max(rounds, done + settle)
@@ -454,8 +644,10 @@ def finish(
                 continue
             losses = {p.name: round(sum(loss_at(p, n) for n in compared) / len(compared), 4) for p in swarm.honest}
             alive = all(p.popen.poll() is None for p in swarm.honest)
+            after = [r for p in swarm.honest for r in parse_all(p.lines)[landed_lines[p.name]:]]
             results[swarm.tag] = {"losses": losses, "loss": sum(losses.values()) / len(losses),
                                   "counters": _summed(swarm), "alive": alive,
+                                  "reach": sum(1 for r in after if r.exchanged) / max(1, len(after)),
                                   "target": target, "landed_s": round(landed_at - started),
                                   "seconds": round(time.monotonic() - started)}  # fmt: skip
             for p in swarm.honest + swarm.adversaries:  # done: stop taking the others' CPU; all at once
