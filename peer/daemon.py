@@ -39,7 +39,7 @@ from pathlib import Path
 import grpc
 
 from peer import resume
-from peer.admission import PROBE_TIMEOUT_S, PROBES_AT_ONCE, Admission
+from peer.admission import Admission
 from peer.devices import pick_device
 from peer.exchange import STALE_ROUNDS, Inbox, update_shapes
 from peer.latejoin import (
@@ -52,6 +52,7 @@ from peer.latejoin import (
     loss_check,
 )
 from peer.metrics import Metrics
+from peer.probes import Prober
 from peer.roundline import RoundLine
 from peer.rounds import MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView, lower_median
 from peer.runconfig import GossipConfig, RunConfig
@@ -152,7 +153,7 @@ class Daemon:
         self._peers_task: asyncio.Task | None = None
         self._rejections_seen: dict = {}
         self._future_announced: dict[str, int] = {}
-        self._probes: set[asyncio.Task] = set()
+        self.prober = Prober(self.admission, identity, member.manifest.run_id, lambda: self.member.peers, member.rng)
         self.snapshot: StateSnapshot | None = None
         """What FetchState serves: phi every SNAPSHOT_EVERY rounds."""
         tables = [update_shapes(trainer.layouts, trainer.shapes, k) for k in range(len(trainer.layouts))]
@@ -303,45 +304,6 @@ class Daemon:
                          peer.round, ceiling)  # fmt: skip
         return [p for p in admitted if p.round <= ceiling]
 
-    def probe_candidates(self) -> list[asyncio.Task]:
-        """Start probes of announced, unadmitted peers (at most PROBES_AT_ONCE in flight); the started tasks."""
-        room = PROBES_AT_ONCE - self.admission.probing()
-        chosen = self.admission.to_probe(self.member.peers, me=self.identity.peer_id, limit=room,
-                                         rng=self.member.rng)  # fmt: skip
-        started = [asyncio.get_running_loop().create_task(self._probe(peer)) for peer in chosen]
-        for task in started:
-            self._probes.add(task)
-            task.add_done_callback(self._probes.discard)
-        return started
-
-    async def admit_now(self, timeout_s: float = 2 * PROBE_TIMEOUT_S) -> None:
-        """Probe announced peers until none is left unprobed or `timeout_s` passed (before the first round, so
-        that slice, donors and partners are chosen among peers that answered)."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while (started := self.probe_candidates()) or self._probes:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return
-            await asyncio.wait(started or set(self._probes), timeout=left, return_when=asyncio.FIRST_COMPLETED)
-
-    async def _probe(self, peer: Announcement) -> None:
-        """Info at the peer's endpoint over TLS pinned to its announced certificate; admitted if it answers as
-        itself, for this run."""
-        ok = False
-        try:
-            async with PeerClient.connect(
-                peer.endpoint, peer_id=peer.peer_id, tls_fingerprint=peer.tls_fingerprint, identity=self.identity,
-                tls_certificate=peer.tls_certificate or None, deadline=PROBE_TIMEOUT_S,
-            ) as client:  # fmt: skip
-                info = await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S)
-            ok = info.peer_id == peer.peer_id and info.run_id == self.policy.run_id
-        except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
-            log.debug("probe of %s at %s failed: %r", peer.peer_id[:16], peer.endpoint, exc)
-        except Exception:  # a bug of ours with one stranger's announcement must not stop admission
-            log.exception("probe of %s at %s failed unexpectedly", peer.peer_id[:16], peer.endpoint)
-        finally:  # also when cancelled: a probe slot is never lost
-            self.admission.probed(peer.peer_id, ok)
-
     async def admission_loop(self, stop: asyncio.Event) -> None:
         """Keep probing newly announced peers, and forget peers that left, until `stop`."""
         while True:
@@ -354,12 +316,7 @@ class Daemon:
             keep = {p.peer_id for p in self.member.peers} | set(self.admission.admitted_ids())
             for table in (self.admission, self.view, self.trust):
                 table.forget(keep)
-            self.probe_candidates()
-
-    async def close_probes(self) -> None:
-        for task in list(self._probes):
-            task.cancel()
-        await asyncio.gather(*self._probes, return_exceptions=True)
+            self.prober.start()
 
     def _record(self, r: int, trained: TrainedRound, reached: int) -> None:
         """This round's values into the metrics (and the server's refusals since the last round)."""
@@ -504,7 +461,7 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
         await daemon.drop_in_flight()
         stop.set()
         ended = await asyncio.gather(refresher, admitter, return_exceptions=True)
-        await daemon.close_probes()
+        await daemon.prober.close()
     for error in ended:
         if isinstance(error, BaseException):
             raise error
@@ -561,7 +518,7 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         # slice, donors and partners are chosen among peers that answered at their endpoint (peer/admission.py)
         member.counted = daemon.admission.admitted
         member.peers = await asyncio.to_thread(swarm.live_peers, signed.run_id)
-        await daemon.admit_now()
+        await daemon.prober.admit_now()
         await asyncio.to_thread(member.join)
         if server is not None:
             server = daemon.server = await check_endpoint(member, server, j)
