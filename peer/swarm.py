@@ -279,7 +279,10 @@ class Member:
         self.announce()
 
     def refresh(self) -> None:
-        """List peers, re-bootstrap if too few, re-balance if skewed, re-announce, re-publish the manifest."""
+        """Re-announce, list peers, re-bootstrap if too few, re-balance if skewed (announcing the new slice),
+        re-publish the manifest. The announcement goes first: listing a big swarm is the slow part, and this
+        peer's own record must not expire while it reads everyone else's."""
+        self.announce()
         self.peers = self.swarm.live_peers(self.manifest.run_id)
         self.swarm.maybe_rebootstrap(len(self.others()))
         target = rebalance(self.counted(self.peers), self.identity.peer_id, self.slice, self.num_slices, self.rng,
@@ -288,7 +291,7 @@ class Member:
             log.info("slice coverage %s is skewed: moving from slice %d to %d",
                      slice_counts(self.others(), self.num_slices), self.slice, target)  # fmt: skip
             self.slice = target
-        self.announce()
+            self.announce()
         self.swarm.publish_manifest(self.manifest)
 
     def announcement(self, expires_unix: float) -> bytes:

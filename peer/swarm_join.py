@@ -136,15 +136,19 @@ async def check_endpoint(member: Member, server: PeerServer, opts: JoinOptions) 
 
 
 async def refresh_until(stop: asyncio.Event, member: Member) -> None:
-    """Refresh every TTL/3; print a line to stdout whenever the live set or this peer's slice changes."""
+    """Refresh every TTL/3, on a fixed beat (a slow refresh does not push the next one back, or the announcement
+    could expire between two); print a line to stdout whenever the live set or this peer's slice changes."""
     every = member.swarm.config.refresh_every_s
     shown: tuple = ()
+    loop = asyncio.get_running_loop()
+    due = loop.time() + every
     while True:
         try:
-            await asyncio.wait_for(stop.wait(), timeout=every)
+            await asyncio.wait_for(stop.wait(), timeout=max(0.0, due - loop.time()))
             return
         except asyncio.TimeoutError:
             pass
+        due = max(due + every, loop.time())  # after a stall (a frozen process), refresh now and keep the beat
         try:
             await asyncio.to_thread(member.refresh)
         except (OSError, RuntimeError, asyncio.TimeoutError) as exc:

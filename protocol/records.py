@@ -22,8 +22,11 @@ Contracts:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -170,12 +173,69 @@ def _untag(value: object, tag: bytes) -> bytes:
     return value[len(tag) :]
 
 
+class _Verdicts:
+    """What `_check_announcement` said about the last MAX_VERDICTS distinct values, by their SHA-256.
+
+    Why: every DHT read returns every announcement of the swarm, and each is checked twice (by the DHT process's
+    RecordValidator, and by the reader), Ed25519 twice and an X.509 parse each time. With a few hundred
+    announcements (a flood of fakes, or a big swarm) that cost a loaded peer seconds per refresh, long enough
+    for its own announcement to expire between two refreshes. The same bytes always get the same verdict, so
+    it is computed once. Thread-safe (the daemon reads the DHT from worker threads).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[bytes, Announcement | InvalidRecord] = OrderedDict()
+
+    def verdict(self, value: bytes) -> Announcement | InvalidRecord:
+        key = hashlib.sha256(value).digest()
+        with self._lock:
+            held = self._seen.get(key)
+            if held is not None:
+                self._seen.move_to_end(key)
+                return held
+        try:
+            verdict: Announcement | InvalidRecord = _check_announcement(value)
+        except InvalidRecord as exc:
+            verdict = exc
+        with self._lock:
+            self._seen[key] = verdict
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+        return verdict
+
+
+MAX_VERDICTS = 4096
+"""Announcement verdicts remembered per process (a few MB at most)."""
+_VERDICTS = _Verdicts(MAX_VERDICTS)
+
+
 def verify_announcement(value: object, *, subkey: object = None, now: float | None = None) -> Announcement:
     """Parse and check an announcement value; raise InvalidRecord on any failure.
 
     Checks: tag, proto, peer id = hash(public key), signature by that key over tag + announcement bytes,
-    TLS binding, subkey = peer id (when given), protocol major, and expiry (when `now` is given).
+    TLS binding, subkey = peer id (when given), protocol major, and expiry (when `now` is given). The checks
+    that depend on the bytes alone are done once per distinct value (`_Verdicts`).
     """
+    if not isinstance(value, bytes):
+        raise InvalidRecord(Reason.GARBAGE, f"record value is {type(value).__name__}, not bytes")
+    verdict = _VERDICTS.verdict(value)
+    if isinstance(verdict, InvalidRecord):  # a fresh one each time: a re-raised instance keeps growing its traceback
+        raise InvalidRecord(verdict.reason, verdict.detail)
+    if subkey is not None and subkey != verdict.peer_id:
+        raise InvalidRecord(
+            Reason.BAD_SIGNATURE, f"announcement of {verdict.peer_id[:16]} stored under {subkey!r:.24}"
+        )
+    if now is not None and verdict.expires_unix < now:
+        raise InvalidRecord(
+            Reason.REPLAY, f"announcement of {verdict.peer_id[:16]} expired {now - verdict.expires_unix:.0f}s ago"
+        )
+    return verdict
+
+
+def _check_announcement(value: bytes) -> Announcement:
+    """Every check of `verify_announcement` that depends on the bytes alone (not on subkey or time)."""
     body = _untag(value, ANNOUNCEMENT_TAG)
     try:
         signed = pb.SignedAnnouncement.FromString(body)
@@ -190,16 +250,12 @@ def verify_announcement(value: object, *, subkey: object = None, now: float | No
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"peer id {ann.peer_id[:16]} is not the hash of its key")
     if not verify(ann.public_key, ANNOUNCEMENT_TAG + signed.announcement, signed.signature):
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"announcement of {peer_id[:16]} has a bad signature")
-    if subkey is not None and subkey != peer_id:
-        raise InvalidRecord(Reason.BAD_SIGNATURE, f"announcement of {peer_id[:16]} stored under {subkey!r:.24}")
     if not verify_tls_binding(ann.public_key, ann.tls_fingerprint, ann.tls_binding):
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]} does not vouch for its TLS fingerprint")
     if ann.tls_certificate and _fingerprint_or_none(ann.tls_certificate) != ann.tls_fingerprint:
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]}'s certificate does not match its fingerprint")
     if _major(ann.protocol_version) != PROTOCOL_MAJOR:
         raise InvalidRecord(Reason.INCOMPATIBLE_VERSION, f"{peer_id[:16]} speaks protocol {ann.protocol_version}")
-    if now is not None and ann.expires_unix < now:
-        raise InvalidRecord(Reason.REPLAY, f"announcement of {peer_id[:16]} expired {now - ann.expires_unix:.0f}s ago")
     return Announcement(
         peer_id=peer_id,
         public_key=ann.public_key,

@@ -130,3 +130,35 @@ def test_announced_certificate_must_match_the_signed_fingerprint(alice: Identity
     swapped = pb.SignedAnnouncement(announcement=body, signature=alice.sign(ANNOUNCEMENT_TAG + body))
     with pytest.raises(InvalidRecord, match="certificate does not match"):
         verify_announcement(ANNOUNCEMENT_TAG + swapped.SerializeToString())
+
+
+def test_announcement_verdicts_are_remembered_and_still_judged_by_subkey_and_time() -> None:
+    """Each distinct value is checked once (a DHT read returns every announcement of the swarm, every time);
+    what depends on where and when it is read (subkey, expiry) is judged on every call."""
+    from protocol import records
+
+    identity = Identity.generate()
+    value = sign_announcement(identity, run_id="r" * 64, endpoint="127.0.0.1:1", slice_index=0, round=3,
+                              tokens_per_second=1.0, loss=2.0, software_version="t", protocol_version="1.0",
+                              expires_unix=1000.0)  # fmt: skip
+    calls = []
+    real = records._check_announcement
+
+    def counting(v: bytes) -> Announcement:
+        calls.append(v)
+        return real(v)
+
+    records._check_announcement = counting
+    try:
+        for _ in range(3):
+            assert verify_announcement(value, subkey=identity.peer_id, now=999.0).peer_id == identity.peer_id
+        with pytest.raises(InvalidRecord):
+            verify_announcement(value, subkey="ab" * 32)
+        with pytest.raises(InvalidRecord):
+            verify_announcement(value, now=1001.0)
+        for _ in range(2):
+            with pytest.raises(InvalidRecord):
+                verify_announcement(value[:-1] + bytes([value[-1] ^ 1]))
+    finally:
+        records._check_announcement = real
+    assert len(calls) == 2  # the good value once, the corrupted one once
