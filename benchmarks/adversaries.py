@@ -5,8 +5,9 @@ attack, the honest peers' counters, and their validation loss over the same roun
     python -m benchmarks.adversaries [--rounds 12] [--kinds scaled,nan,...] [--json out.json]
 
 A late-join attack (`poisoned-donor`) does not fit that model: it lands on a newcomer, not on the swarm's
-counters or losses. Its row (`run_poisoned_donor`) compares a newcomer's late join from two honest donors and
-the poisoned one with the same late join from three honest donors.
+counters or losses. Its row (`run_poisoned_donor`) compares the validation loss of what a newcomer adopted from
+two honest donors and the poisoned one with that of the two honest snapshots it was served (a baseline swarm's
+newcomer, joining from three honest donors, is reported beside it).
 
 Real processes on loopback (bootstrap nodes, `murmur run`), like tests/test_adversaries.py; everything started
 is stopped in `finally`.
@@ -54,6 +55,9 @@ EXPECTED_COUNTER = {
 fakes are listed by every one of them)."""
 MIN_ROUNDS = {"sub-outlier": 32}
 """Attacks measured over more rounds than --rounds: a patient attacker's damage is what 30+ rounds of it do."""
+WINDOW = {"sybil": 8}
+"""Rounds compared per peer after the attack landed (3 by default): the share of rounds that reached a partner
+needs more than 3 per peer to mean something."""
 
 
 def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
@@ -61,8 +65,9 @@ def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
     began = time.monotonic()
     try:
         swarms = start_swarms(procs, {"base": [], "attacked": [kind]})
-        rounds = max(rounds, MIN_ROUNDS.get(kind, 0))
-        results = finish(swarms, rounds, timeout=2400, expect={"attacked": {EXPECTED_COUNTER[kind]}})
+        rounds, window = max(rounds, MIN_ROUNDS.get(kind, 0)), WINDOW.get(kind, 3)
+        results = finish(swarms, rounds, timeout=2400, expect={"attacked": {EXPECTED_COUNTER[kind]}},
+                         settle=window, window=window)  # fmt: skip
     finally:
         procs.stop_all()
     base, hit = results["base"], results["attacked"]
@@ -97,10 +102,15 @@ def run_poisoned_donor(workdir: Path) -> dict[str, object]:
     finally:
         procs.stop_all()
     with_, without = joins["attacked"], joins["base"]
+    # The baseline is what the two honest donors served this very newcomer (the same swarm, the same moment): the
+    # other swarm's newcomer is at another round under load (seen: 25 vs 20), which moves the loss more than the
+    # attack could. It is kept for reference.
+    served_honest = sum(honest["attacked"].values()) / len(honest["attacked"])
     return {"attack": "poisoned-donor", "stopped_by": LATE_JOIN_STOPPED_BY, "counters": {}, "baseline_counters": {},
-            "loss_with": with_.held_out, "loss_without": without.held_out, "ratio": with_.held_out / without.held_out,
+            "loss_with": with_.held_out, "loss_without": served_honest, "ratio": with_.held_out / served_honest,
             "honest_alive": alive, "rounds": with_.round, "landed_s": round(snapshots_s),
             "served": {"attacked": with_.served, "base": without.served}, "rule": with_.rule,
+            "baseline_swarm_newcomer": without.held_out,
             "honest_snapshot_losses": honest, "seconds": time.monotonic() - began}  # fmt: skip
 
 

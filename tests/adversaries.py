@@ -597,7 +597,7 @@ def finish(
     0.3 nats on the tiny preset at this stage, attacked or not). Returns per swarm: `losses` (per honest
     peer), `loss` (their mean), `counters` (summed over honest peers, read at the end), `alive` (every honest
     peer still running), `target` (the rounds compared), `landed_s` (when the last counter appeared) and `reach`
-    (the share of the honest peers' rounds after that which reached at least one partner).
+    (the share of the honest peers' compared rounds that reached at least one partner).
     """
     procs = [p for s in swarms for p in s.honest + s.adversaries]
     started = time.monotonic()
@@ -605,7 +605,6 @@ def finish(
     expect = {tag: keys for tag, keys in (expect or {}).items() if keys}
     seen: dict[str, float] = {}
     landed_at: float | None = None if expect else started
-    landed_lines = {p.name: 0 for s in swarms for p in s.honest}
     target = rounds
 
     results: dict[str, dict[str, object]] = {}
@@ -629,7 +628,6 @@ def finish(
                         seen.setdefault(f"{swarm.tag}:{key}", round(time.monotonic() - started))
         if len(seen) == sum(len(keys) for keys in expect.values()):
             landed_at = time.monotonic()
-            landed_lines = {p.name: len(parse_all(p.lines)) for s in swarms for p in s.honest}
             attacked = [s for s in swarms if s.tag in expect]  # a baseline trains faster: not its rounds
             done = max(len(parse_all(p.lines)) for s in attacked for p in s.honest)
             target = max(rounds, done + settle)
@@ -644,7 +642,7 @@ def finish(
                 continue
             losses = {p.name: round(sum(loss_at(p, n) for n in compared) / len(compared), 4) for p in swarm.honest}
             alive = all(p.popen.poll() is None for p in swarm.honest)
-            after = [r for p in swarm.honest for r in parse_all(p.lines)[landed_lines[p.name]:]]
+            after = [r for p in swarm.honest for r in parse_all(p.lines)[compared.start - 1 : compared.stop - 1]]
             results[swarm.tag] = {"losses": losses, "loss": sum(losses.values()) / len(losses),
                                   "counters": _summed(swarm), "alive": alive,
                                   "reach": sum(1 for r in after if r.exchanged) / max(1, len(after)),
