@@ -1,13 +1,22 @@
-"""Admission (peer/admission.py) and partner trust (peer/trust.py): pure bookkeeping, no sockets."""
+"""Admission (peer/admission.py) and partner trust (peer/trust.py), pure bookkeeping; and the probes behind
+admission (peer/probes.py) against a real PeerServer on loopback."""
 
 from __future__ import annotations
 
 import random
+import socket
+import time
 from dataclasses import replace
 
+import pytest
+from conftest_wire import CLIENT_ID, RUN_ID, SERVER_ID, STRANGER_ID, Wire, run, serving
+
 from peer.admission import ADMITTED_FOR_S, FIRST_BACKOFF_S, MAX_BACKOFF_S, Admission
+from peer.probes import Prober
 from peer.trust import CLEAN, CLIPPED, STRIKES, PartnerTrust
-from protocol.records import Announcement
+from protocol import PROTOCOL_VERSION
+from protocol.identity import Identity
+from protocol.records import Announcement, sign_announcement, verify_announcement
 
 BASE = Announcement(peer_id="", public_key=b"", run_id="r", endpoint="127.0.0.1:1", tls_fingerprint="",
                     tls_certificate=b"", slice=0, round=0, tokens_per_second=0.0, loss=0.0, software_version="",
@@ -96,3 +105,40 @@ def test_trust_bans_a_sender_clipped_again_and_again_not_an_honest_one() -> None
     assert trust.record({"liar": ["outlier", "outlier", "non_finite"]}) == {
         "liar": "3 of its last 3 terms were clipped or rejected"
     }
+
+
+def _announced(identity: Identity, endpoint: str, run_id: str = RUN_ID) -> Announcement:
+    value = sign_announcement(identity, run_id=run_id, endpoint=endpoint, slice_index=0, round=1,
+                              tokens_per_second=1.0, loss=2.0, software_version="t", protocol_version=PROTOCOL_VERSION,
+                              expires_unix=time.time() + 60)  # fmt: skip
+    return verify_announcement(value)
+
+
+@pytest.mark.timeout(60)
+def test_only_a_peer_that_answers_at_its_endpoint_as_itself_is_admitted() -> None:
+    """Probes against a real PeerServer on loopback: it is admitted; an announcement of a fresh key pointing at
+    a port where nothing listens, one pointing at the real server's endpoint (the TLS pin fails), and the real
+    server announced by a key that is not its own, are not (and wait out a back-off)."""
+    wire = Wire()
+
+    async def scenario() -> tuple[Admission, list[Announcement]]:
+        async with serving(wire) as server:
+            closed = socket.socket()
+            closed.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{closed.getsockname()[1]}"
+            closed.close()
+            peers = [
+                _announced(SERVER_ID, server.endpoint),  # the real one
+                _announced(Identity.generate(), dead),  # nothing listens there
+                _announced(Identity.generate(), server.endpoint),  # someone else's endpoint: the TLS pin fails
+                _announced(STRANGER_ID, server.endpoint, run_id="cd" * 32),  # another run's announcement
+            ]
+            admission = Admission()
+            prober = Prober(admission, CLIENT_ID, RUN_ID, lambda: peers, random.Random(0))
+            await prober.admit_now(timeout_s=20)
+            await prober.close()
+            return admission, peers
+
+    admission, peers = run(scenario)
+    assert [p.peer_id for p in admission.admitted(peers)] == [SERVER_ID.peer_id]
+    assert all(admission.records[p.peer_id].retry_at > 0 for p in peers[1:])
