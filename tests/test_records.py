@@ -14,6 +14,7 @@ from protocol._generated import murmur_pb2 as pb
 from protocol.identity import Identity
 from protocol.records import (
     ANNOUNCEMENT_TAG,
+    Announcement,
     InvalidRecord,
     RecordValidator,
     check_record,
