@@ -187,6 +187,7 @@ def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: b
     """
     import asyncio
     import tempfile
+    import time
 
     from peer.latejoin import fetch_initial_state
     from peer.subsets import parameter_shapes
@@ -198,22 +199,32 @@ def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: b
 
     dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=timeout_s,
                     client_mode=True)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
     try:
         found = Swarm(dht, SwarmConfig(swarm=swarm, initial_peers=initial_peers))
         with tempfile.TemporaryDirectory() as pins:
             signed = found.fetch_manifest(run_key=run_key, pins=PinStore(Path(pins) / "pins.json"), timeout_s=timeout_s)
         run = RunConfig.from_manifest(signed.manifest)
-        donors = _find_donors(found, signed.run_id, peer, wait_s=min(timeout_s, LIVE_PEERS_WAIT_S))
+        while True:  # a peer serves a snapshot only every few rounds: a young swarm may have none yet
+            donors = _find_donors(found, signed.run_id, peer, wait_s=min(timeout_s, LIVE_PEERS_WAIT_S))
+            if not donors:
+                who = f"peer {peer}" if peer else "peer"
+                raise MurmurError(f"swarm {swarm}: no live {who} that accepts connections and has trained a round")
+            left = max(1.0, deadline - time.monotonic())
+            state = asyncio.run(fetch_initial_state(donors, identity=Identity.generate(), run_id=signed.run_id,
+                                                    shapes=parameter_shapes(run.model), timeout_s=left))  # fmt: skip
+            if state is not None:
+                return LiveWeights(run=run, sender=state.sender, round=state.round, phi=state.tensors)
+            if time.monotonic() + RETRY_S >= deadline:
+                raise MurmurError(f"swarm {swarm}: no donor delivered its weights within {timeout_s:.0f} s "
+                                  "(see the warnings)")  # fmt: skip
+            time.sleep(RETRY_S)
     finally:
         dht.shutdown()
-    if not donors:
-        who = f"peer {peer}" if peer else "peer"
-        raise MurmurError(f"swarm {swarm}: no live {who} that accepts connections and has trained a round")
-    state = asyncio.run(fetch_initial_state(donors, identity=Identity.generate(), run_id=signed.run_id,
-                                            shapes=parameter_shapes(run.model), timeout_s=timeout_s))  # fmt: skip
-    if state is None:
-        raise MurmurError(f"swarm {swarm}: no donor delivered its weights (see the warnings)")
-    return LiveWeights(run=run, sender=state.sender, round=state.round, phi=state.tensors)
+
+
+RETRY_S = 2.0
+"""Between two rounds of asking the live donors for their weights (`fetch_live_weights`)."""
 
 
 LIVE_PEERS_WAIT_S = 10.0

@@ -102,9 +102,11 @@ def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
 
 
 def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
-    """`murmur eval --swarm` on the running demo swarm, once a peer has served a snapshot (round >= 5)."""
+    """`murmur eval --swarm` on the running demo swarm, as soon as a peer has served a snapshot (round >= 5):
+    the eval needs its own DHT start and a download while the demo's peers still run (waiting for round 10 left
+    it racing the demo's end on a loaded machine: every donor had stopped, 'connection refused')."""
     run_key = wait_for_line(log, r"run key ([0-9a-f]{64})$", demo, 60)[1]
-    wait_for_line(log, r"peer\d +round +(?:[1-9]\d|\d{3,}) ", demo, 60)  # round >= 10
+    wait_for_line(log, r"peer\d +round +(?:[5-9]|[1-9]\d|\d{3,}) ", demo, 90)  # round >= 5
     maddr = (out / "boot.addrs").read_text().split()[0]
     argv = [sys.executable, "-m", "peer.cli", "eval", "--swarm", "demo", "--initial-peers", maddr,
             "--run-key", run_key, "--batches", "2", "--json"]  # fmt: skip
@@ -114,10 +116,10 @@ def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
     out, log = tmp_path / "demo-out", tmp_path / "demo.log"
-    argv = [sys.executable, "-m", "peer.cli", "demo", "--peers", "2", "--minutes", "0.5", "--out", str(out)]
+    argv = [sys.executable, "-m", "peer.cli", "demo", "--peers", "2", "--minutes", "0.75", "--out", str(out)]
     with open(log, "w") as sink:
         demo = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
