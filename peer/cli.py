@@ -38,8 +38,9 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--methods", default="ddp,diloco,ppu,gossip-ppu", show_default=True, callback=_methods,
               help=f"Comma-separated, from: {', '.join(SIM_METHODS)}.")  # fmt: skip
 @click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True, help="Parameter slices K.")
-@click.option("--cut", type=click.Choice(["blocks", "units"]), default="units", show_default=True,
-              help="units: a share of every matrix per slice; blocks: consecutive block groups.")  # fmt: skip
+@click.option("--cut", type=click.Choice(["blocks", "units", "neurons"]), default="units", show_default=True,
+              help="units: a share of every matrix per slice; blocks: consecutive block groups; "
+                   "neurons: whole heads and hidden units.")  # fmt: skip
 @click.option("--codec", type=click.Choice(CODECS), default="int8", show_default=True,
               help="Codec of the pseudo-gradients peers exchange (with error feedback).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(1), default=None,
@@ -112,7 +113,7 @@ def simulate(
 @main.command()
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
 @click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True)
-@click.option("--cut", type=click.Choice(["blocks", "units"]), default="units", show_default=True)
+@click.option("--cut", type=click.Choice(["blocks", "units", "neurons"]), default="units", show_default=True)
 @click.option("--no-shared-head", is_flag=True, help="Cut the output head like every other matrix.")
 def slices(preset: str, slices: int, cut: str, no_shared_head: bool) -> None:
     """What training each slice costs a peer, next to the full model: parameters, state, backward FLOPs.

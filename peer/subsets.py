@@ -1,14 +1,20 @@
 """The parameter partition of Partial Parameter Updates: which coordinates each slice trains.
 
 A slice is a `SliceLayout`: for every parameter it owns any part of, a `Region` (one or more index
-ranges along one dim). Two cuts, chosen in the run config:
+ranges along one dim). Three cuts, chosen in the run config:
 
 - `blocks`: slice k owns a group of consecutive transformer blocks, whole. The input embedding goes
   with the lowest group, the final norm (and an untied head) with the highest. Blocks below a
   slice's lowest block are frozen, so autograd never builds a backward graph through them.
 - `units`: slice k owns a share of every matrix's output units: its attention heads in q, k and v,
   its hidden units in the MLP, a contiguous share of every d_model-sized output. Every slice needs
-  the full activation backward, but only its share of weight gradients and optimiser state.
+  the full activation backward, but only its share of weight gradients and optimiser state. With more
+  slices than heads, each head's rows are shared out evenly (`head_unit`).
+- `neurons`: slice k owns whole heads and whole MLP hidden units, on both sides: the rows that compute
+  them and the columns of the output projections that read them (a tensor-parallel shard, the way PPU's
+  reviewers describe its subsets); norm weights are trained by every slice. The output projections'
+  owned columns get their gradient cut from the whole one (no column kernel). Measured worse than
+  `units` (benchmarks/long_horizon: a whole neuron lets every slice refit the same error alone).
 
 Costs are estimated per token from shapes, so they apply to models too large to instantiate here;
 `tests/test_subsets.py` checks them against torch's FLOP counter.
@@ -23,7 +29,7 @@ import torch
 
 from peer.model import ModelConfig
 
-CUTS = ("blocks", "units")
+CUTS = ("blocks", "units", "neurons")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,7 +38,7 @@ class SliceConfig:
 
     num_slices: int = 4
     """K: peers are spread over K slices; each slice is trained by about N/K peers."""
-    cut: Literal["blocks", "units"] = "units"
+    cut: Literal["blocks", "units", "neurons"] = "units"
     """`units` by default: from a fresh init, one block group trained alone (`blocks`) learns far
     slower (simulator: 3.2 vs 2.6 nats after 10 rounds), while a share of every matrix keeps up."""
     shared_head: bool = True
@@ -117,6 +123,8 @@ def partition(config: ModelConfig, slices: SliceConfig) -> list[SliceLayout]:
     shapes = parameter_shapes(config)
     if slices.cut == "blocks":
         layouts = _cut_blocks(config, slices.num_slices, shapes)
+    elif slices.cut == "neurons":
+        layouts = _cut_neurons(config, slices.num_slices, shapes)
     else:
         layouts = _cut_units(config, slices.num_slices, shapes)
     if slices.shared_head:
@@ -165,10 +173,23 @@ def _even_ranges(length: int, k: int, unit: int = 1) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
+def head_unit(config: ModelConfig, k: int) -> int:
+    """Rows of q (k, v) that go to a slice together: a whole head, or a part of one when K exceeds the heads.
+
+    More slices than heads (K=8 on the 4-head `tiny`) split every head evenly; a split head trains fine,
+    its rotary pairs just straddle two slices. Anything else (K=3 of 4 heads) cannot be cut evenly.
+    """
+    if config.n_heads % k == 0:
+        return config.head_dim
+    if k % config.n_heads == 0 and config.head_dim % (k // config.n_heads) == 0:
+        return config.head_dim // (k // config.n_heads)
+    raise ValueError(f"cannot share n_heads={config.n_heads} (head_dim {config.head_dim}) among {k} slices evenly")
+
+
 def _unit_region(name: str, shape: tuple[int, ...], config: ModelConfig, k: int, s: int) -> Region:
     """Slice s's share of the output units of one parameter."""
     if name.endswith("attn.qkv.weight"):  # rows [q | k | v], head_dim rows per head
-        start, stop = _even_ranges(config.d_model, k, config.head_dim)[s]
+        start, stop = _even_ranges(config.d_model, k, head_unit(config, k))[s]
         c = config.d_model
         return Region(0, tuple((part * c + start, part * c + stop) for part in range(3)))
     if name.endswith("mlp.up.weight") and config.mlp == "swiglu":  # rows [gate | up]
@@ -180,9 +201,33 @@ def _unit_region(name: str, shape: tuple[int, ...], config: ModelConfig, k: int,
 
 
 def _cut_units(config: ModelConfig, k: int, shapes: dict[str, tuple[int, ...]]) -> list[SliceLayout]:
-    if config.n_heads % k:
-        raise ValueError(f"the units cut needs n_heads divisible by num_slices ({config.n_heads} % {k})")
+    head_unit(config, k)  # raises early when the heads cannot be shared evenly
     return [{name: _unit_region(name, shape, config, k, s) for name, shape in shapes.items()} for s in range(k)]
+
+
+def _neuron_region(name: str, shape: tuple[int, ...], config: ModelConfig, k: int, s: int) -> Region | None:
+    """Slice s's heads and hidden units, on both sides: the rows that compute them, the columns that read them.
+
+    None for the parameters no head or hidden unit owns (norm weights, the input embedding), which
+    every slice trains whole.
+    """
+    if name.endswith("attn.out.weight"):  # columns [head 0 | head 1 | ...]
+        return Region(1, (_even_ranges(config.d_model, k, head_unit(config, k))[s],))
+    if name.endswith("mlp.down.weight"):  # columns = hidden units
+        return Region(1, (_even_ranges(config.hidden, k)[s],))
+    if name.endswith(("attn.qkv.weight", "mlp.up.weight")) or name == "head.weight":
+        return _unit_region(name, shape, config, k, s)
+    return None
+
+
+def _cut_neurons(config: ModelConfig, k: int, shapes: dict[str, tuple[int, ...]]) -> list[SliceLayout]:
+    head_unit(config, k)
+    layouts: list[SliceLayout] = [{} for _ in range(k)]
+    for name, shape in shapes.items():
+        for s, layout in enumerate(layouts):
+            region = _neuron_region(name, shape, config, k, s)
+            layout[name] = Region.whole(shape) if region is None else region
+    return layouts
 
 
 def slice_numel(layout: SliceLayout, shapes: dict[str, tuple[int, ...]]) -> int:

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from peer.inner import InnerConfig, SliceOptimizer
 from peer.model import ModelConfig, Transformer
-from peer.subsets import SliceConfig, full_layout, head_parameters, parameter_shapes, partition, slice_cost
+from peer.subsets import Region, SliceConfig, full_layout, head_parameters, parameter_shapes, partition, slice_cost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,11 +36,38 @@ def test_units_cut_keeps_heads_whole() -> None:
     assert region.ranges == ((16, 32), (48, 64), (80, 96))
 
 
+def test_neurons_cut_owns_whole_heads_and_hidden_units_on_both_sides() -> None:
+    layouts = partition(MODEL, SliceConfig(num_slices=2, cut="neurons"))
+    layout = layouts[1]
+    # heads 2 and 3: rows 16..32 of q, k and v, and the columns that read them in the output projection
+    assert layout["blocks.0.attn.qkv.weight"].ranges == ((16, 32), (48, 64), (80, 96))
+    assert layout["blocks.0.attn.out.weight"] == Region(1, ((16, 32),))
+    h = MODEL.hidden  # the second half of the hidden units: gate and up rows, and the columns of down reading them
+    assert layout["blocks.0.mlp.up.weight"].ranges == ((h // 2, h), (h + h // 2, 2 * h))
+    assert layout["blocks.0.mlp.down.weight"] == Region(1, ((h // 2, h),))
+    # norm weights belong to no head or unit: every slice trains them whole
+    for lay in layouts:
+        assert lay["blocks.0.attn_norm.weight"].is_whole((MODEL.d_model,))
+
+
+def test_more_slices_than_heads_split_every_head_evenly() -> None:
+    layouts = partition(MODEL, SliceConfig(num_slices=8, cut="units"))  # 4 heads of 8 dims: 4 dims per slice
+    assert layouts[1]["blocks.0.attn.qkv.weight"].ranges == ((4, 8), (36, 40), (68, 72))
+    shapes = parameter_shapes(MODEL)
+    owners = torch.zeros(shapes["blocks.0.attn.qkv.weight"])
+    for lay in layouts:
+        for view in lay["blocks.0.attn.qkv.weight"].views(owners):
+            view += 1
+    assert torch.all(owners == 1)
+
+
 def test_bad_cuts_are_refused() -> None:
     with pytest.raises(ValueError, match="n_layers"):
         partition(MODEL, SliceConfig(num_slices=5, cut="blocks"))
     with pytest.raises(ValueError, match="n_heads"):
         partition(MODEL, SliceConfig(num_slices=3, cut="units"))
+    with pytest.raises(ValueError, match="n_heads"):
+        partition(MODEL, SliceConfig(num_slices=3, cut="neurons"))
 
 
 def _train_steps(model: Transformer, optimizer: SliceOptimizer, steps: int = 3) -> None:
@@ -52,7 +79,7 @@ def _train_steps(model: Transformer, optimizer: SliceOptimizer, steps: int = 3) 
         optimizer.step(1e-2)
 
 
-@pytest.mark.parametrize("cut", ["blocks", "units"])
+@pytest.mark.parametrize("cut", ["blocks", "units", "neurons"])
 def test_training_a_slice_changes_only_its_coordinates(cut: str) -> None:
     torch.manual_seed(0)
     model = Transformer(MODEL)
