@@ -59,6 +59,9 @@ class SimConfig:
     rounds: int = 10
     fanout: int = 1
     """Gossip partners per round (random matchings; partners with other slices preferred)."""
+    consensus_slice: str = "rotate"
+    """Gossip methods: which weights a peer sends for the consensus term: `rotate` (slice round % K, every
+    peer the same one) or `own` (the sender's own slice, the coordinates it trains)."""
     overlap: bool = False
     """Gossip methods: a round's exchange overlaps the next round's inner steps (the daemon's default), so
     its outer step lands one round late, after the next round's pseudo-gradient was taken (DiLoCoX-style
@@ -193,7 +196,7 @@ class Simulation:
         deltas, losses = [], []
         for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             phi = self.phis[k % len(self.phis)]
-            load_weights(model, phi)
+            load_weights(model, self.inner_start(k, phi))
             losses.append(inner_round(model, optimizer, self.batches(k, r), device).mean_loss)
             deltas.append(self._compress(k, pseudo_gradient(phi, snapshot(model), self.layouts[k])))
         self.train_loss = sum(losses) / len(losses)
@@ -205,6 +208,10 @@ class Simulation:
                 self._gossip(exchange)
         else:
             self._all_reduce(deltas)
+
+    def inner_start(self, k: int, phi: Params) -> Params:
+        """The weights peer k's inner round starts from: its outer weights (a seam for diagnostics)."""
+        return phi
 
     def _compress(self, k: int, delta: Contribution) -> Contribution:
         """What a partner receives: the delta through the codec, with this peer's error feedback."""
@@ -223,12 +230,13 @@ class Simulation:
         n = self.config.peers
         slice_of = [k % len(self.all_slices) for k in range(n)]
         partners = matchings(n, self.config.fanout, slice_of, self.rng)
-        consensus = self.all_slices[r % len(self.all_slices)]
+        rotating = self.all_slices[r % len(self.all_slices)]
+        consensus = [self.layouts[k] if self.config.consensus_slice == "own" else rotating for k in range(n)]
         codec = self.config.weights_codec
         plain = lambda _, t: encode(t, codec)  # noqa: E731 - weights carry no error feedback
-        shared = [through_codec(weight_slice(phi, consensus), codec, plain) for phi in self.phis]
+        shared = [through_codec(weight_slice(phi, lay), codec, plain) for phi, lay in zip(self.phis, consensus)]
         sent = sum(len(p) for p in partners) / n
-        self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus, weights=True)))
+        self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus[0], weights=True)))
         return Exchange(deltas, shared, partners)
 
     def _gossip(self, exchange: Exchange) -> None:
