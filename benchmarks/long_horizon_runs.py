@@ -46,7 +46,8 @@ class Variant:
     """0 keeps the tiny preset's; another width builds a smaller model (equal-memory comparison)."""
     global_batch: int = GLOBAL_BATCH
     sim: tuple[tuple[str, object], ...] = ()
-    """SimConfig fields to override, as (name, value) pairs."""
+    """SimConfig fields to override, as (name, value) pairs; the others are pinned by `build_config` (a
+    SimConfig default changed later does not change what a cached key means)."""
     diag: str = ""
     """A diagnostic simulation of this module (`DIAGNOSTICS`) instead of `Simulation`."""
 
@@ -94,7 +95,7 @@ def build_config(v: Variant) -> SimConfig:
         outer[v.method] = v.outer()
     config = SimConfig(model=model, inner=inner, slices=SliceConfig(num_slices=v.slices, cut=v.cut),
                        codec=CodecConfig(name="int8"), peers=v.peers, rounds=v.rounds, fanout=v.fanout,
-                       eval_every=4, outer=outer)  # fmt: skip
+                       consensus_slice="rotate", eval_every=4, outer=outer)  # fmt: skip
     return replace(config, **dict(v.sim))
 
 
@@ -210,6 +211,32 @@ class SequentialResetSimulation(SequentialSimulation):
     reset = True
 
 
+class TurnsThenFixedSimulation(SequentialSimulation):
+    """A warm start that fits a slice's memory: for the first K rounds the slices take turns (every peer trains
+    slice r, outer lr 0.7), then each peer keeps its own slice (with the AdamW moments from its turn) and
+    slices are added together again at the method's outer settings. Peak state stays one slice (plus the
+    parked moments of the own slice during the first K rounds)."""
+
+    def run_round(self, r: int) -> None:
+        turns = len(self.all_slices)
+        if r == 0:
+            self.fixed, self.outer = self.outer, replace(self.outer, lr=0.7)
+        if r < turns:
+            super().run_round(r)
+            return
+        if r == turns:
+            self.outer = self.fixed
+            for k, model in enumerate(self.models):
+                own = k % turns
+                if self.turn[k] != own:
+                    self.optimizers[k].close()
+                    new = SliceOptimizer(model, self.all_slices[own], self.config.inner)
+                    new.load_state_dict(self.parked[k][own])
+                    new.steps = r * self.config.inner.steps_per_round
+                    self.optimizers[k], self.layouts[k], self.turn[k] = new, self.all_slices[own], own
+        ProbedSimulation.run_round(self, r)
+
+
 class AdditivitySimulation(ProbedSimulation):
     """Diagnostic (all-reduce methods): do the slices' parts of one round's update add up?
 
@@ -252,6 +279,7 @@ DIAGNOSTICS: dict[str, type[Simulation]] = {
     "": ProbedSimulation, "full-inner": FullInnerSimulation, "additivity": AdditivitySimulation,
     "sequential": SequentialSimulation, "sequential-reset": SequentialResetSimulation,
     "lookahead": LookaheadSimulation,
+    "turns-then-fixed": TurnsThenFixedSimulation,
 }
 
 

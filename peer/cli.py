@@ -48,7 +48,7 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--steps-per-round", "-H", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Per peer and step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Inner lr.")
-@click.option("--fanout", type=click.IntRange(1, 8), default=1, show_default=True, help="Gossip partners/round.")
+@click.option("--fanout", type=click.IntRange(1, 8), default=2, show_default=True, help="Gossip partners/round.")
 @click.option("--overlap", is_flag=True,
               help="Gossip methods: each round's exchange overlaps the next round's inner steps (one-round delay).")
 @click.option("--seed", type=int, default=0, show_default=True)
