@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from peer import __version__
+from peer.inner import InnerConfig
 from peer.model import PRESETS
 
 SIM_METHODS = ("ddp", "diloco", "ppu", "gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc")
@@ -48,6 +49,8 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--steps-per-round", "-H", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Per peer and step.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Inner lr.")
+@click.option("--rest-step", type=click.FloatRange(0, 1), default=InnerConfig().rest_step, show_default=True,
+              help="Slice methods: sign step of coordinates outside the slice, x the inner lr; 0 freezes them.")
 @click.option("--fanout", type=click.IntRange(1, 8), default=2, show_default=True, help="Gossip partners/round.")
 @click.option("--overlap", is_flag=True,
               help="Gossip methods: each round's exchange overlaps the next round's inner steps (one-round delay).")
@@ -58,8 +61,8 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def simulate(
     preset: str, peers: int, methods: list[str], slices: int, cut: str, codec: str, tokens: int | None,
-    steps_per_round: int, batch_size: int, lr: float, fanout: int, overlap: bool, seed: int, data: str | None,
-    sweep: bool, json_path: Path | None, plot_path: Path | None,
+    steps_per_round: int, batch_size: int, lr: float, rest_step: float, fanout: int, overlap: bool, seed: int,
+    data: str | None, sweep: bool, json_path: Path | None, plot_path: Path | None,
 ) -> None:  # fmt: skip
     """Compare DDP, DiLoCo, all-reduce PPU and gossip PPU with N virtual peers in one process.
 
@@ -72,7 +75,6 @@ def simulate(
 
     from peer import compare
     from peer.data import load_corpus
-    from peer.inner import InnerConfig
     from peer.sim import SimConfig
     from peer.subsets import SliceConfig
     from protocol.codec import CodecConfig
@@ -86,7 +88,7 @@ def simulate(
             hint = f"{tokens} tokens is less than one round ({per_round} tokens)"
             raise click.BadParameter(hint, param_hint="--tokens")
         total = rounds * steps_per_round
-        inner = InnerConfig(lr=lr, steps_per_round=steps_per_round, batch_size=batch_size,
+        inner = InnerConfig(lr=lr, rest_step=rest_step, steps_per_round=steps_per_round, batch_size=batch_size,
                             total_steps=total, warmup_steps=min(50, max(1, total // 10)))  # fmt: skip
         config = SimConfig(model=model, inner=inner, slices=SliceConfig(num_slices=slices, cut=cut),
                            codec=CodecConfig(name=codec), peers=peers, rounds=rounds, fanout=fanout,
@@ -115,7 +117,9 @@ def simulate(
 @click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--cut", type=click.Choice(["blocks", "units", "neurons"]), default="units", show_default=True)
 @click.option("--no-shared-head", is_flag=True, help="Cut the output head like every other matrix.")
-def slices(preset: str, slices: int, cut: str, no_shared_head: bool) -> None:
+@click.option("--rest-step", type=click.FloatRange(0, 1), default=InnerConfig().rest_step, show_default=True,
+              help="The run's [inner] rest_step: above 0 every slice's backward costs the full model's.")
+def slices(preset: str, slices: int, cut: str, no_shared_head: bool, rest_step: float) -> None:
     """What training each slice costs a peer, next to the full model: parameters, state, backward FLOPs.
 
     \b
@@ -131,7 +135,8 @@ def slices(preset: str, slices: int, cut: str, no_shared_head: bool) -> None:
         raise click.UsageError(str(error)) from error
     full = slice_cost(config, full_layout(parameter_shapes(config)))
     click.echo(f"{'slice':<7}{'params':>14}{'grad+AdamW bytes':>18}{'bwd FLOPs/token':>17}{'params':>8}{'bwd':>7}")
-    rows = [("full", full)] + [(str(k), slice_cost(config, layout)) for k, layout in enumerate(layouts)]
+    rows = [("full", full)] + [(str(k), slice_cost(config, layout, rest_moves=rest_step > 0))
+                               for k, layout in enumerate(layouts)]  # fmt: skip
     for name, cost in rows:
         flops = cost.backward_flops_per_token
         click.echo(f"{name:<7}{cost.params:>14,}{cost.state_bytes:>18,}{flops:>17.3g}"

@@ -165,6 +165,7 @@ class RunConfig:
                 min_lr_ratio=i.min_lr_ratio,
                 grad_clip=i.grad_clip,
                 grad_accum=i.grad_accum,
+                rest_step=i.rest_step,
             ),  # fmt: skip
             outer=pb.OuterSpec(
                 method=self.method, lr=o.lr, momentum=o.momentum, clip=self.clip, rule=o.rule, consensus=o.consensus
@@ -190,7 +191,7 @@ class RunConfig:
         inner = InnerConfig(lr=i.lr, betas=(i.beta1, i.beta2), weight_decay=i.weight_decay,
                             warmup_steps=i.warmup_steps, total_steps=i.total_steps, min_lr_ratio=i.min_lr_ratio,
                             grad_clip=i.grad_clip, steps_per_round=i.steps_per_round, batch_size=i.batch_size,
-                            grad_accum=i.grad_accum)  # fmt: skip
+                            grad_accum=i.grad_accum, rest_step=i.rest_step)  # fmt: skip
         return cls(
             swarm=manifest.swarm_name, method=o.method, preset=ms.preset, model=model, dtype=ms.dtype,
             slices=SliceConfig(num_slices=manifest.slices.num_slices, cut=manifest.slices.cut,

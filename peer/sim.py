@@ -36,14 +36,15 @@ from protocol.codec import CodecConfig, Encoded, ErrorFeedback, decode, encode, 
 METHODS = ("ddp", "diloco", "ppu", "gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc")
 
 # Outer settings per method, from `python -m benchmarks.long_horizon` (tiny, 8 peers, K=4 units, int8, H=20;
-# benchmarks/README "Long horizon"). Slices trained against frozen coordinates each fit the same error, so
-# their sum overshoots: PPU needs a smaller outer step than DiLoCo (16 rounds: lr 0.25 -> 2.270, 0.4 -> 2.367,
-# 0.15 -> 2.381), and gossip-PPU, which adds its own and two partners' slices (fanout 2, the daemon's), lr 0.4
-# (2.345; 0.5 -> 2.369). DiLoCo keeps 0.7/0.5 (10-round sweep: published 0.7/0.9 lost, 2.63 vs 2.40).
+# benchmarks/README "Long horizon"). With the coordinates outside a slice frozen, the K slices each fit the
+# same error and their sum overshoots, so PPU needed a small outer step (16 rounds: lr 0.25 -> 2.270, 0.4 ->
+# 2.367; DiLoCo 2.086). With InnerConfig.rest_step 0.3 (the rest moves by sign steps, never sent) the slices
+# add up and PPU takes DiLoCo's step: lr 0.7 -> 2.053. Gossip-PPU (fanout 2, the daemon's) with rest_step 0.3:
+# lr 0.7 -> 2.337, 0.4 -> 2.364. DiLoCo keeps 0.7/0.5 (10-round sweep: published 0.7/0.9 lost, 2.63 vs 2.40).
 DEFAULT_OUTER: dict[str, OuterConfig] = {
     "diloco": OuterConfig(rule="nesterov", lr=0.7, momentum=0.5),
-    "ppu": OuterConfig(rule="nesterov", lr=0.25, momentum=0.5),
-    "gossip-ppu-noloco": OuterConfig(rule="noloco", lr=0.4, momentum=0.5, consensus=0.5),
+    "ppu": OuterConfig(rule="nesterov", lr=0.7, momentum=0.5),
+    "gossip-ppu-noloco": OuterConfig(rule="noloco", lr=0.7, momentum=0.5, consensus=0.5),
     "gossip-ppu-gasloc": OuterConfig(rule="gasloc", lr=0.5, momentum=0.5, consensus=0.5),
 }
 DEFAULT_OUTER["gossip-ppu"] = DEFAULT_OUTER["gossip-ppu-noloco"]
@@ -275,7 +276,7 @@ class Simulation:
         config, evaluator = self.config, self.model
         own = [evaluate(evaluator, phi, self.corpus, config) for phi in self.phis]
         mean_phi = average(self.phis) if len(self.phis) > 1 else self.phis[0]
-        costs = [slice_cost(config.model, lay) for lay in self.layouts]
+        costs = [slice_cost(config.model, lay, rest_moves=config.inner.rest_step > 0) for lay in self.layouts]
         per_token = sum(c.backward_flops_per_token for c in costs) / len(costs)
         return MethodResult(
             val_loss=sum(own) / len(own),

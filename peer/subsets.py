@@ -22,7 +22,7 @@ Costs are estimated per token from shapes, so they apply to models too large to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -276,9 +276,17 @@ def forward_flops_per_token(config: ModelConfig) -> float:
     return attention + sum(2 * out * inp for _, out, inp in _matrices(config))
 
 
-def slice_cost(config: ModelConfig, layout: SliceLayout) -> SliceCost:
-    """Cost of training `layout`; with `full_layout` it is the full model's (DiLoCo's) cost."""
+def slice_cost(config: ModelConfig, layout: SliceLayout, *, rest_moves: bool = False) -> SliceCost:
+    """Cost of training `layout`; with `full_layout` it is the full model's (DiLoCo's) cost.
+
+    `rest_moves` (InnerConfig.rest_step > 0): the coordinates outside the slice take sign steps, so the
+    backward computes every weight gradient, as the full model's does; the state stays the slice's.
+    """
     shapes = parameter_shapes(config)
+    if rest_moves:
+        full = slice_cost(config, full_layout(shapes))
+        params = slice_numel(layout, shapes)
+        return replace(full, params=params, state_bytes=params * _STATE_BYTES_PER_COORD)
     blocks = [block_of(n) for n in layout]
     lowest = min((b for b in blocks if b is not None), default=None)
     if trains_input_embedding(layout):

@@ -71,3 +71,60 @@ def test_inner_round_reports_tokens_and_a_finite_falling_loss() -> None:
     second = inner_round(model, optimizer, batches, torch.device("cpu"))
     assert first.tokens == 15 * 64
     assert second.mean_loss < first.mean_loss
+
+
+@pytest.mark.parametrize("cut, index", [("units", 1), ("blocks", 0)])
+def test_rest_step_moves_the_rest_by_its_gradient_sign_and_the_slice_as_before(cut: str, index: int) -> None:
+    """One step with rest_step: outside the slice, exactly -lr * rest_step * sign(full gradient); inside, exactly
+    the frozen-rest optimiser's AdamW step (both start from the same weights, so the slice's gradient is the same).
+
+    Not blocks' upper slice: frozen, it takes the tied embedding's gradient from the output side only (its
+    backward stops at its lowest block); with rest_step the backward is whole, so it takes the full gradient."""
+    torch.manual_seed(0)
+    layout = partition(MODEL, SliceConfig(num_slices=2, cut=cut))[index]
+    lr, rest = 1e-2, 0.3
+    models = [Transformer(MODEL) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    start = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    x = torch.randint(0, 256, (2, 16))
+
+    reference = models[2]  # the full gradient at the start
+    reference.loss(x, x).backward()
+    full_grad = {n: p.grad.clone() for n, p in reference.named_parameters()}
+
+    moved: list[dict[str, torch.Tensor]] = []
+    for model, step in ((models[0], rest), (models[1], 0.0)):
+        config = InnerConfig(lr=lr, warmup_steps=0, grad_clip=0, rest_step=step)
+        optimizer = SliceOptimizer(model, layout, config)
+        optimizer.zero_grad()
+        model.loss(x, x).backward()
+        optimizer.step(lr_at(0, config))
+        optimizer.close()
+        moved.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    with_rest, frozen = moved
+
+    for name, p0 in start.items():
+        inside = torch.zeros_like(p0, dtype=torch.bool)
+        if name in layout:
+            for view in layout[name].views(inside):
+                view.fill_(True)
+        expected_rest = p0 - lr * rest * full_grad[name].sign()
+        assert torch.equal(frozen[name][~inside], p0[~inside]), name  # rest_step 0: frozen as before
+        torch.testing.assert_close(with_rest[name][~inside], expected_rest[~inside], rtol=0, atol=1e-7, msg=name)
+        torch.testing.assert_close(with_rest[name][inside], frozen[name][inside], rtol=0, atol=1e-6, msg=name)
+
+
+def test_rest_step_keeps_no_state_outside_the_slice() -> None:
+    shapes = parameter_shapes(MODEL)
+    layout = partition(MODEL, SliceConfig(num_slices=2))[0]
+    owned = sum(region.numel(shapes[n]) for n, region in layout.items())
+    largest = max(torch.Size(s).numel() for s in shapes.values())
+    for step, extra in ((0.0, 0), (0.3, largest * 4)):
+        optimizer = SliceOptimizer(Transformer(MODEL), layout, InnerConfig(rest_step=step))
+        assert optimizer.state_bytes() == owned * 12 + extra
+        optimizer.close()
+    with pytest.raises(ValueError, match="rest_step"):
+        InnerConfig(rest_step=-0.1)
+    with pytest.raises(ValueError, match="rest_step"):
+        InnerConfig(rest_step=float("nan"))

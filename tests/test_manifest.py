@@ -37,7 +37,7 @@ def test_run_config_round_trips_through_the_manifest(config: RunConfig) -> None:
         "swarm": "odd", "method": "gossip-ppu-gasloc", "preset": "small", "dtype": "bfloat16",
         "model": {"mlp": "gelu", "positions": "learned", "tie_embeddings": False, "norm_eps": 1e-6},
         "slices": {"num_slices": 5, "cut": "blocks", "shared_head": False},
-        "inner": {"grad_accum": 3, "total_steps": 77},
+        "inner": {"grad_accum": 3, "total_steps": 77, "rest_step": 0.5},
         "outer": {"clip": 2.5, "consensus": 0.25}, "gossip": {"fanout": 3, "min_round_s": 2.5},
         "codec": {"name": "topk"},
         "data": {"source": "hf:x", "seed": 9},
@@ -68,6 +68,16 @@ def test_min_round_s_sets_the_servers_limits_and_an_unset_one_is_the_default() -
     for bad in (0.0, -1.0, float("nan"), 1e9):
         with pytest.raises(ValueError, match="min_round_s"):
             RunConfig.from_dict({"swarm": "t", "gossip": {"min_round_s": bad}})
+
+
+def test_a_manifest_without_rest_step_freezes_the_rest_as_before() -> None:
+    config = RunConfig.from_dict({"swarm": "t", "inner": {"rest_step": 0.2}})
+    assert RunConfig.from_manifest(config.to_manifest()).inner.rest_step == 0.2
+    old = config.to_manifest()
+    old.inner.ClearField("rest_step")  # a run created before the field: its peers froze the rest
+    assert RunConfig.from_manifest(old).inner.rest_step == 0.0
+    with pytest.raises(ValueError, match="rest_step"):
+        RunConfig.from_dict({"swarm": "t", "inner": {"rest_step": 2.0}})
 
 
 def test_unknown_config_keys_are_refused() -> None:

@@ -47,7 +47,7 @@ class SliceSpec(_message.Message):
     def __init__(self, num_slices: _Optional[int] = ..., cut: _Optional[str] = ..., shared_head: _Optional[bool] = ...) -> None: ...
 
 class InnerSpec(_message.Message):
-    __slots__ = ("steps_per_round", "lr", "beta1", "beta2", "weight_decay", "warmup_steps", "schedule", "batch_size", "total_steps", "min_lr_ratio", "grad_clip", "grad_accum")
+    __slots__ = ("steps_per_round", "lr", "beta1", "beta2", "weight_decay", "warmup_steps", "schedule", "batch_size", "total_steps", "min_lr_ratio", "grad_clip", "grad_accum", "rest_step")
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class InnerSpec(_message.Message):
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
     GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
+    REST_STEP_FIELD_NUMBER: _ClassVar[int]
     steps_per_round: int
     lr: float
     beta1: float
@@ -72,7 +73,8 @@ class InnerSpec(_message.Message):
     min_lr_ratio: float
     grad_clip: float
     grad_accum: int
-    def __init__(self, steps_per_round: _Optional[int] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., batch_size: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., grad_clip: _Optional[float] = ..., grad_accum: _Optional[int] = ...) -> None: ...
+    rest_step: float
+    def __init__(self, steps_per_round: _Optional[int] = ..., lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., batch_size: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., grad_clip: _Optional[float] = ..., grad_accum: _Optional[int] = ..., rest_step: _Optional[float] = ...) -> None: ...
 
 class OuterSpec(_message.Message):
     __slots__ = ("method", "lr", "momentum", "clip", "rule", "consensus")
