@@ -36,8 +36,8 @@ MAIN = {"diloco": {"lr": 0.7, "momentum": 0.5}, "ppu": {"lr": 0.4, "momentum": 0
         "gossip-ppu": {"lr": 0.5, "momentum": 0.5, "consensus": 0.5}}  # fmt: skip
 """DEFAULT_OUTER on main before issue 13 (tuned on 10 rounds), pinned so the `before` rows stay what they were."""
 
-NEW = {"diloco": {"lr": 0.7, "momentum": 0.5}, "ppu": {"lr": 0.25, "momentum": 0.5},
-       "gossip-ppu": {"lr": 0.4, "momentum": 0.5, "consensus": 0.5, "fanout": 2}}  # fmt: skip
+NEW = {"diloco": {"lr": 0.7, "momentum": 0.5}, "ppu": {"lr": 0.7, "momentum": 0.5, "rest_step": 0.3},
+       "gossip-ppu": {"lr": 0.7, "momentum": 0.5, "consensus": 0.5, "fanout": 2, "rest_step": 0.3}}  # fmt: skip
 """The defaults issue 13 chose (peer/sim.py DEFAULT_OUTER and SimConfig); `after` runs them."""
 
 REFERENCE: dict[str, dict] = {
@@ -100,6 +100,18 @@ def screen() -> Rows:
         ("gossip-PPU, own slice's weights, 2 partners, lr 0.3",
          pinned("gossip-ppu", rounds=r, fanout=2, lr=0.3, sim=own)),
         ("PPU lr 0.25, first K rounds slices take turns", pinned("ppu", rounds=r, lr=0.25, diag="turns-then-fixed")),
+        ("PPU lr 0.7, rest moves by sign steps", pinned("ppu", rounds=r, lr=0.7, diag="rest-sign")),
+        ("PPU lr 0.7, rest moves by 0.3x sign steps", pinned("ppu", rounds=r, lr=0.7, diag="rest-sign-0.3")),
+        ("PPU lr 0.7, rest moves by 0.1x sign steps", pinned("ppu", rounds=r, lr=0.7, diag="rest-sign-0.1")),
+        ("gossip-PPU, 2 partners, lr 0.4, rest 0.3x sign",
+         pinned("gossip-ppu", rounds=r, fanout=2, lr=0.4, diag="rest-sign-0.3")),
+        ("gossip-PPU, 2 partners, lr 0.7, rest 0.3x sign",
+         pinned("gossip-ppu", rounds=r, fanout=2, lr=0.7, diag="rest-sign-0.3")),
+        ("PPU lr 0.7, rest_step 0.5", pinned("ppu", rounds=r, lr=0.7, rest_step=0.5)),
+        ("gossip-PPU lr 0.7, rest_step 0.3, 3 partners",
+         pinned("gossip-ppu", rounds=r, fanout=3, lr=0.7, rest_step=0.3)),
+        ("gossip-PPU lr 0.7, rest_step 0.3, 7 partners",
+         pinned("gossip-ppu", rounds=r, fanout=7, lr=0.7, rest_step=0.3)),
     ]  # fmt: skip
 
 
@@ -107,16 +119,24 @@ def k_sweep() -> Rows:
     r = PROXY
     return [
         ("K=1 (DiLoCo)", pinned("diloco", rounds=r)),
-        ("K=2, lr 0.4", pinned("ppu", rounds=r, slices=2, lr=0.4)),
-        ("K=4, lr 0.25", pinned("ppu", rounds=r, lr=0.25)),
-        ("K=8, lr 0.15", pinned("ppu", rounds=r, slices=8, lr=0.15)),
+        ("K=2, frozen, lr 0.4", pinned("ppu", rounds=r, slices=2, lr=0.4)),
+        ("K=4, frozen, lr 0.25", pinned("ppu", rounds=r, lr=0.25)),
+        ("K=8, frozen, lr 0.15", pinned("ppu", rounds=r, slices=8, lr=0.15)),
+        ("K=2, rest_step 0.3", pinned("ppu", NEW, rounds=r, slices=2)),
+        ("K=4, rest_step 0.3", pinned("ppu", NEW, rounds=r)),
+        ("K=8, rest_step 0.3", pinned("ppu", NEW, rounds=r, slices=8)),
+        ("gossip, K=1 (every peer trains everything)", pinned("gossip-ppu", NEW, rounds=r, slices=1)),
+        ("gossip, K=2, rest_step 0.3", pinned("gossip-ppu", NEW, rounds=r, slices=2)),
+        ("gossip, K=4, rest_step 0.3", pinned("gossip-ppu", NEW, rounds=r)),
+        ("gossip, K=8, rest_step 0.3", pinned("gossip-ppu", NEW, rounds=r, slices=8)),
     ]
 
 
 def equal_memory() -> Rows:
     r = PROXY
     return [
-        ("PPU K=4 on tiny (d=96)", pinned("ppu", rounds=r, lr=0.25)),
+        ("PPU K=4 on tiny (d=96), rest_step 0.3", pinned("ppu", NEW, rounds=r)),
+        ("PPU K=4 on tiny (d=96), frozen", pinned("ppu", rounds=r, lr=0.25)),
         ("DiLoCo on d=64: same weights+grad+AdamW bytes", pinned("diloco", rounds=r, d_model=64)),
         ("DiLoCo on d=48: same grad+AdamW bytes", pinned("diloco", rounds=r, d_model=48)),
         ("DiLoCo on tiny (d=96)", pinned("diloco", rounds=r)),

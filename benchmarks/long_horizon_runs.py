@@ -36,6 +36,8 @@ class Variant:
     cut: str = "units"
     H: int = 20
     inner_lr: float = 3e-3
+    rest_step: float = 0.0
+    """InnerConfig.rest_step: 0 freezes the coordinates outside the slice (main's PPU, pinned here)."""
     lr: float | None = None
     """Outer lr; None keeps DEFAULT_OUTER's (as do momentum and consensus)."""
     momentum: float | None = None
@@ -87,7 +89,7 @@ def build_config(v: Variant) -> SimConfig:
     if rest or batch < 1:
         raise ValueError(f"{v.peers} peers cannot split a global batch of {v.global_batch}")
     total = v.rounds * v.H
-    inner = InnerConfig(lr=v.inner_lr, steps_per_round=v.H, batch_size=batch, total_steps=total,
+    inner = InnerConfig(lr=v.inner_lr, rest_step=v.rest_step, steps_per_round=v.H, batch_size=batch, total_steps=total,
                         warmup_steps=min(50, max(1, total // 10)))  # fmt: skip
     model = PRESETS["tiny"] if not v.d_model else replace(PRESETS["tiny"], d_model=v.d_model)
     outer = dict(DEFAULT_OUTER)
@@ -160,6 +162,68 @@ class FullInnerSimulation(ProbedSimulation):
             optimizer.close()
         full = full_layout(self.shapes)
         self.optimizers = [SliceOptimizer(m, full, self.config.inner) for m in self.models]
+
+
+class RestSignOptimizer(SliceOptimizer):
+    """AdamW on one slice, and a stateless sign step (`scale` x the inner lr) on every other coordinate.
+
+    The other coordinates' moves are never sent: the next round starts from the outer weights again. They
+    only let the slice train against a model that moves as the other slices will, so that the K slices stop
+    fitting the same error (the additivity probe). Stateless, so a real peer could apply each tensor's step
+    in its backward hook and hold no gradient or moment for it (`state_bytes` counts the largest such tensor);
+    it gives up PPU's saving of weight-gradient FLOPs, not its memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: SliceLayout, config: InnerConfig, scale: float) -> None:
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        super().__init__(model, full_layout(shapes), config)
+        self.scale = scale
+        self.masks: dict[str, torch.Tensor] = {}
+        for o in self._owned:
+            mask = torch.zeros(o.param.shape, dtype=torch.bool, device=o.param.device)
+            region = layout.get(o.name)
+            for view in region.views(mask) if region is not None else ():
+                view.fill_(True)
+            self.masks[o.name] = mask
+        self.slice_bytes = sum(r.numel(shapes[n]) * 12 for n, r in layout.items())
+        self.rest_bytes = max((int((~m).sum()) * 4 for m in self.masks.values()), default=0)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        beta1, beta2 = self.config.betas
+        self.steps += 1
+        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        for o, grad in self._grads():
+            if o.exp_avg is None:
+                o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+            o.exp_avg.lerp_(grad, 1 - beta1)
+            o.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            adam = (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
+            mask = self.masks[o.name]
+            if o.param.ndim >= 2 and self.config.weight_decay:
+                o.param.data.mul_(torch.where(mask, 1 - lr * self.config.weight_decay, 1.0))
+            o.param.data.add_(torch.where(mask, adam, self.scale * grad.sign()), alpha=-lr)
+
+    def state_bytes(self) -> int:
+        return self.slice_bytes + self.rest_bytes
+
+
+class RestSignSimulation(ProbedSimulation):
+    """Diagnostic: PPU whose peers also move the coordinates outside their slice, by a stateless sign step
+    (`RestSignOptimizer`), and send only their slice. `scale` is set by the diag name (rest-sign-0.3)."""
+
+    scale = 1.0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        for optimizer in self.optimizers:
+            optimizer.close()
+        self.optimizers = [RestSignOptimizer(m, self.layouts[k], self.config.inner, self.scale)
+                           for k, m in enumerate(self.models)]  # fmt: skip
+
+
+def rest_sign(scale: float) -> type[Simulation]:
+    return type(f"RestSign{scale}Simulation", (RestSignSimulation,), {"scale": scale})
 
 
 class LookaheadSimulation(ProbedSimulation):
@@ -280,6 +344,7 @@ DIAGNOSTICS: dict[str, type[Simulation]] = {
     "sequential": SequentialSimulation, "sequential-reset": SequentialResetSimulation,
     "lookahead": LookaheadSimulation,
     "turns-then-fixed": TurnsThenFixedSimulation,
+    "rest-sign": rest_sign(1.0), "rest-sign-0.3": rest_sign(0.3), "rest-sign-0.1": rest_sign(0.1),
 }
 
 
