@@ -267,7 +267,7 @@ def plot(cache: dict[str, dict], path: Path) -> bool:
     return drawn
 
 
-def run_missing(variants: list[Variant], cache: dict[str, dict], jobs: int, rerun: bool) -> None:
+def run_missing(variants: list[Variant], cache: dict[str, dict], jobs: int, rerun: bool, path: Path = RESULTS) -> None:
     """Run what the cache lacks (or everything with `rerun`), the longest first; save after each run."""
     todo = [v for v in dict.fromkeys(variants) if rerun or v.key() not in cache]
     todo.sort(key=lambda v: -v.cost())
@@ -277,7 +277,7 @@ def run_missing(variants: list[Variant], cache: dict[str, dict], jobs: int, reru
         for future in as_completed(futures):
             v = futures[future]
             cache[v.key()] = future.result()
-            save_cache(cache)
+            save_cache(cache, path)
             print(f"  {v.key()}: val {cache[v.key()]['val_loss']:.4f}", file=sys.stderr)
 
 
@@ -286,17 +286,18 @@ def main() -> None:
     parser.add_argument("--run", default="", help=f"Sections to compute: {', '.join(SECTIONS)}.")
     parser.add_argument("--rerun", action="store_true", help="Recompute cached variants of those sections too.")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--plot", default=str(PLOT), help="Where to draw the gap against round; '' for nowhere.")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="The cache of runs (JSON).")
     args = parser.parse_args()
-    cache = load_cache()
+    cache = load_cache(args.results)
     wanted = [s for s in args.run.split(",") if s]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
         sys.exit(f"long_horizon: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     if wanted:
-        run_missing([v for s in wanted for _, v in SECTIONS[s]()], cache, args.jobs, args.rerun)
+        run_missing([v for s in wanted for _, v in SECTIONS[s]()], cache, args.jobs, args.rerun, args.results)
     print(report(cache))
-    if args.plot and plot(cache, args.plot):
+    if args.plot and plot(cache, Path(args.plot)):
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
