@@ -1,6 +1,7 @@
 """One training step of the full model against the slice-restricted step, side by side in one run.
 
-    python -m benchmarks.step_cost [--presets tiny,small] [--slices 2,4,8] [--cuts units,blocks] [--device cuda]
+    python -m benchmarks.step_cost [--presets tiny,small] [--slices 2,4,8] [--cuts units,blocks] [--rest-steps 0,0.3]
+                                   [--device cuda]
 
 For each preset, cut and K, every figure is a ratio to the full-model step of the same preset, shown
 next to what `peer/subsets.py` (`slice_cost`) predicts from parameter counts:
@@ -13,6 +14,9 @@ next to what `peer/subsets.py` (`slice_cost`) predicts from parameter counts:
   the process's footprint once the model was built (torch's own ~300 MB would hide every difference).
 Units slices are equal by construction, so only slice 0 is measured; blocks: the top slice (cheapest)
 and the bottom one (it owns the input embedding, so its backward runs through every block).
+Each slice is measured with every `--rest-steps` value: 0 freezes the rest (the PPU paper's slice),
+above 0 the rest takes sign steps (InnerConfig.rest_step, the default run), which computes every
+weight gradient (cut name `+rest`).
 Writes `benchmarks/results/step_cost_<device>.json` unless `--json` names another path.
 """
 
@@ -65,6 +69,8 @@ class Case:
     cut: str
     k: int
     index: int
+    rest: float = 0.0
+    """InnerConfig.rest_step of the slice's optimiser."""
 
     def layout(self) -> SliceLayout:
         config = PRESETS[self.preset]
@@ -73,12 +79,12 @@ class Case:
         return partition(config, SliceConfig(num_slices=self.k, cut=self.cut))[self.index]
 
     def spec(self) -> str:
-        return f"{self.preset}:{self.cut}:{self.k}:{self.index}"
+        return f"{self.preset}:{self.cut}:{self.k}:{self.index}:{self.rest}"
 
     @classmethod
     def parse(cls, spec: str) -> Case:
-        preset, cut, k, index = spec.split(":")
-        return cls(preset, cut, int(k), int(index))
+        preset, cut, k, index, rest = spec.split(":")
+        return cls(preset, cut, int(k), int(index), float(rest))
 
 
 class Stepper:
@@ -89,7 +95,7 @@ class Stepper:
         torch.manual_seed(0)
         self.device = device
         self.model = Transformer(config).to(device)
-        self.optimizer = SliceOptimizer(self.model, case.layout(), InnerConfig())
+        self.optimizer = SliceOptimizer(self.model, case.layout(), InnerConfig(rest_step=case.rest))
         self.x = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
 
     def step(self) -> float:
@@ -182,7 +188,7 @@ def spawn_child(case: Case, batch: int, device: torch.device, timeout: float) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cases(presets: list[str], ks: list[int], cuts: list[str]) -> list[Case]:
+def cases(presets: list[str], ks: list[int], cuts: list[str], rests: list[float] = [0.0]) -> list[Case]:  # noqa: B006
     out = []
     for preset in presets:
         for cut in cuts:
@@ -193,7 +199,7 @@ def cases(presets: list[str], ks: list[int], cuts: list[str]) -> list[Case]:
                     print(f"skip {preset} {cut} K={k}: {error}", file=sys.stderr)
                     continue
                 indices = [0] if cut == "units" else sorted({len(layouts) - 1, 0})
-                out += [Case(preset, cut, k, index) for index in indices]
+                out += [Case(preset, cut, k, index, rest) for rest in rests for index in indices]
     return out
 
 
@@ -201,7 +207,7 @@ def predicted(case: Case) -> dict:
     """What the parameter counts say, as ratios to the full model."""
     config = PRESETS[case.preset]
     full = slice_cost(config, full_layout(parameter_shapes(config)))
-    cost = slice_cost(config, case.layout())
+    cost = slice_cost(config, case.layout(), rest_moves=case.rest > 0)
     forward = forward_flops_per_token(config)
     return {
         "predicted_flops_ratio": cost.backward_flops_per_token / full.backward_flops_per_token,
@@ -227,8 +233,9 @@ def measure_preset(preset: str, slices: list[Case], args: argparse.Namespace, de
         part.close()
         del part
         mem = spawn_child(case, args.batch_size, device, args.child_timeout)
-        row = {"preset": preset, "cut": case.cut, "k": case.k, "slice": case.index, "seconds": part_s,
-               "full_seconds": full_s, "time_ratio": ratio, "backward_flops": flops,
+        cut = f"{case.cut}+rest" if case.rest else case.cut
+        row = {"preset": preset, "cut": cut, "rest_step": case.rest, "k": case.k, "slice": case.index,
+               "seconds": part_s, "full_seconds": full_s, "time_ratio": ratio, "backward_flops": flops,
                "flops_ratio": flops / full_flops, "state_bytes": state, "state_ratio": state / full_state,
                **mem, **memory_ratios(mem, memory["full"]), **predicted(case)}  # fmt: skip
         rows.append(row)
@@ -246,16 +253,16 @@ def memory_ratios(mem: dict, full: dict) -> dict:
     return out
 
 
-HEADER = (f"{'preset':<7}{'cut':<7}{'K':>2}{'sl':>3}{'step ms':>9}{'time':>6}{'(pred)':>7}{'bwd FLOPs':>10}"
+HEADER = (f"{'preset':<7}{'cut':<12}{'K':>2}{'sl':>3}{'step ms':>9}{'time':>6}{'(pred)':>7}{'bwd FLOPs':>10}"
           f"{'(pred)':>7}{'state':>7}{'(pred)':>7}{'train RSS':>10}{'peak RSS':>9}")  # fmt: skip
 
 
 def format_row(r: dict) -> str:
     if r["cut"] == "full":
         mb = (r["peak_rss"] - r["base_rss"]) / 2**20
-        return f"{r['preset']:<7}{'full':<7}  1  - state {r['state_bytes']:,} B; training RSS {mb:.0f} MiB"
+        return f"{r['preset']:<7}{'full':<12}  1  - state {r['state_bytes']:,} B; training RSS {mb:.0f} MiB"
     cuda = f"{r['cuda_peak_ratio']:>7.3f}" if "cuda_peak_ratio" in r else ""
-    return (f"{r['preset']:<7}{r['cut']:<7}{r['k']:>2}{r['slice']:>3}{r['seconds'] * 1e3:>9.1f}{r['time_ratio']:>6.2f}"
+    return (f"{r['preset']:<7}{r['cut']:<12}{r['k']:>2}{r['slice']:>3}{r['seconds'] * 1e3:>9.1f}{r['time_ratio']:>6.2f}"
             f"{r['predicted_time_ratio']:>7.2f}{r['flops_ratio']:>10.3f}{r['predicted_flops_ratio']:>7.3f}"
             f"{r['state_ratio']:>7.3f}{r['predicted_state_ratio']:>7.3f}{r['training_rss_ratio']:>10.3f}"
             f"{r['rss_ratio']:>9.3f}{cuda}")  # fmt: skip
@@ -266,6 +273,7 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--slices", default="2,4,8")
     parser.add_argument("--cuts", default="units,blocks")
+    parser.add_argument("--rest-steps", default="0,0.3", help="InnerConfig.rest_step values per slice.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7, help="Timed steps of each, full and slice, per row.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -282,7 +290,12 @@ def main() -> None:
     unknown = [p for p in presets if p not in PRESETS] + [c for c in cuts if c not in ("units", "blocks")]
     if unknown:
         parser.error(f"unknown preset or cut: {', '.join(unknown)}")
-    all_cases = cases(presets, ks, cuts)
+    try:
+        rests = [float(x) for x in args.rest_steps.split(",")]
+        InnerConfig(rest_step=max(rests))
+    except ValueError as error:
+        parser.error(f"--rest-steps: {error}")
+    all_cases = cases(presets, ks, cuts, rests)
     print(HEADER, file=sys.stderr)
     rows = [row for p in presets for row in measure_preset(p, [c for c in all_cases if c.preset == p], args, device)]
     print(f"device {device}, batch {args.batch_size}, {torch.get_num_threads()} threads; ratios to the full step of "

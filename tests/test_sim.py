@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,15 +57,15 @@ def test_slices_cut_state_and_backward_as_the_parameter_counts_predict(report: d
     layouts = partition(PRESETS["tiny"], SliceConfig(num_slices=4))
     largest = max(slice_cost(PRESETS["tiny"], lay).params for lay in layouts)
     assert methods["diloco"]["peak_state_bytes_per_peer"] == 12 * total
+    # the rest's sign steps (InnerConfig.rest_step, the default) hold one gradient tensor at a time, the largest
+    rest = max(math.prod(shapes[n]) * 4 for lay in layouts for n in shapes
+               if n not in lay or not lay[n].is_whole(shapes[n]))  # fmt: skip
     for name in ("ppu", "gossip-ppu"):
-        ratio = methods[name]["peak_state_bytes_per_peer"] / methods["diloco"]["peak_state_bytes_per_peer"]
-        assert ratio == pytest.approx(largest / total)
-        assert 0.2 < ratio < 0.32  # about a quarter with K=4 (the shared head adds 5% on tiny)
-        mean_backward = sum(slice_cost(PRESETS["tiny"], lay).backward_flops_per_token for lay in layouts) / 4
-        full_backward = slice_cost(PRESETS["tiny"], full_layout(shapes)).backward_flops_per_token
-        flops_ratio = methods[name]["backward_flops"] / methods["diloco"]["backward_flops"]
-        assert flops_ratio == pytest.approx(mean_backward / full_backward)
-        assert flops_ratio < 0.75
+        state = methods[name]["peak_state_bytes_per_peer"]
+        assert state == 12 * largest + rest
+        assert 0.2 < state / methods["diloco"]["peak_state_bytes_per_peer"] < 0.35  # issue 13's bound at K=4
+        # and they need every weight gradient: the backward costs what the full model's does
+        assert methods[name]["backward_flops"] == pytest.approx(methods["diloco"]["backward_flops"])
     assert methods["ddp"]["backward_flops"] == methods["diloco"]["backward_flops"]
 
 

@@ -13,6 +13,9 @@ from peer.subsets import Region, SliceConfig, full_layout, head_parameters, para
 pytestmark = pytest.mark.timeout(60)
 
 MODEL = ModelConfig(d_model=32, n_layers=4, n_heads=4, seq_len=16)
+FROZEN = InnerConfig(rest_step=0.0)
+"""The slice as the PPU paper trains it, everything else frozen: what these tests measure (the default moves the
+rest by sign steps, tests/test_inner.py)."""
 
 
 @pytest.mark.parametrize("cut", ["blocks", "units"])
@@ -85,7 +88,7 @@ def test_training_a_slice_changes_only_its_coordinates(cut: str) -> None:
     model = Transformer(MODEL)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     layout = partition(MODEL, SliceConfig(num_slices=4, cut=cut))[2]
-    optimizer = SliceOptimizer(model, layout, InnerConfig())
+    optimizer = SliceOptimizer(model, layout, FROZEN)
     _train_steps(model, optimizer)
     for name, p in model.named_parameters():
         changed = (p.detach() != before[name]).float()
@@ -107,20 +110,20 @@ def test_slice_state_is_a_quarter_of_the_full_model() -> None:
     shapes = parameter_shapes(MODEL)
     total = sum(torch.Size(s).numel() for s in shapes.values())
     model = Transformer(MODEL)
-    full_bytes = SliceOptimizer(model, full_layout(shapes), InnerConfig()).state_bytes()
+    full_bytes = SliceOptimizer(model, full_layout(shapes), FROZEN).state_bytes()
     assert full_bytes == 12 * total
     for cut in ("blocks", "units"):
         layouts = partition(MODEL, SliceConfig(num_slices=4, cut=cut))
-        sizes = [SliceOptimizer(Transformer(MODEL), lay, InnerConfig()).state_bytes() for lay in layouts]
+        sizes = [SliceOptimizer(Transformer(MODEL), lay, FROZEN).state_bytes() for lay in layouts]
         head = sum(torch.Size(shapes[n]).numel() for n in head_parameters(MODEL)) * 12
         assert sum(sizes) == full_bytes + 3 * head  # the shared head is held by every slice
         assert all(0.15 < s / full_bytes < 0.4 for s in sizes), sizes
 
 
-def _measured_backward_flops(layout: dict) -> float:
+def _measured_backward_flops(layout: dict, config: InnerConfig = FROZEN) -> float:
     torch.manual_seed(0)
     model = Transformer(MODEL)
-    SliceOptimizer(model, layout, InnerConfig())
+    SliceOptimizer(model, layout, config)
     x = torch.randint(0, 256, (2, MODEL.seq_len))
     loss = model.loss(x, x)
     counter = FlopCounterMode(display=False)
@@ -139,12 +142,25 @@ def test_units_cut_computes_only_owned_weight_gradients() -> None:
     assert measured < 0.8
 
 
+def test_with_rest_steps_every_slice_pays_the_full_backward_as_estimated() -> None:
+    shapes = parameter_shapes(MODEL)
+    full_measured = _measured_backward_flops(full_layout(shapes))
+    moving = InnerConfig(rest_step=0.3)
+    for cut in ("units", "blocks"):
+        for layout in partition(MODEL, SliceConfig(num_slices=4, cut=cut)):
+            measured = _measured_backward_flops(layout, moving) / full_measured
+            assert measured == pytest.approx(slice_cost(MODEL, layout, rest_moves=True).backward_flops_per_token
+                                             / slice_cost(MODEL, full_layout(shapes)).backward_flops_per_token,
+                                             rel=0.1)  # fmt: skip
+            assert measured > 0.9, (cut, measured)
+
+
 def test_row_gradients_equal_the_rows_of_the_full_gradient() -> None:
     torch.manual_seed(0)
     reference, sliced = Transformer(MODEL), Transformer(MODEL)
     sliced.load_state_dict(reference.state_dict())
     layout = partition(MODEL, SliceConfig(num_slices=4, cut="units"))[2]
-    optimizer = SliceOptimizer(sliced, layout, InnerConfig())
+    optimizer = SliceOptimizer(sliced, layout, FROZEN)
     x = torch.randint(0, 256, (2, MODEL.seq_len))
     reference.loss(x, x.roll(-1, 1)).backward()
     sliced.loss(x, x.roll(-1, 1)).backward()
