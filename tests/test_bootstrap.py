@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from protocol.identity import Identity
 from protocol.records import encode_manifest_record, sign_announcement, swarm_keys
 
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
+FORGE_TIMEOUT_S = 60
 
 
 def write_manifest(path: Path, owner: Identity) -> M.SignedRunManifest:
@@ -48,8 +51,21 @@ def join(procs: Procs, name: str, maddr: str, *extra: str, pins: dict | None = N
     return procs.start(name, murmur(*args, *extra), env={"MURMUR_HOME": str(home)})
 
 
-def forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger: Identity, tmp_path: Path) -> list[bool]:
+def forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger_path: Path, tmp_path: Path) -> list[bool]:
+    """`_forge` in a fresh interpreter. hivemind forks its DHT process, and a fork of this pytest process, which
+    holds grpc's poller threads from earlier tests, once segfaulted in the child's garbage collector; the
+    parent then waited for a ready signal that never came (a fresh clone's `make test`, test timeout)."""
+    code = "import json, sys; from test_bootstrap import _forge; print(json.dumps(_forge(*sys.argv[1:])))"
+    done = subprocess.run([sys.executable, "-c", code, maddr, owner_peer_id, owner_key_hex, str(stranger_path),
+                           str(tmp_path)], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=FORGE_TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger_path: str, tmp: str) -> list[bool]:
     """Store one valid and three forged records through a DHT node without validator; what store() said."""
+    stranger, tmp_path = Identity.load_or_create(Path(stranger_path)), Path(tmp)
     keys = swarm_keys("trust")
     dht = hivemind.DHT(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
@@ -76,7 +92,7 @@ def forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger: Identity
 def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_path: Path) -> None:
     owner_key = Identity.load_or_create(tmp_path / "owner.key")
     signed = write_manifest(tmp_path / "manifest.json", owner_key)
-    stranger = Identity.generate()
+    stranger = Identity.load_or_create(tmp_path / "stranger.key")
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
     maddr, boot_id = boot.wait_for(MADDR, timeout=40).groups()
     owner = join(procs, "owner", maddr, "--manifest", "manifest.json", "--key", "owner.key", "--listen", "127.0.0.1:0")
@@ -87,7 +103,7 @@ def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_
     closed = join(procs, "closed", maddr, "--listen", "127.0.0.1:0", "--announce", "127.0.0.1:1")
     waiting = procs.start("waiting", murmur("join", "--swarm", "nobody", "--initial-peers", maddr,
                                             "--identity", "w.id", "--client-only"))  # fmt: skip
-    stored = forge(maddr, owner_id, signed.owner_key_hex, stranger, tmp_path)
+    stored = forge(maddr, owner_id, signed.owner_key_hex, tmp_path / "stranger.key", tmp_path)
     assert stored == [True, False, False, False], "honest nodes must store valid records and refuse forged ones"
 
     waiting.wait_for(r"^DHT up; looking for swarm nobody", timeout=40)
