@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1, help="validation loss every N epochs (0: never)")
     p.add_argument("--seed", type=int, default=0, help="model init seed (murmur's run.data.seed: the same weights)")
     p.add_argument("--dht-timeout", type=float, default=90.0, help="seconds to wait for the DHT to start")
+    p.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for all --num-peers peers")
     args = p.parse_args(argv)
     if not 0 <= args.index < args.num_peers:
         p.error(f"--index must lie in [0, {args.num_peers})")
@@ -117,6 +118,24 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, dht: Any) -
     )  # fmt: skip
 
 
+def wait_for_peers(dht: Any, args: argparse.Namespace, stop: threading.Event) -> bool:
+    """Block until all `--num-peers` peers have joined the DHT (a rendezvous key, a subkey per peer).
+
+    Without it a peer whose DHT started first reached the target batch alone, finished its epochs in seconds
+    and left; the late one then found no averaging group and no peer to download state from, and kept its
+    initial weights (tests/test_vs_hivemind failed so on a loaded machine)."""
+    from hivemind.utils import get_dht_time
+
+    key, deadline = f"{args.run_id}_rendezvous", time.monotonic() + args.start_timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        dht.store(key, subkey=args.index, value=True, expiration_time=get_dht_time() + args.start_timeout + 600)
+        found = dht.get(key, latest=True)
+        if found is not None and len(found.value) >= args.num_peers:
+            return True
+        stop.wait(0.5)
+    return False
+
+
 def train(args: argparse.Namespace, stop: threading.Event) -> int:
     import hivemind
 
@@ -132,6 +151,10 @@ def train(args: argparse.Namespace, stop: threading.Event) -> int:
                        startup_timeout=args.dht_timeout)  # fmt: skip
     opt = make_optimizer(args, model, dht)
     emit("joined", index=args.index, maddrs=[str(m) for m in dht.get_visible_maddrs()])
+    if not wait_for_peers(dht, args, stop):
+        emit("error", error=f"fewer than {args.num_peers} peers joined within {args.start_timeout:.0f} s")
+        shut_down(opt, dht)
+        return 1
     step = last_eval = 0
     try:
         while opt.local_epoch < args.epochs and not stop.is_set():

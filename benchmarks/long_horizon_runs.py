@@ -275,32 +275,6 @@ class SequentialResetSimulation(SequentialSimulation):
     reset = True
 
 
-class TurnsThenFixedSimulation(SequentialSimulation):
-    """A warm start that fits a slice's memory: for the first K rounds the slices take turns (every peer trains
-    slice r, outer lr 0.7), then each peer keeps its own slice (with the AdamW moments from its turn) and
-    slices are added together again at the method's outer settings. Peak state stays one slice (plus the
-    parked moments of the own slice during the first K rounds)."""
-
-    def run_round(self, r: int) -> None:
-        turns = len(self.all_slices)
-        if r == 0:
-            self.fixed, self.outer = self.outer, replace(self.outer, lr=0.7)
-        if r < turns:
-            super().run_round(r)
-            return
-        if r == turns:
-            self.outer = self.fixed
-            for k, model in enumerate(self.models):
-                own = k % turns
-                if self.turn[k] != own:
-                    self.optimizers[k].close()
-                    new = SliceOptimizer(model, self.all_slices[own], self.config.inner)
-                    new.load_state_dict(self.parked[k][own])
-                    new.steps = r * self.config.inner.steps_per_round
-                    self.optimizers[k], self.layouts[k], self.turn[k] = new, self.all_slices[own], own
-        ProbedSimulation.run_round(self, r)
-
-
 class AdditivitySimulation(ProbedSimulation):
     """Diagnostic (all-reduce methods): do the slices' parts of one round's update add up?
 
@@ -343,7 +317,6 @@ DIAGNOSTICS: dict[str, type[Simulation]] = {
     "": ProbedSimulation, "full-inner": FullInnerSimulation, "additivity": AdditivitySimulation,
     "sequential": SequentialSimulation, "sequential-reset": SequentialResetSimulation,
     "lookahead": LookaheadSimulation,
-    "turns-then-fixed": TurnsThenFixedSimulation,
     "rest-sign": rest_sign(1.0), "rest-sign-0.3": rest_sign(0.3), "rest-sign-0.1": rest_sign(0.1),
 }
 
