@@ -190,15 +190,7 @@ class RestSignOptimizer(SliceOptimizer):
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        beta1, beta2 = self.config.betas
-        self.steps += 1
-        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
-        for o, grad in self._grads():
-            if o.exp_avg is None:
-                o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
-            o.exp_avg.lerp_(grad, 1 - beta1)
-            o.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            adam = (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
+        for o, grad, adam in self._adam_directions():
             mask = self.masks[o.name]
             if o.param.ndim >= 2 and self.config.weight_decay:
                 o.param.data.mul_(torch.where(mask, 1 - lr * self.config.weight_decay, 1.0))

@@ -230,8 +230,9 @@ class SliceOptimizer:
             torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return float(norm)
 
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def _adam_directions(self) -> Iterator[tuple[_Owned, torch.Tensor, torch.Tensor]]:
+        """Count one step and advance every owned gradient's AdamW moments; yields (owned, gradient, the
+        bias-corrected Adam direction). `step` applies it; diagnostics (benchmarks/long_horizon_runs.py) reuse it."""
         beta1, beta2 = self.config.betas
         self.steps += 1
         bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
@@ -240,7 +241,11 @@ class SliceOptimizer:
                 o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
             o.exp_avg.lerp_(grad, 1 - beta1)
             o.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            update = (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
+            yield o, grad, (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for o, _, update in self._adam_directions():
             if o.compact:
                 current = o.region.extract(o.param.data)
                 self._apply(current, update, lr, decay=o.param.ndim >= 2)

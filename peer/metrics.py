@@ -140,7 +140,7 @@ class Metrics:
             self._rejected[reason] = self._rejected.get(reason, 0) + _non_negative("rejected", count)
 
     def add_clipped(self, count: int) -> None:
-        """Count partner terms the outer step clipped (they were still mixed, scaled to the bound)."""
+        """Count partner terms the outer step clipped (they were still mixed, shrunk below the bound)."""
         with self._lock:
             self._clipped += _non_negative("clipped", count)
 

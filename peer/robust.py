@@ -1,12 +1,14 @@
 """Robust aggregation: how far one partner's update may move this peer (DESIGN.md section 3).
 
-Self-centred clipping (ClippedGossip, He, Karimireddy & Jaggi, arXiv 2202.01545): a partner term is
-clipped toward this peer's own reference before it is mixed,
+Self-centred clipping (ClippedGossip, He, Karimireddy & Jaggi, arXiv 2202.01545), made redescending: a
+partner term is shrunk toward this peer's own reference before it is mixed,
 
-    delta_j -> delta_i + clip(delta_j - delta_i, tau)        phi_j -> phi_i + clip(phi_j - phi_i, tau)
+    delta_j -> delta_i + shrink(delta_j - delta_i, tau)      phi_j -> phi_i + shrink(phi_j - phi_i, tau)
 
-with clip(x, tau) = x * min(1, tau / ||x||). On coordinates outside this peer's slice its own delta is
-0 (it did not train them), so there the rule is plain norm clipping of the partner's delta.
+with shrink(x, tau) = x within the bound and x * (tau / ||x||)^2 beyond it: a term r times over the bound
+enters at tau / r, not at tau as plain clipping, x * min(1, tau / ||x||), would let it. On coordinates
+outside this peer's slice its own delta is 0 (it did not train them), so there the rule is plain norm
+shrinking of the partner's delta. "Clipped" below and in the metrics means shrunk.
 
 The rule, and why:
 - One norm per update (all tensors of the contribution together), not per tensor: the guarantee of
@@ -27,6 +29,16 @@ The rule, and why:
   peer scaling its updates by 1e4 got 2 of 4 terms into every outer step of the peers it reached, and
   their validation loss rose by up to 0.7 nats over a few rounds). Honest terms stay below ~1.5x the
   bound (daemon logs, tests/test_adversaries.py), so a factor of 10 is disagreement no honest peer has.
+- Why redescending between 1 and `OUTLIER_RATIO`: a patient attacker (tests/adversaries.py `sub-outlier`)
+  sends terms ~8x over the bound in one fixed direction. Plainly clipped, each entered at the full bound,
+  and its weight slice, pulled in with NoLoCo's consensus weight (0.5) under a bound `PHI_FACTOR` (4)
+  times wider, could move a peer's weights by 2 delta bounds a round, the same way every time, until
+  partner trust banned the sender after 3 such terms: one honest peer of four ended 0.64 nats above the
+  other three in one CI run (tests/test_adversaries.py, 3.92 against 3.26-3.29). Shrunk to tau / r, such
+  a term moves us r times less, while an honest term just over the bound (r ~ 1-1.5) keeps nearly all of
+  its weight. The largest move any term can make is still tau, made by a term exactly at the bound; such
+  a term is not clipped, so partner trust never sees it: the residual risk, as before, is an attacker that
+  stays inside the bound.
 Non-finite or wrong-shaped contributions are rejected outright (`check`); the wire already refuses
 them before decoding (protocol/updates.py), this guards the simulator and anything handed in directly.
 """
@@ -69,7 +81,7 @@ class ClipReport:
     mixed: int = 0
     """Contributions (deltas and weight slices) that entered the step, clipped or not."""
     clipped: int = 0
-    """Of those, how many were scaled down to the bound."""
+    """Of those, how many were over the bound and shrunk (to tau / ratio, `clip_toward`)."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Refused contributions by reason (`NON_FINITE`, `WRONG_SHAPE`, `OUTLIER`)."""
     largest_ratio: float = 0.0
@@ -119,7 +131,9 @@ def rms(tensors: Iterable[torch.Tensor]) -> float:
 
 
 def clip_toward(tensors: Params, layout: SliceLayout, reference: Params, tau_rms: float) -> tuple[Params, float]:
-    """reference + clip(tensors - reference, tau) on the layout's coordinates, and ||diff|| / tau.
+    """reference + shrink(tensors - reference, tau) on the layout's coordinates, and ratio = ||diff|| / tau.
+
+    shrink(x, tau) = x within the bound (ratio <= 1), else x * (tau / ||x||)^2: norm tau / ratio.
 
     `reference` is full-size (indexed by the layout's regions); tau = tau_rms * sqrt(coordinates).
     Unclipped tensors are returned as given (no copy).
@@ -132,7 +146,9 @@ def clip_toward(tensors: Params, layout: SliceLayout, reference: Params, tau_rms
     ratio = norm / tau if tau > 0 else (0.0 if norm == 0 else math.inf)
     if ratio <= 1.0:
         return tensors, ratio
-    scale = tau / norm  # 0 when tau is 0: the partner term collapses onto our own
+    # redescending: a term `ratio` times over the bound enters at tau / ratio (0 when tau is 0: it collapses
+    # onto our own), so the further out, the less it moves us (see the module docstring)
+    scale = (tau / norm) ** 2
     return {name: own[name] + diff[name] * scale for name in tensors}, ratio
 
 

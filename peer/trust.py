@@ -2,7 +2,7 @@
 
 Self-centred clipping (`peer/robust.py`) bounds what one term can do to this peer in one round, and rejects
 terms more than 10x over the bound outright. A patient attacker stays just under that: every round it sends
-a term ~9x the bound in one fixed direction, which is clipped to the bound and mixed in every time, always
+a term ~9x the bound in one fixed direction, which is shrunk (to 1/9 of the bound) and mixed in every time, always
 pushing the same way. Honest terms do not do this: over every honest swarm measured (tests/test_adversaries.py,
 benchmarks/adversaries.py baselines), not one honest term reached the bound.
 

@@ -27,7 +27,7 @@ Kinds (what each should meet at an honest receiver):
             wire refuses it (future_round, peer/rounds.py), and after STRIKES_TO_BAN refusals its sender is banned
 - `sub-outlier`  a patient attacker: every update carries, on top of its honest delta and weights, one fixed
             direction sized SUB_OUTLIER_RATIO times the receiver's clipping bound (estimated from its own deltas,
-            as the receiver's own bound is): under the outlier ratio, so it is clipped to the bound and mixed in,
+            as the receiver's own bound is): under the outlier ratio, so it is shrunk (peer/robust.py) and mixed in,
             round after round; partner trust (peer/trust.py) bans it after a few clipped terms
 - `sybil`   a client-only process that trains nothing and keeps SYBILS validly signed announcements of made-up
             peers (fresh keys, endpoints on loopback where nothing listens) in the swarm's DHT key: none of them
