@@ -199,8 +199,13 @@ def test_compose_outer_step_reports_and_bounds_a_1e4_scaled_partner() -> None:
 
     _, _, over = _wire(run, shapes, layouts, 3, 1, scale=8.0)  # over the bound, not an outlier: clipped
     clipped, report = step([over], Clipper(run.clip))
-    assert report.clipped == 1 and 1 < report.largest_ratio < 10 and report.rejected == {}
+    assert report.clipped == 1 and 2 < report.largest_ratio < 10 and report.rejected == {}
     assert shift(clipped) < 3 * shift(guarded)
+    # redescending: the same partner at the bound moves us further than when it is several times over it
+    _, _, at_bound = _wire(run, shapes, layouts, 3, 1, scale=2.0)
+    nearer, report = step([at_bound], Clipper(run.clip))
+    assert 0.9 < report.largest_ratio < 1.5
+    assert shift(clipped) < shift(nearer)
 
     bad = ReceivedUpdate("f" * 64, "r" * 64, 3, 1, {"delta/nope": torch.zeros(3)}, b"\0" * 32, 0)
     _, report = step([honest, bad], Clipper(run.clip))
