@@ -10,8 +10,9 @@ Results are cached per variant in `benchmarks/results/long_horizon.json`, so the
 rerunning; `--run` computes only what a section lacks (`--rerun`: all of it) in `--jobs` processes of
 one torch thread. 16 peers split the 8-peer global batch (batch 4 each): every row of a table sees the
 same tokens. Sections: `before`/`after` (main's and the new defaults, 40 rounds), `diagnosis` and
-`screen` (16-round proxies), `k_sweep` (the frontier of loss gap against memory), `equal_memory`
-(DiLoCo on the largest model that fits a PPU peer's memory). `--plot` draws the gap against round.
+`screen` (16-round proxies), `overlap` (the daemon's one-round-late outer step, and an eager fix),
+`k_sweep` (the frontier of loss gap against memory), `equal_memory` (DiLoCo on the largest model that
+fits a PPU peer's memory). `--plot` draws the gap against round.
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ def screen() -> Rows:
     ]  # fmt: skip
 
 
+def overlap() -> Rows:
+    """The daemon's overlap (a round's outer step lands after the next round trained) and an eager fix for it."""
+    r, lap = PROXY, (("overlap", True),)
+    return [
+        ("gossip-PPU, no overlap", pinned("gossip-ppu", NEW, rounds=r)),
+        ("gossip-PPU, overlap (the daemon's)", pinned("gossip-ppu", NEW, rounds=r, sim=lap)),
+        ("gossip-PPU, overlap, eager own step", pinned("gossip-ppu", NEW, rounds=r, sim=lap, diag="eager-overlap")),
+    ]
+
+
 def k_sweep() -> Rows:
     r = PROXY
     moving = pinned("ppu", rounds=r, lr=0.7, diag="rest-sign-0.3")  # = rest_step 0.3 (the screen's optimiser)
@@ -143,7 +154,7 @@ def equal_memory() -> Rows:
 
 
 SECTIONS: dict[str, Callable[[], Rows]] = {
-    "before": before, "after": after, "diagnosis": diagnosis, "screen": screen, "k_sweep": k_sweep,
+    "before": before, "after": after, "diagnosis": diagnosis, "screen": screen, "overlap": overlap, "k_sweep": k_sweep,
     "equal_memory": equal_memory,
 }  # fmt: skip
 
