@@ -286,7 +286,9 @@ def run_missing(variants: list[Variant], cache: dict[str, dict], jobs: int, reru
         futures = {pool.submit(run_variant, v): v for v in todo}
         for future in as_completed(futures):
             v = futures[future]
-            cache[v.key()] = future.result()
+            row = future.result()
+            cache.update(load_cache(path))  # rows another run of this benchmark saved meanwhile stay
+            cache[v.key()] = row
             save_cache(cache, path)
             print(f"  {v.key()}: val {cache[v.key()]['val_loss']:.4f}", file=sys.stderr)
 
