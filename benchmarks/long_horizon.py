@@ -66,6 +66,8 @@ def after() -> Rows:
     rows = [(f"{m}, {n} peers", pinned(m, NEW, peers=n)) for n in (8, 16) for m in NEW]
     return [*rows[:3], ("gossip-ppu, 8 peers, lr 0.7", pinned("gossip-ppu", NEW, lr=0.7)),
             ("gossip-ppu, 8 peers, overlap (as the daemon)", pinned("gossip-ppu", NEW, sim=(("overlap", True),))),
+            ("gossip-ppu, 8 peers, overlap, eager own step",
+             pinned("gossip-ppu", NEW, sim=(("overlap", True),), diag="eager-overlap")),
             *rows[3:]]  # fmt: skip
 
 
