@@ -553,6 +553,13 @@ def _start_peers(procs: Procs, tag: str, maddr: str, run_key: str, kinds: list[s
     return Swarm(tag, honest, adversaries)
 
 
+def eval_curves(swarm: Swarm) -> dict[str, list[tuple[int, float]]]:
+    """Every honest peer's (round, validation loss) eval lines: what a failed loss check prints, so that a
+    one-round spike (a bad outer step undone by the next) tells itself apart from a peer that stayed behind."""
+    found = {p.name: [EVAL_LINE.match(line) for line in p.lines] for p in swarm.honest}
+    return {name: [(int(m[1]), float(m[2])) for m in matches if m] for name, matches in found.items()}
+
+
 def loss_at(proc: Proc, rounds: int) -> float | None:
     """Validation loss of phi after this peer's `rounds`-th own round (its eval line), None before then."""
     lines = parse_all(proc.lines)

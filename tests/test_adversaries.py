@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from adversaries import finish, start_swarms
+from adversaries import eval_curves, finish, start_swarms
 from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
 ROUNDS = 8
@@ -46,6 +46,8 @@ def test_every_attack_is_rejected_or_clipped_and_the_loss_holds(procs: Procs) ->
         assert hit["counters"].get(counter, 0) > 0, (counter, attack, hit["counters"])
     # unknown_peer is not an attack: a peer that just joined can dial one that has not yet seen its announcement
     assert not {k for k, v in base["counters"].items() if v and k in EXPECTED}, base["counters"]
+    for swarm in swarms:  # printed (pytest shows it on a failure): a one-round spike or a peer that stayed behind
+        print(f"eval curves of {swarm.tag}: {eval_curves(swarm)}")
     assert hit["loss"] <= (1 + TOLERANCE) * base["loss"], (hit["losses"], base["losses"])
     # the patient attacker's terms were clipped before partner trust banned it (peer/trust.py)
     assert hit["counters"].get("clipped", 0) >= 3, hit["counters"]
