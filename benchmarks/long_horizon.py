@@ -52,6 +52,9 @@ REFERENCE: dict[str, dict] = {
 
 Rows = list[tuple[str, Variant]]
 
+LAP = (("overlap", True),)
+"""SimConfig override: the daemon's overlap."""
+
 
 def pinned(method: str, table: dict = MAIN, **changes: object) -> Variant:
     """A variant at one table's outer settings (main's by default) with `changes`."""
@@ -65,9 +68,11 @@ def before() -> Rows:
 def after() -> Rows:
     rows = [(f"{m}, {n} peers", pinned(m, NEW, peers=n)) for n in (8, 16) for m in NEW]
     return [*rows[:3], ("gossip-ppu, 8 peers, lr 0.7", pinned("gossip-ppu", NEW, lr=0.7)),
-            ("gossip-ppu, 8 peers, overlap (as the daemon)", pinned("gossip-ppu", NEW, sim=(("overlap", True),))),
-            ("gossip-ppu, 8 peers, overlap, eager own step",
-             pinned("gossip-ppu", NEW, sim=(("overlap", True),), diag="eager-overlap")),
+            ("gossip-ppu, 8 peers, overlap as it was (step a round late)",
+             pinned("gossip-ppu", NEW, sim=LAP, diag="delayed-overlap")),
+            ("gossip-ppu, 8 peers, the same, eager own step on a copy",
+             pinned("gossip-ppu", NEW, sim=LAP, diag="eager-overlap")),
+            ("gossip-ppu, 8 peers, overlap now (own delta at once)", pinned("gossip-ppu", NEW, sim=LAP)),
             *rows[3:]]  # fmt: skip
 
 
@@ -118,12 +123,17 @@ def screen() -> Rows:
 
 
 def overlap() -> Rows:
-    """The daemon's overlap (a round's outer step lands after the next round trained) and an eager fix for it."""
-    r, lap = PROXY, (("overlap", True),)
+    """The daemon's overlap: the outer step a round late (as it was), an eager fix on a copy, and the own delta
+    taken at once with the partners' terms a round late (`SimConfig.overlap` and the daemon now)."""
+    r = PROXY
     return [
         ("gossip-PPU, no overlap", pinned("gossip-ppu", NEW, rounds=r)),
-        ("gossip-PPU, overlap (the daemon's)", pinned("gossip-ppu", NEW, rounds=r, sim=lap)),
-        ("gossip-PPU, overlap, eager own step", pinned("gossip-ppu", NEW, rounds=r, sim=lap, diag="eager-overlap")),
+        ("gossip-PPU, overlap as it was (step a round late)",
+         pinned("gossip-ppu", NEW, rounds=r, sim=LAP, diag="delayed-overlap")),
+        ("the same, eager own step on a copy", pinned("gossip-ppu", NEW, rounds=r, sim=LAP, diag="eager-overlap")),
+        ("overlap now: own delta at once, partners' a round late", pinned("gossip-ppu", NEW, rounds=r, sim=LAP)),
+        ("the same, weights sent after the own step",
+         pinned("gossip-ppu", NEW, rounds=r, sim=LAP, diag="fresh-weights")),
     ]
 
 
@@ -155,9 +165,18 @@ def equal_memory() -> Rows:
     ]
 
 
+def frontier() -> Rows:
+    """Loss against per-peer memory at 40 rounds: K slices per peer, gossip-PPU (the daemon's method) and PPU."""
+    return [
+        ("DiLoCo (K=1, all-reduce)", pinned("diloco", NEW)),
+        *[(f"gossip-PPU, K={k}", pinned("gossip-ppu", NEW, slices=k)) for k in (1, 2, 4, 8)],
+        *[(f"PPU (all-reduce), K={k}", pinned("ppu", NEW, slices=k)) for k in (2, 4, 8)],
+    ]
+
+
 SECTIONS: dict[str, Callable[[], Rows]] = {
     "before": before, "after": after, "diagnosis": diagnosis, "screen": screen, "overlap": overlap, "k_sweep": k_sweep,
-    "equal_memory": equal_memory,
+    "equal_memory": equal_memory, "frontier": frontier,
 }  # fmt: skip
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from peer.data import load_corpus
-from peer.inner import InnerConfig, SliceOptimizer, inner_round
+from peer.inner import InnerConfig, SliceOptimizer
 from peer.model import PRESETS
-from peer.outer import Contribution, CoordinateMean, OuterConfig, Params, gossip_step, pseudo_gradient
-from peer.sim import DEFAULT_OUTER, SimConfig, Simulation, evaluate, load_weights, snapshot
+from peer.outer import Contribution, CoordinateMean, OuterConfig, Params, gossip_step
+from peer.sim import DEFAULT_OUTER, SimConfig, Simulation, evaluate
 from peer.subsets import Region, SliceConfig, SliceLayout, full_layout, head_parameters, partition
 from protocol.codec import CodecConfig
 
@@ -305,30 +305,47 @@ class AdditivitySimulation(ProbedSimulation):
                 "additivity": combined / sum(gains) if sum(gains) else float("nan")}  # fmt: skip
 
 
-class EagerOverlapSimulation(ProbedSimulation):
-    """Diagnostic: gossip with the daemon's overlap, but each peer's next inner round starts from its weights
-    after an eager outer step with its own delta alone (the partners' terms are still in flight), and its
-    pseudo-gradient is taken from that start. Eager updates (Kale et al., arXiv 2502.12996) for gossip: with
-    plain overlap, round r+1 trains from weights that lack round r's step, and both rounds' deltas carry the
-    same progress into phi. The eager step runs on copies; the real step lands later with every term."""
+class DelayedOverlapSimulation(ProbedSimulation):
+    """Diagnostic: the daemon's overlap before issue 13 changed it. Round r's whole outer step (own delta and
+    partners' terms) lands after round r+1 trained, from weights that lacked it (a DiLoCoX-style one-round
+    delay); the last round's step lands at the end, so every token counts."""
 
     def run_round(self, r: int) -> None:
         if not (self.method.startswith("gossip") and self.config.overlap):
             return super().run_round(r)
-        device = torch.device("cpu")
-        deltas, losses = [], []
-        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
-            start = {n: t.clone() for n, t in self.phis[k].items()}
-            if self.in_flight is not None:
-                state = {n: t.clone() for n, t in self.states[k].items()}
-                gossip_step(start, state, self.in_flight.deltas[k], [], [], self.outer)
-            load_weights(model, start)
-            losses.append(inner_round(model, optimizer, self.batches(k, r), device).mean_loss)
-            deltas.append(self._compress(k, pseudo_gradient(start, snapshot(model), self.layouts[k])))
-        self.train_loss = sum(losses) / len(losses)
-        exchange, self.in_flight = self.in_flight, self._exchange(deltas, r)
+        exchange, self.in_flight = self.in_flight, self._exchange(self.train_peers(r), r)
         if exchange is not None:
             self._gossip(exchange)
+        if r + 1 == self.config.rounds:
+            last, self.in_flight = self.in_flight, None
+            self._gossip(last)
+        return None
+
+
+class EagerOverlapSimulation(DelayedOverlapSimulation):
+    """Diagnostic: the delayed overlap, but each peer's next inner round starts from its weights after an eager
+    outer step with its own delta alone (on copies; the real step lands later with every term), and its
+    pseudo-gradient is taken from that start. It recovered about half of what the delay cost; the simulator's
+    and the daemon's overlap now take the own step for real instead (`SimConfig.overlap`)."""
+
+    def inner_start(self, k: int, phi: Params) -> Params:
+        start = {n: t.clone() for n, t in phi.items()}
+        if self.in_flight is not None:
+            state = {n: t.clone() for n, t in self.states[k].items()}
+            gossip_step(start, state, self.in_flight.deltas[k], [], [], self.outer)
+        return start
+
+
+class FreshWeightsOverlapSimulation(ProbedSimulation):
+    """Diagnostic: the overlap of `SimConfig.overlap`, but the weight slice is sent after this round's outer step
+    (as old as the receiver's weights when it mixes them) instead of before it. (Measured: slightly worse.)"""
+
+    def run_round(self, r: int) -> None:
+        if not (self.method.startswith("gossip") and self.config.overlap):
+            return super().run_round(r)
+        deltas = self.train_peers(r)
+        self._gossip(self.in_flight, own=deltas)
+        self.in_flight = self._exchange(deltas, r)
         return None
 
 
@@ -336,6 +353,7 @@ DIAGNOSTICS: dict[str, type[Simulation]] = {
     "": ProbedSimulation, "full-inner": FullInnerSimulation, "additivity": AdditivitySimulation,
     "sequential": SequentialSimulation, "sequential-reset": SequentialResetSimulation,
     "lookahead": LookaheadSimulation, "eager-overlap": EagerOverlapSimulation,
+    "delayed-overlap": DelayedOverlapSimulation, "fresh-weights": FreshWeightsOverlapSimulation,
     "rest-sign": rest_sign(1.0), "rest-sign-0.3": rest_sign(0.3), "rest-sign-0.1": rest_sign(0.1),
 }
 

@@ -53,7 +53,8 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
               help="Slice methods: sign step of coordinates outside the slice, x the inner lr; 0 freezes them.")
 @click.option("--fanout", type=click.IntRange(1, 8), default=2, show_default=True, help="Gossip partners/round.")
 @click.option("--overlap", is_flag=True,
-              help="Gossip methods: each round's exchange overlaps the next round's inner steps (one-round delay).")
+              help="Gossip methods: a round's exchange overlaps the next round's inner steps (partners' terms a round "
+                   "late).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data", default=None, help="A .txt/.jsonl file or folder; the bundled corpus by default.")
 @click.option("--sweep", is_flag=True, help="Try a grid of outer lr/momentum per method; report each at its best.")

@@ -122,8 +122,8 @@ def _typed(param: click.Option, key: str, value: object, path: Path) -> object:
 @click.option("--eval-every", type=click.IntRange(0), default=20, show_default=True,
               help="Print the validation loss of this peer's weights every N rounds (0: never).")  # fmt: skip
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
-              help="Train the next round while this round's exchanges finish (its outer step lands one round "
-                   "late); --no-overlap waits for them.")  # fmt: skip
+              help="Train the next round while this round's exchanges finish (partners' updates are mixed a "
+                   "round late; this peer's own at once); --no-overlap waits for them.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(**options: object) -> None:
     """Join a swarm by name and train it: H local steps on this peer's slice, then swap updates with

@@ -16,11 +16,14 @@ One round (`Daemon.run_round`), DESIGN.md section 3:
 4. `gossip_step` through `compose_outer_step`, the same call the simulator makes; announce round,
    loss and tokens/s with the next refresh.
 
-With `overlap` (the default) step 2 of round r runs while round r+1's inner steps train, and steps 3-4
-of round r land after them: communication hides behind computation, and the outer step arrives one round
-late (a DiLoCoX-style one-round delay; `murmur simulate --overlap` measures what that costs). The training
-thread still does one thing at a time (train r+1, then apply r's outer step), so phi never changes under
-a running inner round. A signal drops the round in flight, as it drops a partial round.
+With `overlap` (the default) step 2 of round r runs while round r+1's inner steps train: communication
+hides behind computation. Each round still takes its outer step at once, from its own new delta and the
+partner terms that round r's exchanges brought (a round old): an eager update (Kale et al., arXiv
+2502.12996). Taking the whole step a round late instead, from weights that lacked it, cost 1.41x DiLoCo's
+loss at 40 simulated rounds against 1.14x without overlap (`python -m benchmarks.long_horizon`, section
+`overlap`). The training thread does one thing at a time (train r+1, then its outer step), so phi never
+changes under a running inner round. A signal drops the exchanges in flight, as it drops a partial round;
+so does the end of `--rounds N` once they are done (no later step would mix what they bring).
 
 Round numbers work like a Lamport clock: a peer's next round is one past the highest round it has
 seen (its own or a partner's), so peers that started at different times agree on "now" after their
@@ -84,15 +87,12 @@ ADMISSION_EVERY_S = 3.0
 
 @dataclass(slots=True)
 class InFlight:
-    """A trained round whose exchanges are running; its outer step lands when they are done."""
+    """A round whose exchanges are running; what they bring lands with the next round's outer step (overlap)."""
 
     round: int
-    trained: TrainedRound
     partners: int
     exchanges: asyncio.Future
     """Gathers one bool per partner: reached or not."""
-    started: float
-    """perf_counter() when its inner steps started."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -118,7 +118,7 @@ class DaemonOptions:
     eval_every: int = 0
     """Validation loss of phi every this many rounds (0: never)."""
     overlap: bool = True
-    """Exchange round r while round r+1 trains (see the module docstring)."""
+    """Exchange round r while round r+1 trains; partners' terms land a round late (see the module docstring)."""
 
 
 class Daemon:
@@ -221,8 +221,9 @@ class Daemon:
         return PeerStatus(round=self.member.round, slice=self.member.slice)
 
     async def run_round(self, halt: threading.Event, stop: asyncio.Event) -> bool:
-        """Train one round and start its exchanges; land the previous round's (overlap) or this one's.
-        False when a signal ended it early (the partial round, and any round in flight, are dropped)."""
+        """Train one round, start its exchanges, and take its outer step with what the exchanges brought:
+        this round's (no overlap) or the previous round's (overlap; this round's stay in flight).
+        False when a signal ended it early (the partial round, and any exchanges in flight, are dropped)."""
         r = self.clock + 1 if self.in_flight is None else max(self.clock + 1, self.in_flight.round + 1)
         if self.member.slice != self.trainer.slice:
             await asyncio.to_thread(self.trainer.take_slice, self.member.slice)
@@ -231,31 +232,37 @@ class Daemon:
             trained = await asyncio.to_thread(self.trainer.train_round, r, halt)
         except Halted:
             return False
-        if self.in_flight is not None:
-            landed, self.in_flight = await self.land(self.in_flight, stop), None
-            if not landed:
-                return False
-        flight = self._launch(r, trained, start)
-        if self.overlap:
-            self.in_flight = flight
-            return True
-        return await self.land(flight, stop)
+        flight = self._launch(r, trained)
+        if not self.overlap:
+            return await self.land(r, trained, flight, start, stop)
+        previous, self.in_flight = self.in_flight, flight
+        return await self.land(r, trained, previous, start, stop)
 
-    def _launch(self, r: int, trained: TrainedRound, start: float) -> InFlight:
+    def _launch(self, r: int, trained: TrainedRound) -> InFlight:
         """Serve round r's update to partners that call us, and start pushing it to `fanout` of them."""
         self.outgoing = trained.update
         avoid = [p for p, until in self.rested.items() if until >= r] + self.bans.banned()
         partners = choose_partners(self.eligible(), me=self.identity.peer_id, own_slice=self.trainer.slice,
                                    fanout=self.run.gossip.fanout, rng=self.member.rng, avoid=avoid)  # fmt: skip
         exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
-        return InFlight(round=r, trained=trained, partners=len(partners), exchanges=exchanges, started=start)
+        return InFlight(round=r, partners=len(partners), exchanges=exchanges)
 
-    async def land(self, flight: InFlight, stop: asyncio.Event) -> bool:
-        """Wait for a round's exchanges, then its outer step with what arrived; False if `stop` came first."""
-        if not await _unless_stopped(flight.exchanges, stop):
-            return False
-        r, trained = flight.round, flight.trained
-        ok = sum(1 for done in flight.exchanges.result() if done)
+    async def finish_exchanges(self, stop: asyncio.Event) -> None:
+        """Let the exchanges in flight finish (partners still get our last update), then drop what they brought:
+        no later outer step would mix it (the end of `--rounds N`)."""
+        if self.in_flight is not None:
+            flight, self.in_flight = self.in_flight, None
+            await _unless_stopped(flight.exchanges, stop)
+
+    async def land(self, r: int, trained: TrainedRound, flight: InFlight | None, started: float,
+                   stop: asyncio.Event) -> bool:  # fmt: skip
+        """Round r's outer step: wait for `flight`'s exchanges (None: nothing to wait for), then mix our own
+        delta of `trained` with the partner updates that arrived. False if `stop` came first."""
+        ok, partners = 0, 0
+        if flight is not None:
+            if not await _unless_stopped(flight.exchanges, stop):
+                return False
+            ok, partners = sum(1 for done in flight.exchanges.result() if done), flight.partners
         updates = self.inbox.take(r)
         clipping = await asyncio.to_thread(self.trainer.outer_step, trained.own, updates)
         for sender, why in self.trust.record(clipping.outcomes).items():
@@ -266,7 +273,7 @@ class Daemon:
             self.snapshot = await asyncio.to_thread(self.trainer.snapshot, r)
         self.view.advance(r, (u.round for u in updates))
         now = time.perf_counter()
-        seconds, self._landed_at = now - max(flight.started, self._landed_at), now
+        seconds, self._landed_at = now - max(started, self._landed_at), now
         self.tokens_seen += trained.tokens
         self._record(r, trained, ok)
         for reason, count in clipping.rejected.items():
@@ -275,7 +282,7 @@ class Daemon:
         self.member.round, self.member.loss = r, trained.loss
         self.member.tokens_per_second = trained.tokens / seconds
         line = RoundLine(round=r, loss=trained.loss, tokens_per_s=trained.tokens / seconds, slice=trained.update.slice,
-                         exchanged=ok, partners=flight.partners, mixed=len(updates), pushed_to_us=self.pushed_to_us,
+                         exchanged=ok, partners=partners, mixed=len(updates), pushed_to_us=self.pushed_to_us,
                          stale_dropped=self.inbox.dropped_stale, seconds=seconds)  # fmt: skip
         self.reporter.emit(line.format())
         if self.eval_every and r % self.eval_every == 0:
@@ -283,7 +290,7 @@ class Daemon:
         return True
 
     async def drop_in_flight(self) -> None:
-        """Abandon the round in flight (on a signal): its exchanges are cancelled, its outer step never lands."""
+        """Abandon the exchanges in flight (on a signal): they are cancelled, and what they brought never lands."""
         if self.in_flight is not None:
             self.in_flight.exchanges.cancel()
             await asyncio.gather(self.in_flight.exchanges, return_exceptions=True)
@@ -451,12 +458,11 @@ async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt:
             if not await daemon.run_round(halt, stop):
                 break
             rounds += 1
-            if saver is not None and daemon.clock >= 0:  # with overlap, nothing has landed after the first round
+            if saver is not None:
                 await asyncio.to_thread(saver.after_round, daemon.trainer, round=daemon.clock,
                                         tokens_seen=daemon.tokens_seen)  # fmt: skip
-        if daemon.in_flight is not None and not stop.is_set():  # --rounds N: the last round lands too
-            flight, daemon.in_flight = daemon.in_flight, None
-            await daemon.land(flight, stop)
+        if not stop.is_set():  # --rounds N: partners still get our last update
+            await daemon.finish_exchanges(stop)
     finally:
         await daemon.drop_in_flight()
         stop.set()

@@ -40,9 +40,10 @@ METHODS = ("ddp", "diloco", "ppu", "gossip-ppu", "gossip-ppu-noloco", "gossip-pp
 # same error and their sum overshoots, so PPU needed a small outer step (16 rounds: lr 0.25 -> 2.270, 0.4 ->
 # 2.367; DiLoCo 2.086). With InnerConfig.rest_step 0.3 (the rest moves by sign steps, never sent) the slices
 # add up and PPU takes DiLoCo's step: lr 0.7 -> 2.053. Gossip-PPU (fanout 2, the daemon's) with rest_step 0.3:
-# lr 0.7 -> 2.337, 0.4 -> 2.364; 0.4 is the default all the same, because the daemon applies each outer step
-# one round late (overlap) and at 0.7 a 3-peer daemon swarm's validation loss turned up after 30 rounds
-# (tests/test_daemon_swarm: 3.81 -> 2.83 -> 2.99). DiLoCo keeps 0.7/0.5 (10-round sweep: 0.7/0.9 lost, 2.63 vs 2.40).
+# lr 0.7 -> 2.337, 0.4 -> 2.364 (40 rounds: 1.773, 1.782); 0.4 is the default all the same: when the daemon
+# still applied each whole outer step one round late (overlap), a 3-peer daemon swarm's validation loss turned
+# up after 30 rounds at 0.7 (tests/test_daemon_swarm: 3.81 -> 2.83 -> 2.99). DiLoCo keeps 0.7/0.5 (10-round
+# sweep: 0.7/0.9 lost, 2.63 vs 2.40).
 DEFAULT_OUTER: dict[str, OuterConfig] = {
     "diloco": OuterConfig(rule="nesterov", lr=0.7, momentum=0.5),
     "ppu": OuterConfig(rule="nesterov", lr=0.7, momentum=0.5),
@@ -69,9 +70,10 @@ class SimConfig:
     peer the same one, as the daemon) or `own` (the sender's own slice; 16 rounds: 2.361 vs 2.391 with one
     partner, no difference with two)."""
     overlap: bool = False
-    """Gossip methods: a round's exchange overlaps the next round's inner steps (the daemon's default), so
-    its outer step lands one round late, after the next round's pseudo-gradient was taken (DiLoCoX-style
-    one-round delay). The last round's step is applied at the end, so every method sees every token."""
+    """Gossip methods: a round's exchange overlaps the next round's inner steps (the daemon's default). Each
+    round's outer step is taken at once from the peer's own new delta and the partners' terms of the round
+    before, which travelled while this round trained (an eager update: Kale et al., arXiv 2502.12996); the
+    last round's partner terms are never mixed, as in the daemon."""
     seed: int = 0
     eval_every: int = 2
     eval_batches: int = 8
@@ -183,7 +185,7 @@ class Simulation:
         self.bytes_sent = 0
         self.train_loss = float("nan")
         self.in_flight: Exchange | None = None
-        """With `overlap`: the exchange of the previous round, whose outer step is still to be applied."""
+        """With `overlap`: the exchange of the previous round, whose partner terms land with this round's step."""
 
     def batches(self, k: int, round_index: int) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
         accum, b = self.config.inner.grad_accum, self.config.inner.batch_size
@@ -205,24 +207,32 @@ class Simulation:
             self.train_loss = stats.mean_loss
             self.bytes_sent += self._ddp_bytes()
             return
-        deltas, losses = [], []
-        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
-            phi = self.phis[k % len(self.phis)]
-            load_weights(model, self.inner_start(k, phi))
-            losses.append(inner_round(model, optimizer, self.batches(k, r), device).mean_loss)
-            deltas.append(self._compress(k, pseudo_gradient(phi, snapshot(model), self.layouts[k])))
-        self.train_loss = sum(losses) / len(losses)
+        deltas = self.train_peers(r)
         if self.method.startswith("gossip"):
             exchange = self._exchange(deltas, r)
             if self.config.overlap:
-                exchange, self.in_flight = self.in_flight, exchange
-            if exchange is not None:
+                previous, self.in_flight = self.in_flight, exchange
+                self._gossip(previous, own=deltas)
+            else:
                 self._gossip(exchange)
         else:
             self._all_reduce(deltas)
 
+    def train_peers(self, r: int) -> list[Contribution]:
+        """Round r's inner steps of every peer; their pseudo-gradients as partners decode them."""
+        device = torch.device("cpu")
+        deltas, losses = [], []
+        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+            start = self.inner_start(k, self.phis[k % len(self.phis)])
+            load_weights(model, start)
+            losses.append(inner_round(model, optimizer, self.batches(k, r), device).mean_loss)
+            deltas.append(self._compress(k, pseudo_gradient(start, snapshot(model), self.layouts[k])))
+        self.train_loss = sum(losses) / len(losses)
+        return deltas
+
     def inner_start(self, k: int, phi: Params) -> Params:
-        """The weights peer k's inner round starts from: its outer weights (a seam for diagnostics)."""
+        """The weights peer k's inner round starts from, and its pseudo-gradient is taken from: its outer
+        weights (a seam for diagnostics)."""
         return phi
 
     def _compress(self, k: int, delta: Contribution) -> Contribution:
@@ -251,12 +261,15 @@ class Simulation:
         self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus[0], weights=True)))
         return Exchange(deltas, shared, partners)
 
-    def _gossip(self, exchange: Exchange) -> None:
+    def _gossip(self, exchange: Exchange | None, own: list[Contribution] | None = None) -> None:
+        """Every peer's outer step: its own delta (this exchange's, or `own`'s) and its partners' terms in
+        `exchange` (none when it is None: the first round with overlap)."""
         for k in range(self.config.peers):
-            mine = sorted(exchange.partners[k])
+            mine = sorted(exchange.partners[k]) if exchange is not None else []
             received = [exchange.deltas[j] for j in mine]
             weights = [exchange.weights[j] for j in mine]
-            gossip_step(self.phis[k], self.states[k], exchange.deltas[k], received, weights, self.outer)
+            own_k = own[k] if own is not None else exchange.deltas[k]
+            gossip_step(self.phis[k], self.states[k], own_k, received, weights, self.outer)
 
     def _payload(self, layout: SliceLayout, *, weights: bool = False) -> int:
         codec = self.config.weights_codec if weights else self.config.codec
@@ -299,9 +312,6 @@ class Simulation:
         start, curve = time.perf_counter(), []
         for r in range(self.config.rounds):
             self.run_round(r)
-            if r + 1 == self.config.rounds and self.in_flight is not None:
-                self._gossip(self.in_flight)  # the last exchange lands: equal tokens for every method
-                self.in_flight = None
             tokens = (r + 1) * self.config.tokens_per_round
             if (r + 1) % self.config.eval_every == 0 or r + 1 == self.config.rounds:
                 losses = [evaluate(self.model, phi, self.corpus, self.config) for phi in self.phis]

@@ -1,8 +1,9 @@
 """The daemon's round order with and without overlap, on a fake trainer (no model, no sockets).
 
-With overlap, round r's outer step lands after round r+1's inner steps (a one-round delay) and never
-while an inner round runs; without it every round lands before the next one trains; `--rounds N` lands
-all N; a signal drops the round in flight.
+Every round takes its outer step with its own delta right after it trained, never while an inner round runs.
+With overlap, round r's exchanges stay in flight while round r+1 trains, and what they bring is mixed into
+round r+1's step; without it, round r's step waits for round r's exchanges. `--rounds N` lets the last
+exchanges finish; a signal drops the exchanges in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from peer.daemon import Daemon
+from peer.daemon import Daemon, InFlight
 from peer.robust import ClipReport
 from peer.trainer import TrainedRound
 from protocol.codec import CodecConfig
@@ -64,21 +65,48 @@ async def _rounds(daemon: Daemon, n: int, stop: asyncio.Event) -> None:
         assert await daemon.run_round(threading.Event(), stop)
 
 
+class Gate:
+    """Exchanges of the daemon's rounds that finish only when the test says so."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.opened: dict[int, asyncio.Future] = {}
+        self.daemon = daemon
+        daemon._launch = self.launch  # type: ignore[method-assign]
+
+    def launch(self, r: int, trained: TrainedRound) -> InFlight:
+        self.opened[r] = asyncio.get_running_loop().create_future()
+        self.daemon.trainer.calls.append(("launch", r))  # type: ignore[attr-defined]
+        return InFlight(round=r, partners=1, exchanges=self.opened[r])
+
+    def open(self, r: int) -> None:
+        self.daemon.trainer.calls.append(("exchanged", r))  # type: ignore[attr-defined]
+        self.opened[r].set_result([True])
+
+
 @pytest.mark.timeout(30)
-def test_overlap_lands_each_round_after_the_next_one_trained() -> None:
+def test_overlap_mixes_a_rounds_exchanges_into_the_next_rounds_step() -> None:
     daemon = _daemon(overlap=True)
+    gate = Gate(daemon)
 
     async def go() -> None:
         stop = asyncio.Event()
-        await _rounds(daemon, 3, stop)
-        assert daemon.in_flight is not None and daemon.in_flight.round == 2
-        flight, daemon.in_flight = daemon.in_flight, None
-        assert await daemon.land(flight, stop)
+        assert await daemon.run_round(threading.Event(), stop)  # round 0: nothing in flight before it
+        assert not gate.opened[0].done() and daemon.in_flight is not None and daemon.in_flight.round == 0
+        round1 = asyncio.create_task(daemon.run_round(threading.Event(), stop))
+        while ("launch", 1) not in daemon.trainer.calls:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not round1.done(), "round 1's step must wait for round 0's exchanges"
+        gate.open(0)
+        assert await round1
+        gate.open(1)
+        await daemon.finish_exchanges(stop)
 
     asyncio.run(go())
     calls = daemon.trainer.calls  # type: ignore[attr-defined]
-    assert calls == [("train", 0), ("train", 1), ("outer", 0), ("train", 2), ("outer", 1), ("outer", 2)]
-    assert daemon.clock == 2
+    assert calls == [("train", 0), ("launch", 0), ("outer", 0), ("train", 1), ("launch", 1), ("exchanged", 0),
+                     ("outer", 1), ("exchanged", 1)]  # fmt: skip
+    assert daemon.clock == 1 and daemon.in_flight is None
 
 
 @pytest.mark.timeout(30)
@@ -91,14 +119,32 @@ def test_without_overlap_every_round_lands_before_the_next_trains() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_a_signal_drops_the_round_in_flight_without_its_outer_step() -> None:
+def test_overlap_takes_each_own_step_at_once_with_no_partners() -> None:
     daemon = _daemon(overlap=True)
+    asyncio.run(_rounds(daemon, 3, asyncio.Event()))
+    calls = daemon.trainer.calls  # type: ignore[attr-defined]
+    assert calls == [("train", 0), ("outer", 0), ("train", 1), ("outer", 1), ("train", 2), ("outer", 2)]
+    assert daemon.in_flight is not None and daemon.in_flight.round == 2 and daemon.clock == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_drops_the_exchanges_in_flight() -> None:
+    daemon = _daemon(overlap=True)
+    gate = Gate(daemon)
 
     async def go() -> None:
-        await _rounds(daemon, 2, asyncio.Event())
+        stop = asyncio.Event()
+        assert await daemon.run_round(threading.Event(), stop)
+        round1 = asyncio.create_task(daemon.run_round(threading.Event(), stop))
+        while ("launch", 1) not in daemon.trainer.calls:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+        stop.set()  # round 0's exchanges never finished: round 1's step does not land
+        assert not await round1
         await daemon.drop_in_flight()
+        assert gate.opened[0].cancelled() and gate.opened[1].cancelled()
 
     asyncio.run(go())
     assert daemon.in_flight is None
-    assert daemon.trainer.calls == [("train", 0), ("train", 1), ("outer", 0)]  # type: ignore[attr-defined]
+    assert daemon.trainer.calls == [("train", 0), ("launch", 0), ("outer", 0), ("train", 1),  # type: ignore[attr-defined]
+                                    ("launch", 1)]  # fmt: skip
     assert daemon.clock == 0

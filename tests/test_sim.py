@@ -111,3 +111,39 @@ def test_slices_command_prints_each_slice_next_to_the_full_model() -> None:
     assert all(0.24 < float(r[-2]) < 0.26 for r in rows[1:])  # a quarter of the parameters each
     bad = CliRunner().invoke(main, ["slices", "--preset", "tiny", "--slices", "3"])
     assert bad.exit_code == 2 and "n_heads" in bad.output
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlap_mixes_own_deltas_at_once_and_partners_a_round_late(
+    overlap: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overlap each round's step takes that round's own delta and the partners' deltas of the round before
+    (none in round 0), as the daemon does; without it, both of the same round."""
+    from peer import sim
+    from peer.data import load_corpus
+    from peer.inner import InnerConfig
+
+    config = sim.SimConfig(model=PRESETS["tiny"], inner=InnerConfig(steps_per_round=1, batch_size=2, total_steps=3),
+                           peers=4, rounds=3, fanout=1, overlap=overlap, eval_every=3, eval_batches=1)  # fmt: skip
+    simulation = sim.Simulation("gossip-ppu", load_corpus(None), config)
+    trained: list[list] = []
+    steps: list[tuple[int, list[int]]] = []  # (round of the own delta, rounds of the partners' deltas)
+
+    def train_peers(r: int) -> list:
+        trained.append(sim.Simulation.train_peers(simulation, r))
+        return trained[-1]
+
+    def gossip_step(phi: dict, state: dict, own: object, received: list, weights: list, outer: object) -> None:
+        def round_of(c: object) -> int:
+            return next(r for r, ds in enumerate(trained) if any(c is d for d in ds))
+
+        steps.append((round_of(own), [round_of(c) for c in received]))
+
+    monkeypatch.setattr(simulation, "train_peers", train_peers)
+    monkeypatch.setattr(sim, "gossip_step", gossip_step)
+    simulation.run()
+    late = 1 if overlap else 0
+    for r in range(3):
+        for own_round, partner_rounds in steps[4 * r : 4 * r + 4]:
+            assert own_round == r
+            assert partner_rounds == ([] if r - late < 0 else [r - late])
