@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 from benchmarks.long_horizon_runs import Variant, run_variant
 
@@ -273,9 +274,9 @@ def plot(cache: dict[str, dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     drawn = False
-    for ax, peers in zip(axes, (8, 16)):
+    for ax, peers in zip(axes[:2], (8, 16)):
         for name, table_, style in (("before", MAIN, "--"), ("after", NEW, "-")):
             base = lookup(cache, pinned("diloco", table_, peers=peers))
             for method in ("ppu", "gossip-ppu"):
@@ -286,15 +287,46 @@ def plot(cache: dict[str, dict], path: Path) -> bool:
                 gaps = [100 * (a / b - 1) for a, b in zip(curve(row, every), curve(base, every))]
                 ax.plot([every * (i + 1) for i in range(len(gaps))], gaps, style, marker="o", label=f"{method} {name}")
                 drawn = True
+        lapped = lookup(cache, pinned("gossip-ppu", NEW, peers=peers, sim=LAP))
+        if lapped is not None and base is not None:
+            gaps = [100 * (a / b - 1) for a, b in zip(curve(lapped, 4), curve(base, 4))]
+            ax.plot([4 * (i + 1) for i in range(len(gaps))], gaps, ":", marker="o", label="gossip-ppu after, overlap")
         ax.axhline(3, color="grey", linewidth=0.8, linestyle=":", label="goal: 3%")
         ax.set(title=f"{peers} peers", xlabel="round (H=20)", ylabel="val loss above DiLoCo (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    drawn = _plot_frontier(axes[2], cache) or drawn
     if drawn:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
+
+
+def _plot_frontier(ax: Any, cache: dict[str, dict]) -> bool:
+    """The `frontier` section: gap to DiLoCo at 40 rounds against gradient + AdamW bytes per peer, per K."""
+    base = lookup(cache, pinned("diloco", NEW))
+    drawn = False
+    for method, marker in (("gossip-ppu", "o"), ("ppu", "s")):
+        points = []
+        for k in (1, 2, 4, 8):
+            row = lookup(cache, pinned(method, NEW, slices=k))
+            if row is not None and base is not None and "peak_state_bytes_per_peer" in row:
+                gap = 100 * (row["val_loss"] / base["val_loss"] - 1)
+                points.append((row["peak_state_bytes_per_peer"] / 1e6, gap, k))
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=method)
+            for x, y, k in points:
+                ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            drawn = True
+    if base is not None and "peak_state_bytes_per_peer" in base:
+        ax.plot([base["peak_state_bytes_per_peer"] / 1e6], [0.0], "k*", markersize=10, label="DiLoCo")
+    ax.axhline(3, color="grey", linewidth=0.8, linestyle=":", label="goal: 3%")
+    ax.set(title="40 rounds, 8 peers: the frontier", xlabel="gradient + AdamW per peer (MB)",
+           ylabel="val loss above DiLoCo (%)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return drawn
 
 
@@ -308,7 +340,8 @@ def run_missing(variants: list[Variant], cache: dict[str, dict], jobs: int, reru
         for future in as_completed(futures):
             v = futures[future]
             row = future.result()
-            cache.update(load_cache(path))  # rows another run of this benchmark saved meanwhile stay
+            cache.clear()  # the file as it is now: rows another run saved (or a key renamed) meanwhile stay so
+            cache.update(load_cache(path))
             cache[v.key()] = row
             save_cache(cache, path)
             print(f"  {v.key()}: val {cache[v.key()]['val_loss']:.4f}", file=sys.stderr)
