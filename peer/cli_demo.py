@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: flo
     Example:
       murmur demo --peers 4 --minutes 3 --out demo-out
     """
-    from peer.demo import DemoError, DemoOptions, format_table, run_demo, write_outputs
+    from peer.demo import DemoError, DemoOptions, TrainingCutShort, format_table, run_demo, write_outputs
     from peer.preflight import usable_directory
 
     try:
@@ -44,13 +45,20 @@ def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: flo
         usable_directory(out, "--out")
     except ValueError as exc:  # SetupError
         raise click.ClickException(str(exc)) from exc
-    # SIGTERM, and SIGINT even where a shell started us ignoring it, end run_demo through its `finally`,
-    # which stops every child (they run in their own sessions, so Ctrl-C reaches only this process).
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The first SIGINT (Ctrl-C) while the swarm trains ends the training early and still reports; SIGTERM, and
+    # SIGINT at any other time, end run_demo through its `finally`, which stops every child (they run in their
+    # own sessions, so Ctrl-C reaches only this process). Set even where a shell started us ignoring SIGINT.
+    interrupts = iter([TrainingCutShort])
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: _cut_short(interrupts)),
+    }
     try:
         report = run_demo(opts)
     except DemoError as exc:
         raise click.ClickException(str(exc)) from exc
+    except TrainingCutShort:  # Ctrl-C before the swarm trained: nothing to report
+        raise click.Abort() from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -65,6 +73,12 @@ def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: flo
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def _cut_short(interrupts: Iterator[type[Exception]]) -> None:
+    """The first Ctrl-C raises what `interrupts` yields (run_demo catches it around the training and reports;
+    before the training it aborts, as every later Ctrl-C does, through KeyboardInterrupt)."""
+    raise next(interrupts, KeyboardInterrupt)
 
 
 @click.command("eval")

@@ -223,6 +223,10 @@ def show_progress(peers: list[Child], elapsed: float) -> None:
         print(f"[{elapsed:5.0f}s] {peer.name:7s} {state}", flush=True)
 
 
+class TrainingCutShort(Exception):
+    """Raised (by the command's SIGINT handler) while the swarm trains: stop now, and still report."""
+
+
 def train_for(peers: list[Child], seconds: float, progress_every: float) -> None:
     """Let the swarm train, printing progress; DemoError if a peer exits on its own."""
     start = time.monotonic()
@@ -255,7 +259,10 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         children += peers
         print(f"{opts.peers} peers training the tiny preset, K={opts.slices}, for {opts.seconds:.0f}s "
               f"(logs in {out / 'logs'})", flush=True)  # fmt: skip
-        train_for(peers, opts.seconds, opts.progress_every)
+        try:
+            train_for(peers, opts.seconds, opts.progress_every)
+        except TrainingCutShort:
+            print("Ctrl-C: training ends early (Ctrl-C again aborts without the report)", flush=True)
         print("stopping the peers (SIGTERM: each saves a checkpoint and exits)", flush=True)
         codes = [peer.stop(STOP_GRACE_S) for peer in peers]
         boot.stop(STOP_GRACE_S)
