@@ -10,9 +10,10 @@ Results are cached per variant in `benchmarks/results/long_horizon.json`, so the
 rerunning; `--run` computes only what a section lacks (`--rerun`: all of it) in `--jobs` processes of
 one torch thread. 16 peers split the 8-peer global batch (batch 4 each): every row of a table sees the
 same tokens. Sections: `before`/`after` (main's and the new defaults, 40 rounds), `diagnosis` and
-`screen` (16-round proxies), `overlap` (the daemon's one-round-late outer step, and an eager fix),
-`k_sweep` (the frontier of loss gap against memory), `equal_memory` (DiLoCo on the largest model that
-fits a PPU peer's memory). `--plot` draws the gap against round.
+`screen` (16-round proxies), `overlap` (the daemon's overlap: as it was, an eager fix on a copy, and as it
+is), `k_sweep` (16 rounds) and `frontier` (40 rounds): loss gap against memory for K in 1, 2, 4, 8,
+`equal_memory` (DiLoCo on the largest model that fits a PPU peer's memory). `--plot` draws the gap against
+round and the frontier.
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def before() -> Rows:
 def after() -> Rows:
     rows = [(f"{m}, {n} peers", pinned(m, NEW, peers=n)) for n in (8, 16) for m in NEW]
     return [*rows[:3], ("gossip-ppu, 8 peers, lr 0.7", pinned("gossip-ppu", NEW, lr=0.7)),
-            ("gossip-ppu, 8 peers, overlap as it was (step a round late)",
+            ("gossip-ppu, 8 peers, overlap as it was",
              pinned("gossip-ppu", NEW, sim=LAP, diag="delayed-overlap")),
-            ("gossip-ppu, 8 peers, the same, eager own step on a copy",
+            ("gossip-ppu, 8 peers, as it was + eager copy",
              pinned("gossip-ppu", NEW, sim=LAP, diag="eager-overlap")),
-            ("gossip-ppu, 8 peers, overlap now (own delta at once)", pinned("gossip-ppu", NEW, sim=LAP)),
+            ("gossip-ppu, 8 peers, overlap now (the daemon's)", pinned("gossip-ppu", NEW, sim=LAP)),
             *rows[3:]]  # fmt: skip
 
 
@@ -132,7 +133,7 @@ def overlap() -> Rows:
         ("gossip-PPU, overlap as it was (step a round late)",
          pinned("gossip-ppu", NEW, rounds=r, sim=LAP, diag="delayed-overlap")),
         ("the same, eager own step on a copy", pinned("gossip-ppu", NEW, rounds=r, sim=LAP, diag="eager-overlap")),
-        ("overlap now: own delta at once, partners' a round late", pinned("gossip-ppu", NEW, rounds=r, sim=LAP)),
+        ("overlap now: own delta at once, partners' late", pinned("gossip-ppu", NEW, rounds=r, sim=LAP)),
         ("the same, weights sent after the own step",
          pinned("gossip-ppu", NEW, rounds=r, sim=LAP, diag="fresh-weights")),
     ]
