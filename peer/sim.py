@@ -247,8 +247,8 @@ class Simulation:
         self.bytes_sent += self._all_reduce_bytes()
 
     def _exchange(self, deltas: list[Contribution], r: int) -> Exchange:
-        """Round r's messages: who swaps with whom, and the weight slices as sent now (before any outer step
-        still in flight lands, as in the daemon)."""
+        """Round r's messages: who swaps with whom, and the weight slices as sent now (before round r's outer
+        step, as the daemon encodes them)."""
         n = self.config.peers
         slice_of = [k % len(self.all_slices) for k in range(n)]
         partners = matchings(n, self.config.fanout, slice_of, self.rng)
