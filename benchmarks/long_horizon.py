@@ -278,20 +278,18 @@ def plot(cache: dict[str, dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     drawn = False
     for ax, peers in zip(axes[:2], (8, 16)):
-        for name, table_, style in (("before", MAIN, "--"), ("after", NEW, "-")):
-            base = lookup(cache, pinned("diloco", table_, peers=peers))
-            for method in ("ppu", "gossip-ppu"):
-                row = lookup(cache, pinned(method, table_, peers=peers))
-                if row is None or base is None:
-                    continue
-                every = 8 if row.get("reference") or base.get("reference") else 4
-                gaps = [100 * (a / b - 1) for a, b in zip(curve(row, every), curve(base, every))]
-                ax.plot([every * (i + 1) for i in range(len(gaps))], gaps, style, marker="o", label=f"{method} {name}")
-                drawn = True
-        lapped = lookup(cache, pinned("gossip-ppu", NEW, peers=peers, sim=LAP))
-        if lapped is not None and base is not None:
-            gaps = [100 * (a / b - 1) for a, b in zip(curve(lapped, 4), curve(base, 4))]
-            ax.plot([4 * (i + 1) for i in range(len(gaps))], gaps, ":", marker="o", label="gossip-ppu after, overlap")
+        lines = [(pinned(method, table_, peers=peers), table_, style, f"{method} {name}")
+                 for name, table_, style in (("before", MAIN, "--"), ("after", NEW, "-"))
+                 for method in ("ppu", "gossip-ppu")]  # fmt: skip
+        lines.append((pinned("gossip-ppu", NEW, peers=peers, sim=LAP), NEW, ":", "gossip-ppu after, overlap"))
+        for variant, table_, style, label in lines:
+            row, base = lookup(cache, variant), lookup(cache, pinned("diloco", table_, peers=peers))
+            if row is None or base is None:
+                continue
+            every = 8 if row.get("reference") or base.get("reference") else 4
+            gaps = [100 * (a / b - 1) for a, b in zip(curve(row, every), curve(base, every))]
+            ax.plot([every * (i + 1) for i in range(len(gaps))], gaps, style, marker="o", label=label)
+            drawn = True
         ax.axhline(3, color="grey", linewidth=0.8, linestyle=":", label="goal: 3%")
         ax.set(title=f"{peers} peers", xlabel="round (H=20)", ylabel="val loss above DiLoCo (%)")
         ax.grid(alpha=0.3)
