@@ -10,7 +10,7 @@ all-reduce their averaged gradients and each applies the same AdamW step (its st
 background). What it shares with murmur: the model (`tiny` preset, same seed, so the same initial
 weights), the corpus and tokenizer (the embedded byte-level corpus), disjoint training windows per peer
 (`TokenStream`), the inner AdamW settings and gradient clipping, and the held-out windows of the daemon's
-`eval round N val_loss` lines (`peer.evaluate.val_loss`, batch 2 x the training batch, 8 batches).
+`eval round N val_loss` lines (`peer.lab.evaluate.val_loss`, batch 2 x the training batch, 8 batches).
 
 Output: one JSON object per stdout line (`event`: "maddrs", "joined", "eval", "done", "error"), read by
 benchmarks/vs_hivemind.py. `--bootstrap` runs only a DHT node that peers find each other through (as
@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from peer.data import TokenStream, load_corpus
-from peer.evaluate import val_loss
-from peer.inner import InnerConfig, lr_at
-from peer.model import Transformer, preset
+from peer.core.data import TokenStream, load_corpus
+from peer.core.inner import InnerConfig, lr_at
+from peer.core.model import Transformer, preset
+from peer.lab.evaluate import val_loss
 
 INNER = InnerConfig()
 """murmur's inner optimiser defaults (slots dataclass: read them from an instance)."""
@@ -139,7 +139,7 @@ def wait_for_peers(dht: Any, args: argparse.Namespace, stop: threading.Event) ->
 def train(args: argparse.Namespace, stop: threading.Event) -> int:
     import hivemind
 
-    torch.manual_seed(args.seed)  # as peer/trainer.py does: every peer (of either system) starts from these weights
+    torch.manual_seed(args.seed)  # as peer/node/trainer.py does: every peer of either system starts here
     config = preset(args.preset)
     model = Transformer(config)
     corpus = load_corpus(None)

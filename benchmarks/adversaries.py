@@ -28,15 +28,15 @@ from latejoin_swarm import late_join_of, served_losses, start_donors, start_newc
 from procs import Procs
 
 STOPPED_BY = {
-    "scaled": "outer step: rejected as an outlier, >10x the clipping bound (peer/robust.py)",
+    "scaled": "outer step: rejected as an outlier, >10x the clipping bound (peer/core/robust.py)",
     "nan": "wire: non-finite values refused, sender banned",
     "shape": "wire: header's shapes refused, sender banned",
     "replay": "wire: replay guard (round already seen)",
     "badkey": "wire: signature does not check against the announced key",
     "flood": "limits: per-peer exchanges/minute (RESOURCE_EXHAUSTED), then banned",
-    "future-round": "wire: round beyond the swarm's median + 16 refused (peer/rounds.py), sender banned after 3",
-    "sub-outlier": "outer step clips it to the bound; partner trust bans it after 3 clipped terms (peer/trust.py)",
-    "sybil": "admission: only peers that answered a probe or exchanged take partner slots (peer/admission.py)",
+    "future-round": "wire: round beyond the swarm's median + 16 refused (peer/node/rounds.py), sender banned after 3",
+    "sub-outlier": "outer step clips it to the bound; partner trust bans it after 3 clipped terms (peer/node/trust.py)",
+    "sybil": "admission: only peers that answered a probe or exchanged take partner slots (peer/swarm/admission.py)",
 }
 
 
@@ -79,7 +79,7 @@ def run_one(kind: str, rounds: int, workdir: Path) -> dict[str, object]:
 
 
 LATE_JOIN_STOPPED_BY = (
-    "late join: coordinate-wise median of 3 donors' snapshots, lower median of their rounds (peer/latejoin.py); "
+    "late join: coordinate-wise median of 3 donors' snapshots, lower median of their rounds (peer/node/latejoin.py); "
     "loss: the newcomer's val loss right after adopting"
 )
 

@@ -56,10 +56,10 @@ def pseudo_gradient(
 ) -> dict[str, torch.Tensor] | None:
     """delta = phi - theta per parameter of the tiny model after `steps` AdamW steps (lr 1e-3).
 
-    None when peer.model is not there yet (the caller falls back to a synthetic tensor).
+    None when peer.core.model is not there yet (the caller falls back to a synthetic tensor).
     """
     try:
-        from peer.model import PRESETS, Transformer
+        from peer.core.model import PRESETS, Transformer
     except ImportError:
         return None
     torch.manual_seed(seed)

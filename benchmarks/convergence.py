@@ -2,7 +2,7 @@
 
     python -m benchmarks.convergence [--full] [--peers 8,16] [--codecs fp32,bf16,int8,int4,topk] [--jobs 2]
 
-Every run is one `peer.sim.Simulation` (through `peer.compare.run_methods`) with the same token
+Every run is one `peer.lab.sim.Simulation` (through `peer.lab.compare.run_methods`) with the same token
 budget, so rows compare side by side: validation loss (mean of each peer's own weights, and of the
 peers' averaged weights), bytes each peer sends, and the consensus distance between peers' weights.
 More peers split the same global batch: 16 peers train batch B/2 each, so the rounds, H and the
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from peer.compare import run_methods
-from peer.data import load_corpus
-from peer.inner import InnerConfig
-from peer.model import PRESETS
-from peer.sim import SimConfig
-from peer.subsets import SliceConfig
+from peer.core.data import load_corpus
+from peer.core.inner import InnerConfig
+from peer.core.model import PRESETS
+from peer.core.slices import SliceConfig
+from peer.lab.compare import run_methods
+from peer.lab.sim import SimConfig
 from protocol.codec import CODEC_NAMES, CodecConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from peer.model import Transformer, preset
+from peer.core.model import Transformer, preset
 from protocol.codec import CodecConfig, encode
 from protocol.identity import Identity
 from protocol.updates import OutgoingUpdate, ReceivedUpdate, WirePolicy

@@ -4,7 +4,7 @@
     python -m benchmarks.long_horizon --run before,after   # run what those sections lack, then print
     python -m benchmarks.long_horizon --run screen --rerun # run a section again even where cached
 
-Every row is one `peer.sim.Simulation` named by a `Variant` (benchmarks/long_horizon_runs.py): the
+Every row is one `peer.lab.sim.Simulation` named by a `Variant` (benchmarks/long_horizon_runs.py): the
 issue's setting (tiny, 40 rounds of H=20, global batch 64, K=4 `units`, int8) with the row's changes.
 Results are cached per variant in `benchmarks/results/long_horizon.json`, so the tables print without
 rerunning; `--run` computes only what a section lacks (`--rerun`: all of it) in `--jobs` processes of
@@ -41,7 +41,7 @@ MAIN = {"diloco": {"lr": 0.7, "momentum": 0.5}, "ppu": {"lr": 0.4, "momentum": 0
 
 NEW = {"diloco": {"lr": 0.7, "momentum": 0.5}, "ppu": {"lr": 0.7, "momentum": 0.5, "rest_step": 0.3},
        "gossip-ppu": {"lr": 0.4, "momentum": 0.5, "consensus": 0.5, "fanout": 2, "rest_step": 0.3}}  # fmt: skip
-"""The defaults issue 13 chose (peer/sim.py DEFAULT_OUTER and SimConfig); `after` runs them."""
+"""The defaults issue 13 chose (peer/core/outer.py DEFAULT_OUTER, peer/lab/sim.py SimConfig); `after` runs them."""
 
 REFERENCE: dict[str, dict] = {
     "diloco lr=0.7 momentum=0.5": {"val_loss": 1.564, "curve_every_8": [2.267, 1.869, 1.686, 1.600, 1.564]},

@@ -13,12 +13,21 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from peer.data import load_corpus
-from peer.inner import InnerConfig, SliceOptimizer
-from peer.model import PRESETS
-from peer.outer import Contribution, CoordinateMean, OuterConfig, Params, gossip_step
-from peer.sim import DEFAULT_OUTER, SimConfig, Simulation, evaluate
-from peer.subsets import Region, SliceConfig, SliceLayout, full_layout, head_parameters, partition
+from peer.core.data import load_corpus
+from peer.core.inner import InnerConfig, SliceOptimizer
+from peer.core.model import PRESETS
+from peer.core.outer import CoordinateMean, OuterConfig, gossip_step
+from peer.core.slices import (
+    Contribution,
+    Params,
+    Region,
+    SliceConfig,
+    SliceLayout,
+    full_layout,
+    head_parameters,
+    partition,
+)
+from peer.lab.sim import DEFAULT_OUTER, SimConfig, Simulation, evaluate
 from protocol.codec import CodecConfig
 
 GLOBAL_BATCH = 64

@@ -2,8 +2,8 @@
 
     python -m benchmarks.outer_sweep --peers 8 --jobs 8 --threads 2 --json sweep.json
 
-Every trial is one `peer.sim.Simulation` at equal tokens, so trials compare side by side. The
-method defaults in `peer/sim.py` (DEFAULT_OUTER) are set from this sweep's output.
+Every trial is one `peer.lab.sim.Simulation` at equal tokens, so trials compare side by side. The
+method defaults in `peer/core/outer.py` (DEFAULT_OUTER) are set from this sweep's output.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from peer.compare import SWEEP_GRID
-from peer.data import load_corpus
-from peer.inner import InnerConfig
-from peer.model import PRESETS
-from peer.sim import DEFAULT_OUTER, SimConfig, Simulation
-from peer.subsets import SliceConfig
+from peer.core.data import load_corpus
+from peer.core.inner import InnerConfig
+from peer.core.model import PRESETS
+from peer.core.slices import SliceConfig
+from peer.lab.compare import SWEEP_GRID
+from peer.lab.sim import DEFAULT_OUTER, SimConfig, Simulation
 from protocol.codec import CodecConfig
 
 

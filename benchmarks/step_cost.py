@@ -4,7 +4,7 @@
                                    [--device cuda]
 
 For each preset, cut and K, every figure is a ratio to the full-model step of the same preset, shown
-next to what `peer/subsets.py` (`slice_cost`) predicts from parameter counts:
+next to what `peer/core/slices.py` (`slice_cost`) predicts from parameter counts:
 - time: median step time; full and slice steps alternate in one process so load noise hits both.
   Predicted: (forward + slice backward FLOPs) / (forward + full backward FLOPs).
 - backward FLOPs: torch's FLOP counter over one backward pass.
@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 
-from peer.inner import InnerConfig, SliceOptimizer
-from peer.model import PRESETS, Transformer
-from peer.subsets import (
+from peer.core.inner import InnerConfig, SliceOptimizer
+from peer.core.model import PRESETS, Transformer
+from peer.core.slices import (
     SliceConfig,
     SliceLayout,
     forward_flops_per_token,

@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from peer.data import load_corpus
-from peer.evaluate import val_loss
-from peer.model import Transformer, preset
-from peer.roundline import RoundLine
+from peer.core.data import load_corpus
+from peer.core.model import Transformer, preset
+from peer.lab.evaluate import val_loss
+from peer.node.roundline import RoundLine
 
 SUBNET = "10.79.0"
 BRIDGE = "vhbr0"
@@ -287,7 +287,7 @@ def start_murmur(opts: Options, ips: list[str], t0: float) -> tuple[list[Child],
     total = opts.rounds * opts.steps
     (wd / "run.toml").write_text(RUN_TOML.format(preset=opts.preset, slices=opts.slices, H=opts.steps, B=opts.batch,
                                                  total=total))  # fmt: skip
-    cli = [sys.executable, "-m", "peer.cli"]
+    cli = [sys.executable, "-m", "peer.cli.main"]
     made = subprocess.run(
         [*cli, "create-run", "--config", "run.toml", "--key", "owner.key", "--out", "manifest.json"],
         cwd=wd,

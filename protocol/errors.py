@@ -38,7 +38,7 @@ class Reason(str, Enum):
     WRONG_RUN = "wrong_run"
     REPLAY = "replay"
     FUTURE_ROUND = "future_round"
-    """A round further ahead of the receiver's view of "now" than a live peer can be (peer/rounds.py)."""
+    """A round further ahead of the receiver's view of "now" than a live peer can be (peer/node/rounds.py)."""
     BANNED = "banned"
     RATE_LIMITED = "rate_limited"
     """The server is busy (downloads, payload buffers in flight): retry later or elsewhere; nobody is banned."""

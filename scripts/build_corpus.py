@@ -10,7 +10,7 @@ Contract: the output depends only on the interpreter's stdlib (run it with CPyth
 the committed file byte for byte). Files are read in sorted order; whitespace is normalised; lines that
 are mostly code or symbols are dropped; paragraphs that repeat exactly are kept once; the gzip header
 carries no file name and mtime 0. Paragraphs are separated by one blank line, which is the unit that
-`peer.data` uses for its validation split.
+`peer.core.data` uses for its validation split.
 
 Usage: python scripts/build_corpus.py [--out peer/corpus/default.txt.gz] [--stdlib DIR]
 """

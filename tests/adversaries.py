@@ -21,18 +21,18 @@ Kinds (what each should meet at an honest receiver):
 - `poisoned-donor`  serves late joiners (FetchState) its phi plus Gaussian noise of std POISON_STD, labelled
             POISON_ROUNDS_AHEAD rounds ahead (under the round ceiling), validly signed by its own key; its gossip
             stays honest. A joiner
-            takes the coordinate-wise median of 3 donors and their rounds' lower median (peer/latejoin.py), so
+            takes the coordinate-wise median of 3 donors and their rounds' lower median (peer/node/latejoin.py), so
             neither lands; what shows it is the joiner's held-out loss (tests/test_latejoin.py), not a counter
 - `future-round`  every update it sends, and its announcement, claims a round FUTURE_ROUND ahead (2^62): the
-            wire refuses it (future_round, peer/rounds.py), and after STRIKES_TO_BAN refusals its sender is banned
+            wire refuses it (future_round, peer/node/rounds.py), and after STRIKES_TO_BAN refusals its sender is banned
 - `sub-outlier`  a patient attacker: every update carries, on top of its honest delta and weights, one fixed
             direction sized SUB_OUTLIER_RATIO times the receiver's clipping bound (estimated from its own deltas,
-            as the receiver's own bound is): under the outlier ratio, so it is shrunk (peer/robust.py) and mixed in,
-            round after round; partner trust (peer/trust.py) bans it after a few clipped terms
+            as the receiver's own bound is): under the outlier ratio, so it is shrunk (core/robust.py) and mixed in,
+            round after round; partner trust (peer/node/trust.py) bans it after a few clipped terms
 - `sybil`   a client-only process that trains nothing and keeps SYBILS validly signed announcements of made-up
             peers (fresh keys, endpoints on loopback where nothing listens) in the swarm's DHT key: none of them
             answers a probe, so none gets a partner slot, a vote on the round or a say in slice coverage
-            (peer/admission.py)
+            (peer/swarm/admission.py)
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # procs.py beside this file, also when run as a script
 from procs import Proc, Procs, murmur
 
-from peer import daemon as daemon_module
-from peer import swarm as swarm_module
-from peer import trainer as trainer_module
-from peer.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
-from peer.roundline import parse_all
-from peer.trainer import TrainedRound
+from peer.core.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
+from peer.node import daemon as daemon_module
+from peer.node import trainer as trainer_module
+from peer.node.roundline import parse_all
+from peer.node.trainer import TrainedRound
+from peer.swarm import membership as swarm_module
 from protocol import client as client_module
 from protocol import service as service_module
 from protocol.codec import CodecConfig, Encoded, decode, encode
@@ -77,15 +77,15 @@ LATE_JOIN_KINDS = ("poisoned-donor",)
 POISON_STD = 1.0
 """Noise added to every weight a poisoned donor serves (the tiny preset's weights are ~0.02-1 in size)."""
 POISON_ROUNDS_AHEAD = 10
-"""Rounds a poisoned snapshot claims to be ahead of the truth (signed): within the round ceiling (peer/rounds.py
+"""Rounds a poisoned snapshot claims to be ahead of the truth (signed): within the round ceiling (peer/node/rounds.py
 refuses a state more than 16 ahead of what the swarm agrees on, as any claim), so what keeps the joiner's clock
 from following it is the lower median of the donors' rounds."""
 SCALE = 1e4
 FUTURE_ROUND = 1 << 62
-"""What `future-round` adds to every round it claims (the value that crashed honest peers before peer/rounds.py)."""
+"""What `future-round` adds to every round it claims (what crashed honest peers before peer/node/rounds.py)."""
 SUB_OUTLIER_RATIO = 8.0
 """How far over the receiver's clipping bound `sub-outlier` aims its fixed direction: under the outlier ratio
-(10, peer/robust.py) with room for the receiver's own bound being a little smaller than the attacker's estimate."""
+(10, peer/core/robust.py) with room for the receiver's own bound being a little smaller than the attacker's estimate."""
 SYBILS = 200
 """Made-up peers `sybil` keeps announced (MURMUR_SYBILS overrides it)."""
 SYBIL_TTL_S = 600.0
@@ -449,7 +449,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"usage: python tests/adversaries.py {{{','.join(KINDS)}}} <murmur run args>")
     install(argv[0])
     print(f"adversary {argv[0]} installed", flush=True)
-    from peer.cli import main as murmur
+    from peer.cli.main import main as murmur
 
     murmur(["run", *argv[1:]], prog_name="murmur")
 

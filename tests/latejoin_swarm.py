@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # procs.py beside this file, also from benchmarks/
 from procs import Proc, Procs, murmur
 
-from peer.latejoin import SNAPSHOT_EVERY
-from peer.roundline import PATTERN as ROUND_LINE
-from peer.roundline import parse_all
+from peer.node.latejoin import SNAPSHOT_EVERY
+from peer.node.roundline import PATTERN as ROUND_LINE
+from peer.node.roundline import parse_all
 
 RUN_TOML = """
 swarm = "{swarm}"

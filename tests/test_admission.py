@@ -1,5 +1,5 @@
-"""Admission (peer/admission.py) and partner trust (peer/trust.py), pure bookkeeping; and the probes behind
-admission (peer/probes.py) against a real PeerServer on loopback."""
+"""Admission (peer/swarm/admission.py) and partner trust (peer/node/trust.py), pure bookkeeping; and the probes behind
+admission (peer/swarm/reachability.py) against a real PeerServer on loopback."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from dataclasses import replace
 import pytest
 from conftest_wire import CLIENT_ID, RUN_ID, SERVER_ID, STRANGER_ID, Wire, run, serving
 
-from peer.admission import ADMITTED_FOR_S, FIRST_BACKOFF_S, MAX_BACKOFF_S, Admission
-from peer.probes import Prober
-from peer.trust import CLEAN, CLIPPED, STRIKES, PartnerTrust
+from peer.node.trust import CLEAN, CLIPPED, STRIKES, PartnerTrust
+from peer.swarm.admission import ADMITTED_FOR_S, FIRST_BACKOFF_S, MAX_BACKOFF_S, Admission
+from peer.swarm.reachability import Prober
 from protocol import PROTOCOL_VERSION
 from protocol.identity import Identity
 from protocol.records import Announcement, sign_announcement, verify_announcement

@@ -49,6 +49,6 @@ def test_every_attack_is_rejected_or_clipped_and_the_loss_holds(procs: Procs) ->
     for swarm in swarms:  # printed (pytest shows it on a failure): a one-round spike or a peer that stayed behind
         print(f"eval curves of {swarm.tag}: {eval_curves(swarm)}")
     assert hit["loss"] <= (1 + TOLERANCE) * base["loss"], (hit["losses"], base["losses"])
-    # the patient attacker's terms were clipped before partner trust banned it (peer/trust.py)
+    # the patient attacker's terms were clipped before partner trust banned it (peer/node/trust.py)
     assert hit["counters"].get("clipped", 0) >= 3, hit["counters"]
 

@@ -26,7 +26,7 @@ import pytest
 from hivemind.utils import get_dht_time
 from procs import Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
-from peer.runconfig import RunConfig
+from peer.config import RunConfig
 from protocol import PROTOCOL_VERSION
 from protocol import manifest as M
 from protocol.identity import Identity

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import peer.checkpoint as ckpt
-from peer.checkpoint import CheckpointState, list_checkpoints, load_latest, save_checkpoint
-from peer.inner import InnerConfig, SliceOptimizer, inner_round
-from peer.model import ModelConfig, Transformer
-from peer.outer import Contribution, CoordinateMean, nesterov_step, pseudo_gradient
-from peer.subsets import SliceConfig, parameter_shapes, partition
+import peer.node.checkpoint as ckpt
+from peer.core.inner import InnerConfig, SliceOptimizer, inner_round
+from peer.core.model import ModelConfig, Transformer
+from peer.core.outer import CoordinateMean, nesterov_step
+from peer.core.slices import Contribution, SliceConfig, parameter_shapes, partition, pseudo_gradient
+from peer.node.checkpoint import CheckpointState, list_checkpoints, load_latest, save_checkpoint
 from protocol.codec import CodecConfig, ErrorFeedback, decode
 
 RUN = "ab12cd34"
@@ -55,7 +55,7 @@ def assert_same(a: CheckpointState, b: CheckpointState) -> None:
 @pytest.fixture
 def warnings(caplog: pytest.LogCaptureFixture):
     """The murmur logger does not propagate to root, so hand caplog's handler to the module logger."""
-    logger = logging.getLogger("murmur.peer.checkpoint")
+    logger = logging.getLogger("murmur.peer.node.checkpoint")
     logger.addHandler(caplog.handler)
     caplog.handler.setLevel(logging.WARNING)
     yield caplog

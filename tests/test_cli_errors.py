@@ -1,6 +1,6 @@
 """Every wrong input to a `murmur` command: a non-zero exit, one short message naming the problem, no traceback.
 
-Most cases fail before any network starts (peer/preflight.py), so they run in-process with click's CliRunner:
+Most cases fail before any network starts (peer/cli/preflight.py), so they run in-process with click's CliRunner:
 there a traceback is an exception other than SystemExit, and reaching the network at all fails the test. A few
 go through the real entry point as a subprocess (tests/procs.py `murmur`), to show what a user sees. The binds
 that the early checks cannot make safe (a port taken a moment after the check) are tested on their own.
@@ -21,11 +21,11 @@ import torch
 from click.testing import CliRunner
 from procs import murmur
 
-from peer.cli import main
-from peer.data import DataNotFound
-from peer.metrics import Metrics
-from peer.runconfig import RunConfig
-from peer.trainer import Trainer
+from peer.cli.main import main
+from peer.config import RunConfig
+from peer.core.data import DataNotFound
+from peer.node.metrics import Metrics
+from peer.node.trainer import Trainer
 from protocol.errors import SetupError
 from protocol.identity import Identity
 from protocol.service import PeerServer, ServerConfig

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peer import cli_run
-from peer.cli import main
-from peer.devices import fit_inner, fit_micro_batch, resolve_device, split_batch, training_bytes
-from peer.inner import InnerConfig
-from peer.model import PRESETS
+from peer.cli import run as cli_run
+from peer.cli.main import main
+from peer.core.devices import fit_inner, fit_micro_batch, resolve_device, split_batch, training_bytes
+from peer.core.inner import InnerConfig
+from peer.core.model import PRESETS
 
 GiB = 2**30
 BASE = ["run", "--swarm", "loop", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX", "--identity", "p.key"]
@@ -105,9 +105,9 @@ def invoke(
     with pytest.MonkeyPatch.context() as mp:
         import uvloop
 
-        import peer.daemon
+        import peer.node.daemon
 
-        mp.setattr(peer.daemon, "run_daemon", fake_run_daemon)
+        mp.setattr(peer.node.daemon, "run_daemon", fake_run_daemon)
         mp.setattr(uvloop, "run", lambda coro: coro)
         result = CliRunner().invoke(main, args, catch_exceptions=False, env=env)
     return result.exit_code, result.output, seen

@@ -418,9 +418,9 @@ def test_pseudo_gradient_errors() -> None:
     """On an AdamW delta of the tiny model: near-lossless bf16/int8, usable int4; topk is mostly error
     by itself (Adam spreads the update evenly), so it only works with error feedback."""
     try:
-        import peer.model  # noqa: F401
+        import peer.core.model  # noqa: F401
     except ImportError as error:
-        pytest.skip(f"peer.model not importable yet: {error}")
+        pytest.skip(f"peer.core.model not importable yet: {error}")
     bench = _benchmark_module()
     delta = bench.pseudo_gradient(steps=4, batch=4, seq_len=64)
     limits = {"fp32": 0.0, "bf16": 0.004, "int8": 0.01, "int4": 0.15, "topk": 1.0}

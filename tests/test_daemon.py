@@ -9,8 +9,11 @@ import threading
 import pytest
 import torch
 
-from peer import resume
-from peer.exchange import (
+from peer.config import RunConfig
+from peer.core.outer import consensus_distance, gossip_step, initial_state
+from peer.core.slices import Contribution, parameter_shapes, partition, pseudo_gradient, weight_slice
+from peer.node import resume
+from peer.node.gossip import (
     STALE_ROUNDS,
     Inbox,
     compose_outer_step,
@@ -19,11 +22,8 @@ from peer.exchange import (
     split_update,
     update_shapes,
 )
-from peer.latejoin import MAX_DONORS, choose_donors
-from peer.outer import Contribution, consensus_distance, gossip_step, initial_state, pseudo_gradient, weight_slice
-from peer.runconfig import RunConfig
-from peer.subsets import parameter_shapes, partition
-from peer.trainer import Halted, Trainer, _inner_config
+from peer.node.latejoin import MAX_DONORS, choose_donors
+from peer.node.trainer import Halted, Trainer, _inner_config
 from protocol.codec import CodecConfig, ErrorFeedback, decode
 from protocol.identity import Identity
 from protocol.records import Announcement
@@ -206,7 +206,7 @@ def test_checkpoint_on_stop_and_resume_restore_the_peer(tmp_path) -> None:
 def test_run_command_is_registered_and_refuses_bad_flag_combinations() -> None:
     from click.testing import CliRunner
 
-    from peer.cli import main
+    from peer.cli.main import main
 
     runner = CliRunner()
     assert "run" in runner.invoke(main, ["--help"]).output

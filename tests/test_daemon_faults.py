@@ -28,12 +28,12 @@ import pytest
 import torch
 from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
-from peer import resume
-from peer.checkpoint import list_checkpoints
-from peer.roundline import PATTERN as ROUND_PATTERN_RE
-from peer.roundline import parse_all
-from peer.runconfig import RunConfig
-from peer.trainer import Trainer
+from peer.config import RunConfig
+from peer.node import resume
+from peer.node.checkpoint import list_checkpoints
+from peer.node.roundline import PATTERN as ROUND_PATTERN_RE
+from peer.node.roundline import parse_all
+from peer.node.trainer import Trainer
 from protocol.identity import Identity
 
 RUN_TOML = """

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from peer.daemon import Daemon, InFlight
-from peer.robust import ClipReport
-from peer.trainer import TrainedRound
+from peer.core.robust import ClipReport
+from peer.node.daemon import Daemon, InFlight
+from peer.node.trainer import TrainedRound
 from protocol.codec import CodecConfig
 from protocol.updates import OutgoingUpdate
 

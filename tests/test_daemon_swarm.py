@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
-from peer.roundline import parse_all
+from peer.node.roundline import parse_all
 
 RUN_TOML = """
 swarm = "loop"

@@ -1,4 +1,4 @@
-"""peer/data.py: the embedded corpus, sources and their errors, tokenizers, and disjoint streams."""
+"""peer/core/data.py: the embedded corpus, sources and their errors, tokenizers, and disjoint streams."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.data import (
+from peer.core.data import (
     ByteTokenizer,
     Corpus,
     TokenStream,

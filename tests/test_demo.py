@@ -19,11 +19,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peer.checkpoint import CheckpointState, save_checkpoint
-from peer.cli import main
-from peer.data import load_corpus, val_batches
-from peer.model import Transformer
-from peer.runconfig import RunConfig
+from peer.cli.main import main
+from peer.config import RunConfig
+from peer.core.data import load_corpus, val_batches
+from peer.core.model import Transformer
+from peer.node.checkpoint import CheckpointState, save_checkpoint
 
 RUN_ID = "c0ffee01"
 
@@ -34,7 +34,7 @@ def tiny_run() -> RunConfig:
 
 
 def save_tiny(directory: Path, round_: int = 3) -> tuple[Path, Transformer, RunConfig]:
-    """A checkpoint of a freshly initialised tiny model, the way peer/resume.py writes one."""
+    """A checkpoint of a freshly initialised tiny model, the way peer/node/resume.py writes one."""
     run = tiny_run()
     torch.manual_seed(round_)
     model = Transformer(run.model).eval()
@@ -108,7 +108,7 @@ def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
     run_key = wait_for_line(log, r"run key ([0-9a-f]{64})$", demo, 60)[1]
     wait_for_line(log, r"peer\d +round +(?:[5-9]|[1-9]\d|\d{3,}) ", demo, 90)  # round >= 5
     maddr = (out / "boot.addrs").read_text().split()[0]
-    argv = [sys.executable, "-m", "peer.cli", "eval", "--swarm", "demo", "--initial-peers", maddr,
+    argv = [sys.executable, "-m", "peer.cli.main", "eval", "--swarm", "demo", "--initial-peers", maddr,
             "--run-key", run_key, "--batches", "2", "--json"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -119,7 +119,7 @@ def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
 @pytest.mark.timeout(240)
 def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
     out, log = tmp_path / "demo-out", tmp_path / "demo.log"
-    argv = [sys.executable, "-m", "peer.cli", "demo", "--peers", "2", "--minutes", "30", "--out", str(out)]
+    argv = [sys.executable, "-m", "peer.cli.main", "demo", "--peers", "2", "--minutes", "30", "--out", str(out)]
     with open(log, "w") as sink:
         demo = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
@@ -149,8 +149,8 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
 
 
 def test_the_first_ctrl_c_cuts_the_training_short_and_the_next_aborts() -> None:
-    from peer.cli_demo import _cut_short
-    from peer.demo import TrainingCutShort
+    from peer.cli.demo import _cut_short
+    from peer.lab.demo import TrainingCutShort
 
     interrupts = iter([TrainingCutShort])
     with pytest.raises(TrainingCutShort):

@@ -94,7 +94,7 @@ def test_compose_starts_two_bootstrap_nodes_that_list_each_other() -> None:
     # Each command parses with the real CLI (click validates every option without starting anything).
     from click.testing import CliRunner
 
-    from peer.cli import main
+    from peer.cli.main import main
 
     for service in (boot1, boot2):
         result = CliRunner().invoke(main, ["bootstrap", *service["command"], "--help"])

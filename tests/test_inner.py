@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.inner import InnerConfig, SliceOptimizer, inner_round, lr_at
-from peer.model import ModelConfig, Transformer
-from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition
+from peer.core.inner import InnerConfig, SliceOptimizer, inner_round, lr_at
+from peer.core.model import ModelConfig, Transformer
+from peer.core.slices import SliceConfig, full_layout, parameter_shapes, partition
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16)

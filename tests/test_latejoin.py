@@ -1,4 +1,4 @@
-"""A late join that one lying donor cannot poison (peer/latejoin.py; DESIGN.md section 5b).
+"""A late join that one lying donor cannot poison (peer/node/latejoin.py; DESIGN.md section 5b).
 
 Unit tests on small hand-made tensors: the median of 3 with one liar, the rule for 2 donors, 1 donor, the
 rounds' median, shapes the wire refuses, and the concurrent downloads that move on to the next candidate.
@@ -31,8 +31,8 @@ from adversaries import POISON_ROUNDS_AHEAD
 from latejoin_swarm import first_round, late_join_of, served_losses, start_donors, start_newcomer, wait_for_snapshots
 from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
-from peer import latejoin
-from peer.latejoin import (
+from peer.node import latejoin
+from peer.node.latejoin import (
     MAX_DONORS,
     agreed_round,
     choose_donors,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from peer.inner import InnerConfig
-from peer.model import ModelConfig
-from peer.outer import OuterConfig
-from peer.runconfig import DataConfig, GossipConfig, RunConfig
-from peer.subsets import SliceConfig
+from peer.config import DataConfig, GossipConfig, RunConfig
+from peer.core.inner import InnerConfig
+from peer.core.model import ModelConfig
+from peer.core.outer import OuterConfig
+from peer.core.slices import SliceConfig
 from protocol import manifest as M
 from protocol._generated import murmur_pb2 as pb
 from protocol.codec import CodecConfig
@@ -154,7 +154,7 @@ def test_pin_store_uses_murmur_home(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_create_run_from_a_toml_file_with_flag_overrides(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from peer.cli import main
+    from peer.cli.main import main
 
     (tmp_path / "run.toml").write_text(
         'swarm = "from-toml"\nmethod = "gossip-ppu-gasloc"\n[slices]\nnum_slices = 2\ncut = "blocks"\n'

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest_wire import until
 
-from peer.metrics import Metrics, StatusLine, human_bytes
+from peer.node.metrics import Metrics, StatusLine, human_bytes
 
 EXPECTED = """\
 # HELP murmur_round Outer round this peer is in.
@@ -46,7 +46,7 @@ murmur_peers_admitted 5
 # HELP murmur_partners_reached Partners exchanged with in the last round.
 # TYPE murmur_partners_reached gauge
 murmur_partners_reached 2
-# HELP murmur_clipped_updates_total Partner terms scaled down to the clipping bound (peer/robust.py).
+# HELP murmur_clipped_updates_total Partner terms scaled down to the clipping bound (peer/core/robust.py).
 # TYPE murmur_clipped_updates_total counter
 murmur_clipped_updates_total 3
 """
@@ -305,7 +305,7 @@ def test_human_bytes() -> None:
 
 @pytest.mark.timeout(20)
 def test_status_reporter_redraws_on_a_tty_and_keeps_other_output_off_the_line() -> None:
-    from peer.status import StatusReporter
+    from peer.node.status import StatusReporter
 
     m, tty, out = known_state(), FakeTTY(), io.StringIO()
     root = logging.getLogger("murmur")
@@ -324,7 +324,7 @@ def test_status_reporter_redraws_on_a_tty_and_keeps_other_output_off_the_line() 
         # the round line goes to stdout whole; the status line was erased first and is redrawn at once
         assert out.getvalue() == "round 13 loss 2.5000 tok/s 100 slice 1 exchanged 2/2\n"
         assert tty.getvalue()[before:].startswith(erase + erase + "round 13 |")
-        logging.getLogger("murmur.peer.daemon").warning("exchange failed")
+        logging.getLogger("murmur.peer.node.daemon").warning("exchange failed")
         assert tty.getvalue().endswith(erase + "exchange failed\n")  # at column 0, not after the status
         await asyncio.sleep(0.2)
         assert tty.getvalue().rstrip("\n").rsplit("\n", 1)[-1].startswith(erase + "round 13 |")  # back under it
@@ -345,7 +345,7 @@ def test_status_reporter_redraws_on_a_tty_and_keeps_other_output_off_the_line() 
 def test_status_reporter_off_a_tty_prints_round_lines_plainly_and_logs_status_now_and_then(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from peer.status import StatusReporter
+    from peer.node.status import StatusReporter
 
     m, err, out = known_state(), io.StringIO(), io.StringIO()
     reporter = StatusReporter(m, err, out=out, every_s=0.02, log_every_s=60, logger=logging.getLogger("test.rep"))
@@ -367,7 +367,7 @@ def test_status_reporter_off_a_tty_prints_round_lines_plainly_and_logs_status_no
 
 @pytest.mark.timeout(20)
 def test_status_reporter_erases_the_line_before_any_print_to_a_terminal_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
-    from peer.status import StatusReporter
+    from peer.node.status import StatusReporter
 
     tty, stdout = FakeTTY(), FakeTTY()
     monkeypatch.setattr(sys, "stdout", stdout)

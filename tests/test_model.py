@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.model import PRESETS, ModelConfig, Transformer, apply_rotary, param_count, preset, rotary_tables
+from peer.core.model import PRESETS, ModelConfig, Transformer, apply_rotary, param_count, preset, rotary_tables
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,7 +22,7 @@ from netns import Host, Network, netns_fixture  # noqa: F401 - registers the `ne
 from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 from test_daemon_faults import wait_until
 
-from peer.roundline import RoundLine, parse_all
+from peer.node.roundline import RoundLine, parse_all
 
 RUN_TOML = """
 swarm = "links"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.outer import (
-    Contribution,
+from peer.core.outer import (
     CoordinateMean,
     OuterConfig,
     consensus_distance,
@@ -16,9 +15,8 @@ from peer.outer import (
     initial_state,
     nesterov_step,
     noloco_step,
-    pseudo_gradient,
 )
-from peer.subsets import Region
+from peer.core.slices import Contribution, Region, pseudo_gradient
 
 pytestmark = pytest.mark.timeout(30)
 

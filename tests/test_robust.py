@@ -1,5 +1,5 @@
-"""Robust aggregation (peer/robust.py): hand-computed centred clipping, rejections, the running norm, and
-the outer step from wire updates with a clipper (peer/exchange.py)."""
+"""Robust aggregation (peer/core/robust.py): hand-computed centred clipping, rejections, the running norm, and
+the outer step from wire updates with a clipper (peer/node/gossip.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from peer.exchange import compose_outer_step, encode_update
-from peer.outer import Contribution, OuterConfig, gossip_step, initial_state, pseudo_gradient
-from peer.robust import (
+from peer.config import RunConfig
+from peer.core.outer import OuterConfig, gossip_step, initial_state
+from peer.core.robust import (
     AUTO_FACTOR,
     NON_FINITE,
     OUTLIER,
@@ -22,8 +22,8 @@ from peer.robust import (
     quantile,
     robust_terms,
 )
-from peer.runconfig import RunConfig
-from peer.subsets import Region, parameter_shapes, partition
+from peer.core.slices import Contribution, Region, parameter_shapes, partition, pseudo_gradient
+from peer.node.gossip import compose_outer_step, encode_update
 from protocol.codec import CodecConfig, ErrorFeedback, decode
 from protocol.updates import ReceivedUpdate
 
@@ -137,7 +137,7 @@ def test_robust_terms_clip_a_far_update_to_the_bound_reject_an_outlier_and_leave
 
 
 def test_robust_terms_report_what_happened_to_each_senders_terms() -> None:
-    """Partner trust (peer/trust.py) needs, per sender, which of its terms were clean, clipped or rejected."""
+    """Partner trust (peer/node/trust.py) needs, per sender, which of its terms were clean, clipped or rejected."""
     phi = {"w": t(0.5, -0.5, 0.25, 0.0)}
     own = Contribution(FIRST_TWO, {"w": t(0.01, -0.02)})
     honest = Contribution(ALL, {"w": t(0.012, -0.018, 0.01, 0.015)}, source="honest")

@@ -1,9 +1,9 @@
-"""The bounded Lamport clock (peer/rounds.py): claims from the future are refused, the clock never jumps far,
+"""The bounded Lamport clock (peer/node/rounds.py): claims from the future are refused, the clock never jumps far,
 one liar cannot move the reference, and an honest peer that is really ahead is believed once others agree."""
 
 from __future__ import annotations
 
-from peer.rounds import CLAIM_TTL_S, MAX_ROUND, MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView, lower_median
+from peer.node.rounds import CLAIM_TTL_S, MAX_ROUND, MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView, lower_median
 
 
 class Clock:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from peer.cli import main
-from peer.model import PRESETS
-from peer.subsets import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
+from peer.cli.main import main
+from peer.core.model import PRESETS
+from peer.core.slices import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -119,9 +119,9 @@ def test_overlap_mixes_own_deltas_at_once_and_partners_a_round_late(
 ) -> None:
     """With overlap each round's step takes that round's own delta and the partners' deltas of the round before
     (none in round 0), as the daemon does; without it, both of the same round."""
-    from peer import sim
-    from peer.data import load_corpus
-    from peer.inner import InnerConfig
+    from peer.core.data import load_corpus
+    from peer.core.inner import InnerConfig
+    from peer.lab import sim
 
     config = sim.SimConfig(model=PRESETS["tiny"], inner=InnerConfig(steps_per_round=1, batch_size=2, total_steps=3),
                            peers=4, rounds=3, fanout=1, overlap=overlap, eval_every=3, eval_batches=1)  # fmt: skip

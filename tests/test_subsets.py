@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from peer.inner import InnerConfig, SliceOptimizer
-from peer.model import ModelConfig, Transformer
-from peer.subsets import Region, SliceConfig, full_layout, head_parameters, parameter_shapes, partition, slice_cost
+from peer.core.inner import InnerConfig, SliceOptimizer
+from peer.core.model import ModelConfig, Transformer
+from peer.core.slices import Region, SliceConfig, full_layout, head_parameters, parameter_shapes, partition, slice_cost
 
 pytestmark = pytest.mark.timeout(60)
 

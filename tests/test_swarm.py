@@ -10,9 +10,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from peer import swarm as swarm_module
-from peer.swarm import Member, Reachability, Swarm, SwarmConfig, choose_partners, choose_slice, rebalance, slice_counts
-from peer.swarm_join import refresh_until
+from peer.swarm import membership as swarm_module
+from peer.swarm.join import refresh_until
+from peer.swarm.membership import (
+    Member,
+    Reachability,
+    Swarm,
+    SwarmConfig,
+    choose_partners,
+    choose_slice,
+    rebalance,
+    slice_counts,
+)
 from protocol.identity import Identity
 from protocol.records import Announcement
 
@@ -84,7 +93,7 @@ class FakeDHT:
 
 
 def test_too_few_peers_triggers_a_rate_limited_rebootstrap() -> None:
-    from peer.swarm import Swarm, SwarmConfig
+    from peer.swarm.membership import Swarm, SwarmConfig
 
     dht = FakeDHT()
     swarm = Swarm(dht, SwarmConfig(swarm="s", initial_peers=("/ip4/1.2.3.4/tcp/1/p2p/Qm",), min_peers=2))
@@ -101,7 +110,7 @@ def test_too_few_peers_triggers_a_rate_limited_rebootstrap() -> None:
 def test_cli_create_run_prints_the_run_key_last_and_usage_errors_exit_2(tmp_path, monkeypatch) -> None:
     from click.testing import CliRunner
 
-    from peer.cli import main
+    from peer.cli.main import main
     from protocol.identity import Identity
     from protocol.manifest import load_json
 

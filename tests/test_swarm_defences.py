@@ -1,13 +1,13 @@
 """One stranger must not stop the swarm (issue 12, items 1 and 6), with real processes on loopback, in one swarm.
 
 Three honest `murmur run` peers train next to a `future-round` liar (tests/adversaries.py: every update it sends,
-and its announcement, claims a round 2^62 ahead). Before peer/rounds.py such a peer stopped a swarm of three within
+and its announcement, claims a round 2^62 ahead). Before peer/node/rounds.py such a peer stopped a swarm of three within
 a minute: every honest peer that mixed one of its updates jumped its clock to 2^62 and died on the number. Here the
 honest peers refuse its updates (`future_round`), ban it after a few, keep training, and their rounds (and the
 checkpoints named after them) stay small.
 
 Then a `sybil` process keeps SYBILS validly signed announcements of made-up peers (fresh keys, loopback endpoints
-where nothing listens) in the swarm's DHT key, and a genuine newcomer joins. Measured before peer/admission.py:
+where nothing listens) in the swarm's DHT key, and a genuine newcomer joins. Measured before peer/swarm/admission.py:
 ~200 fakes cut the share of honest rounds that reached any partner from 85% to 15%. Now only peers that answered a
 probe at their endpoint (or exchanged) get partner slots, so the share stays up, and the newcomer, probed like any
 new announcement, is dialled within a few rounds.
@@ -25,7 +25,7 @@ import pytest
 from adversaries import FUTURE_ROUND, RUN_TOML, SYBILS, counters
 from procs import Proc, Procs, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
-from peer.roundline import RoundLine, parse_all
+from peer.node.roundline import RoundLine, parse_all
 
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 ADVERSARIES = str(Path(__file__).with_name("adversaries.py"))

@@ -1,0 +1,1 @@
+"""The `murmur` command: thin click commands over the layers below."""

@@ -1,0 +1,25 @@
+"""The `murmur` command group: every command lives in its own module beside this one and is added here.
+
+Every option can also come from the environment as MURMUR_<COMMAND>_<OPTION> (for Docker).
+"""
+
+from __future__ import annotations
+
+import click
+
+from peer import __version__
+from peer.cli import demo, run, simulate, swarm
+
+
+@click.group(context_settings={"auto_envvar_prefix": "MURMUR", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="murmur")
+def main() -> None:
+    """murmur: train one language model with strangers' GPUs, peer to peer."""
+
+
+for command in (simulate.simulate, simulate.slices, swarm.bootstrap, swarm.create_run, swarm.status, swarm.join,
+                run.run, demo.demo, demo.evaluate):
+    main.add_command(command)
+
+if __name__ == "__main__":
+    main()

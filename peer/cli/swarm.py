@@ -1,0 +1,243 @@
+"""`murmur bootstrap`, `create-run`, `status` and `join`: the swarm commands.
+
+Thin click commands over bootstrap/node.py, protocol/manifest.py and peer/swarm/membership.py. Heavy imports
+(hivemind, torch) happen inside the commands so `murmur --help` stays fast. User errors exit 1 with a
+message (ClickException); SIGTERM/SIGINT stop long-running commands cleanly with exit code 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from peer import __version__
+from protocol.errors import MurmurError
+
+_MADDR_HELP = "Multiaddr of a bootstrap node or peer, e.g. /ip4/203.0.113.7/tcp/31337/p2p/QmXyz...; repeatable."
+
+
+def _maddrs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Accept repeated flags and comma/space-separated lists (handy in env vars and compose files)."""
+    return tuple(item for text in value for item in text.replace(",", " ").split())
+
+
+@click.command()
+@click.option("--host-maddrs", multiple=True, callback=_maddrs, default=("/ip4/0.0.0.0/tcp/31337",), show_default=True,
+              help="Where to listen, e.g. /ip4/0.0.0.0/tcp/31337 (tcp/0: any free port).")  # fmt: skip
+@click.option("--announce-maddrs", multiple=True, callback=_maddrs,
+              help="Public addresses to advertise, e.g. /ip4/203.0.113.7/tcp/31337.")  # fmt: skip
+@click.option("--initial-peers", multiple=True, callback=_maddrs, help="Other bootstrap nodes. " + _MADDR_HELP)
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="libp2p key file; created on first start, keeps the /p2p/ id stable across restarts.")  # fmt: skip
+@click.option("--initial-peers-file", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Another node's --addrs-file; read if present, re-read every minute.")  # fmt: skip
+@click.option("--addrs-file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the multiaddrs here.")
+@click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True, help="Seconds.")
+def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], initial_peers: tuple[str, ...],
+              initial_peers_file: tuple[Path, ...], identity: Path, addrs_file: Path | None,
+              dht_start_timeout: float) -> None:  # fmt: skip
+    """Run a bootstrap node: print its multiaddrs (one per line) and serve until SIGTERM.
+
+    \b
+    Example:
+      murmur bootstrap --host-maddrs /ip4/0.0.0.0/tcp/31337 --identity bootstrap.key --addrs-file addrs.txt
+    """
+    from bootstrap.node import BootstrapConfig, run_bootstrap
+    from peer.cli.preflight import listenable_maddrs, writable_file
+
+    config = BootstrapConfig(
+        identity_path=identity, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+        initial_peers=initial_peers, initial_peers_files=initial_peers_file, addrs_file=addrs_file,
+        startup_timeout_s=dht_start_timeout,
+    )  # fmt: skip
+    try:
+        writable_file(identity, "--identity")  # before the DHT: hivemind creates the key file on first start
+        if addrs_file is not None:
+            writable_file(addrs_file, "--addrs-file", replaced=True)
+        listenable_maddrs(host_maddrs, "--host-maddrs")
+        run_bootstrap(config)
+    except MurmurError as exc:  # DHTStartError, SetupError
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("create-run")
+@click.option("--swarm", help="Swarm name volunteers type, e.g. tinystories-124m.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A TOML run config (see peer/config.py); flags given as well override it.")  # fmt: skip
+@click.option("--preset", help="Model preset (tiny, small, 124m, 350m, 1.3b).")
+@click.option("--slices", type=click.IntRange(1, 256), help="Parameter slices K.")
+@click.option("--method", type=click.Choice(["gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc"]))
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Run owner's Ed25519 key (created if missing); keep it, it signs the run.")  # fmt: skip
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("manifest.json"), show_default=True
+)
+def create_run(swarm: str | None, config_path: Path | None, preset: str | None, slices: int | None,
+               method: str | None, key_path: Path, out: Path) -> None:  # fmt: skip
+    """Write and sign a run manifest; print the run id and, on the last line, the run key.
+
+    \b
+    Example:
+      murmur create-run --swarm tinystories-tiny --preset tiny --slices 3 --key owner.key --out manifest.json
+    """
+    from peer.cli.preflight import writable_file
+    from peer.config import RunConfig
+    from protocol import manifest as manifest_mod
+    from protocol.identity import Identity, IdentityFileError
+
+    try:
+        writable_file(key_path, "--key")
+        writable_file(out, "--out", replaced=True)
+        data = _toml(config_path) if config_path else {}
+        overrides = {"swarm": swarm, "preset": preset, "method": method}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        if slices is not None:
+            data["slices"] = {**data.get("slices", {}), "num_slices": slices}
+        config = RunConfig.from_dict(data)
+        owner = Identity.load_or_create(key_path)
+    except (ValueError, IdentityFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    from protocol.records import check_swarm_name
+
+    try:
+        check_swarm_name(config.swarm)
+        signed = manifest_mod.sign(config.to_manifest(), owner)
+    except (ValueError, manifest_mod.ManifestError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        out.write_text(signed.to_json())
+    except OSError as exc:
+        raise click.ClickException(f"--out {out}: cannot write it ({exc.strerror or exc})") from exc
+    click.echo(f"wrote {out}: swarm {config.swarm}, {config.preset}, K={config.slices.num_slices}, {config.method}")
+    click.echo(f"run id  {signed.run_id}")
+    click.echo(signed.owner_key_hex)
+
+
+def _toml(path: Path) -> dict:
+    from peer.config import tomllib
+
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+@click.command()
+@click.option("--swarm", required=True, help="Swarm name, e.g. tinystories-124m.")
+@click.option("--initial-peers", multiple=True, callback=_maddrs, required=True, help=_MADDR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of live peers instead of a table.")
+@click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True)
+@click.option("--wait", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Seconds to let the DHT settle before reading.")  # fmt: skip
+def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, dht_start_timeout: float, wait: float) -> None:
+    """List the live peers of a swarm (verified announcements only).
+
+    \b
+    Example:
+      murmur status --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... --json
+    """
+    import time
+
+    from peer.swarm.membership import Swarm, SwarmConfig
+    from protocol.dht import DHTStartError, start_dht
+    from protocol.records import check_swarm_name
+
+    try:
+        check_swarm_name(swarm)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--swarm") from exc
+
+    try:
+        dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",),
+                        startup_timeout_s=dht_start_timeout, client_mode=True)  # fmt: skip
+    except (DHTStartError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        time.sleep(wait)
+        peers = Swarm(dht, SwarmConfig(swarm=swarm, initial_peers=initial_peers)).live_peers()
+    finally:
+        dht.shutdown()
+    if as_json:
+        click.echo(json.dumps([p.to_json() for p in peers], indent=2))
+        return
+    click.echo(_table(swarm, [p.to_json() for p in peers]))
+
+
+def _table(swarm: str, rows: list[dict]) -> str:
+    """A readable table of live peers, one line each."""
+    if not rows:
+        return f"swarm {swarm}: no live peers"
+    head = f"{'peer':<16}  {'endpoint':<21}  {'slice':>5}  {'round':>6}  {'tok/s':>9}  {'loss':>7}  version"
+    lines = [f"swarm {swarm}: {len(rows)} live peer(s)", head]
+    for r in rows:
+        loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
+        endpoint = r["endpoint"] or "(client-only)"
+        lines.append(f"{r['peer_id'][:16]}  {endpoint:<21}  {r['slice']:>5}  {r['round']:>6}  "
+                     f"{r['tokens_per_s']:>9.1f}  {loss:>7}  {r['version']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def membership_options(command: Callable) -> Callable:
+    """The flags of joining a swarm, shared by `join` and `run` so the two never drift apart."""
+    options = [
+        click.option("--swarm", required=True, help="Swarm name, e.g. tinystories-124m."),
+        click.option("--initial-peers", multiple=True, callback=_maddrs, required=True, help=_MADDR_HELP),
+        click.option("--run-key", help="Trust only manifests signed by this owner key (64 hex); overrides a pin."),
+        click.option(
+            "--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="A manifest file to publish (the owner does this; --key proves ownership).",
+        ),
+        click.option(
+            "--key", "owner_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="The run owner's key, with --manifest.",
+        ),
+        click.option(
+            "--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
+            help="This peer's Ed25519 key (created if missing): who it is in the swarm. Its DHT id is new each start.",
+        ),
+        click.option("--listen", help="host:port of this peer's gRPC service, e.g. 0.0.0.0:7000 (port 0: any)."),
+        click.option("--announce", help="host:port others dial, when it differs from --listen (port forward)."),
+        click.option("--client-only", is_flag=True, help="Accept no connections; dial every exchange yourself (NAT)."),
+        click.option(
+            "--host-maddrs", multiple=True, callback=_maddrs, default=("/ip4/0.0.0.0/tcp/0",), show_default=True
+        ),
+        click.option("--announce-ttl", type=click.FloatRange(3), default=60.0, show_default=True, help="Seconds."),
+        click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True, help="Seconds."),
+        click.option(
+            "--pins", type=click.Path(dir_okay=False, path_type=Path),
+            help="Pin file. [default: $MURMUR_HOME/pins.json or ~/.local/share/murmur/pins.json]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.command()
+@membership_options
+def join(**options: object) -> None:
+    """Join a swarm by name: verify its manifest, pick a slice, announce and refresh until SIGTERM.
+
+    This is the membership half of `murmur run` (no training yet): it serves Info on --listen, asks a
+    bootstrap node to dial that endpoint from outside, and keeps its announcement fresh.
+
+    \b
+    Example:
+      murmur join --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... \\
+                  --identity peer.key --listen 0.0.0.0:7000 --announce 198.51.100.4:7000
+    """
+    from peer.cli.preflight import check_join
+    from peer.swarm.join import JoinOptions, run_join
+
+    try:
+        opts = JoinOptions.from_cli(options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    import uvloop
+
+    try:
+        check_join(opts)  # paths, the port, a --manifest file, before the DHT starts
+        uvloop.run(run_join(opts, software_version=__version__))
+    except (MurmurError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,1 @@
+"""The algorithm only: tensors in, tensors out; no sockets, processes or click."""

@@ -1,0 +1,1 @@
+"""Experiments around the peers: the simulator, comparisons, evaluation, the demo and its process harness."""

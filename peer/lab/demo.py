@@ -1,0 +1,364 @@
+"""`murmur demo`: a whole swarm on loopback in one command, the README's first thing to try.
+
+It runs the very commands a volunteer would (`bootstrap`, `create-run`, `run`) as real processes, so
+what the demo shows is what the swarm does, not a simulation of it: a bootstrap node, a run owner and
+N-1 volunteers train the `tiny` preset on the bundled corpus, the demo prints their round lines, then
+stops them with SIGTERM (each checkpoints and exits 0), reads every checkpoint back through
+`peer/node/checkpoint.py` and reports each peer's validation loss and that of their averaged weights.
+
+Every child runs in its own session, so its DHT helper processes (p2pd) are in its process group; the
+`finally` of `run_demo` sends SIGTERM to every group still alive, then SIGKILL after a grace period,
+so an error or Ctrl-C leaves nothing running. Paths handed to children are absolute (a `pgrep -f` for
+the output directory finds every one of them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer.core.data import unigram_entropy
+from peer.lab.evaluate import corpus_for, evaluate_weights, run_from_dict
+from peer.node import checkpoint
+from peer.node.roundline import parse_all
+from protocol.logs import get_logger
+
+log = get_logger(__name__)
+
+RUN_TOML = """\
+swarm = "demo"
+preset = "tiny"
+[slices]
+num_slices = {slices}
+[inner]
+steps_per_round = 10
+batch_size = 4
+warmup_steps = 5
+total_steps = 2000
+[gossip]
+fanout = 1
+exchange_timeout_s = 10
+"""
+"""Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
+MADDR_LINE = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$")
+STARTUP_S = 90.0
+STOP_GRACE_S = 45.0
+
+
+class DemoError(RuntimeError):
+    """The demo could not go on (a process failed or did not start); the message says which and why."""
+
+
+class Child:
+    """One started process: stdout read line by line by a thread (and logged), stderr to a file."""
+
+    def __init__(self, name: str, argv: list[str], out: Path, env: dict[str, str]) -> None:
+        self.name, self.lines = name, []
+        self.log_path = out / "logs" / f"{name}.out"
+        self.err_path = out / "logs" / f"{name}.err"
+        self._cond = threading.Condition()
+        with open(self.err_path, "w") as err:
+            self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=out,
+                                          env=env, start_new_session=True)  # fmt: skip
+        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        with open(self.log_path, "w") as log_file:
+            for line in self.popen.stdout:
+                log_file.write(line)
+                log_file.flush()
+                with self._cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """The first stdout line matching `pattern`; DemoError (with the log tail) on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if match := pattern.search(line):
+                        return match
+                if time.monotonic() > deadline or not self._reader.is_alive():
+                    raise DemoError(f"{self.name}: no line matching {pattern.pattern!r}\n{self.tail()}")
+                self._cond.wait(0.2)
+
+    def rounds(self) -> list[tuple[int, float]]:
+        """(round, loss) of every round line so far."""
+        return [(r.round, r.loss) for r in parse_all(list(self.lines))]
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            err = self.err_path.read_text().splitlines()[-n:]
+        except OSError:
+            err = []
+        return "\n".join([f"--- {self.name} stdout (last lines):", *self.lines[-n:], "--- stderr:", *err])
+
+    def stop(self, grace: float) -> int | None:
+        """SIGTERM, then SIGKILL the whole group after `grace` seconds; the exit code (None if killed)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_group()
+        self._reader.join(5)
+        return self.popen.returncode if self.popen.returncode is not None and self.popen.returncode >= 0 else None
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left of this child's process group (its DHT helpers included)."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not die after SIGKILL", self.name, self.popen.pid)
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoOptions:
+    out: Path = Path("demo-out")
+    peers: int = 4
+    slices: int = 2
+    seconds: float = 180.0
+    """Training time, from the moment the peers are started."""
+    progress_every: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.peers < 1 or self.slices < 1 or self.seconds <= 0 or self.progress_every <= 0:
+            raise ValueError("--peers and --slices must be >= 1, --minutes > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class PeerResult:
+    name: str
+    exit_code: int | None
+    history: list[tuple[int, float]]
+    round: int | None = None
+    """Round of its checkpoint (None: it saved none)."""
+    val_loss: float | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoReport:
+    peers: list[PeerResult]
+    averaged_val_loss: float | None
+    unigram_entropy: float
+    run_id: str
+    run_key: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "run_key": self.run_key, "seconds": self.seconds,
+            "unigram_entropy": self.unigram_entropy, "averaged_val_loss": self.averaged_val_loss,
+            "peers": [{"name": p.name, "exit_code": p.exit_code, "checkpoint_round": p.round, "val_loss": p.val_loss,
+                       "rounds": len(p.history), "last_train_loss": p.history[-1][1] if p.history else None,
+                       "history": p.history} for p in self.peers],
+            **self.extra,
+        }  # fmt: skip
+
+
+def murmur_argv(*args: str) -> list[str]:
+    """The CLI as a child process, with this interpreter (works without the entry point on PATH)."""
+    return [sys.executable, "-m", "peer.cli.main", *args]
+
+
+def child_env(out: Path, name: str) -> dict[str, str]:
+    """One core per peer and a private MURMUR_HOME (owner-key pins are per home)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MURMUR_HOME": str(out / f"home-{name}")}
+
+
+def create_run(out: Path, slices: int) -> tuple[str, str]:
+    """Write run.toml, sign the manifest with a fresh owner key; (run id, run key)."""
+    (out / "run.toml").write_text(RUN_TOML.format(slices=slices))
+    argv = murmur_argv("create-run", "--config", str(out / "run.toml"), "--key", str(out / "owner.key"),
+                       "--out", str(out / "manifest.json"))  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=out, env=child_env(out, "owner"), timeout=120)
+    if done.returncode != 0:
+        raise DemoError(f"create-run failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    lines = done.stdout.strip().splitlines()
+    run_id = next((line.split()[-1] for line in lines if line.startswith("run id")), "")
+    return run_id, lines[-1].strip()
+
+
+def start_peer(out: Path, index: int, maddr: str, run_key: str) -> Child:
+    """Peer 0 is the run owner (publishes the manifest); the others need only the run key."""
+    name = f"peer{index}"
+    who = (["--manifest", str(out / "manifest.json"), "--key", str(out / "owner.key")] if index == 0
+           else ["--run-key", run_key])  # fmt: skip
+    argv = murmur_argv("run", "--swarm", "demo", "--initial-peers", maddr, *who,
+                       "--identity", str(out / f"{name}.id"), "--checkpoint-dir", str(out / f"ckpt-{name}"),
+                       "--listen", "127.0.0.1:0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu",
+                       "--announce-ttl", "10", "--eval-every", "0")  # fmt: skip
+    return Child(name, argv, out, child_env(out, name))
+
+
+def show_progress(peers: list[Child], elapsed: float) -> None:
+    for peer in peers:
+        rounds = peer.node.rounds()
+        state = f"round {rounds[-1][0]:4d}  loss {rounds[-1][1]:.3f}" if rounds else "starting"
+        print(f"[{elapsed:5.0f}s] {peer.name:7s} {state}", flush=True)
+
+
+class TrainingCutShort(Exception):
+    """Raised (by the command's SIGINT handler) while the swarm trains: stop now, and still report."""
+
+
+def train_for(peers: list[Child], seconds: float, progress_every: float) -> None:
+    """Let the swarm train, printing progress; DemoError if a peer exits on its own."""
+    start = time.monotonic()
+    next_report = start + progress_every
+    while (now := time.monotonic()) < start + seconds:
+        for peer in peers:
+            if peer.popen.poll() is not None:
+                raise DemoError(f"{peer.name} exited early with code {peer.popen.returncode}\n{peer.tail()}")
+        if now >= next_report:
+            show_progress(peers, now - start)
+            next_report += progress_every
+        time.sleep(min(0.5, max(0.05, start + seconds - now)))
+
+
+def run_demo(opts: DemoOptions) -> DemoReport:
+    """Start, train, stop and evaluate the demo swarm; every child is gone when this returns or raises."""
+    out = opts.out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    children: list[Child] = []
+    try:
+        run_id, run_key = create_run(out, opts.slices)
+        boot = Child("bootstrap", murmur_argv("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity",
+                                              str(out / "boot.key"), "--addrs-file", str(out / "boot.addrs")),
+                     out, child_env(out, "bootstrap"))  # fmt: skip
+        children.append(boot)
+        maddr = boot.wait_for(MADDR_LINE, STARTUP_S)[1]
+        print(f"bootstrap node at {maddr}; run key {run_key}", flush=True)
+        peers = [start_peer(out, i, maddr, run_key) for i in range(opts.peers)]
+        children += peers
+        print(f"{opts.peers} peers training the tiny preset, K={opts.slices}, for {opts.seconds:.0f}s "
+              f"(logs in {out / 'logs'})", flush=True)  # fmt: skip
+        try:
+            train_for(peers, opts.seconds, opts.progress_every)
+        except TrainingCutShort:
+            print("Ctrl-C: training ends early (Ctrl-C again aborts without the report)", flush=True)
+        print("stopping the peers (SIGTERM: each saves a checkpoint and exits)", flush=True)
+        codes = [peer.stop(STOP_GRACE_S) for peer in peers]
+        boot.stop(STOP_GRACE_S)
+        report = evaluate_peers(out, peers, codes, run_id)
+        report.run_key, report.seconds = run_key, time.monotonic() - started
+        return report
+    finally:
+        stop_all(children)
+
+
+def stop_all(children: list[Child]) -> None:
+    """SIGTERM every child still running, then SIGKILL every group after a grace period."""
+    for child in children:
+        if child.popen.poll() is None:
+            child.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for child in children:
+        try:
+            child.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        child.kill_group()
+
+
+def evaluate_peers(out: Path, peers: list[Child], codes: list[int | None], run_id: str) -> DemoReport:
+    """Each peer's newest checkpoint, its val loss, and the val loss of all their phi averaged."""
+    results, phis, run = [], [], None
+    for peer, code in zip(peers, codes):
+        result = PeerResult(name=peer.name, exit_code=code, history=peer.node.rounds())
+        with _quiet(checkpoint.log):  # its "resuming from" line would mislead here
+            state = checkpoint.load_latest(out / f"ckpt-{peer.name}", run_id=run_id)
+        if state is not None:
+            run = run or run_from_dict(state.manifest)
+            result.round = state.round
+            phis.append(state.phi)
+        results.append(result)
+    if run is None:
+        raise DemoError(f"no peer saved a checkpoint (logs in {out / 'logs'})")
+    corpus = corpus_for(run)
+    states = iter(phis)
+    for result in results:
+        if result.round is not None:
+            result.val_loss = evaluate_weights(run, next(states), corpus)
+    averaged = {name: torch.stack([phi[name] for phi in phis]).mean(0) for name in phis[0]}
+    return DemoReport(peers=results, averaged_val_loss=evaluate_weights(run, averaged, corpus),
+                      unigram_entropy=unigram_entropy(corpus.val, corpus.vocab_size), run_id=run_id, run_key="",
+                      seconds=0.0)  # fmt: skip
+
+
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Only warnings and errors from `logger` inside the block (skipped snapshots still show)."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def format_table(report: DemoReport) -> str:
+    """The table the demo ends with (human output)."""
+    rows = [f"{'peer':8s} {'rounds':>6s} {'train loss':>10s} {'val loss':>9s} {'exit':>5s}"]
+    for p in report.peers:
+        train = f"{p.history[-1][1]:.4f}" if p.history else "-"
+        val = f"{p.val_loss:.4f}" if p.val_loss is not None else "-"
+        code = "-" if p.exit_code is None else str(p.exit_code)
+        rows.append(f"{p.name:8s} {len(p.history):6d} {train:>10s} {val:>9s} {code:>5s}")
+    avg = f"{report.averaged_val_loss:.4f}" if report.averaged_val_loss is not None else "-"
+    rows.append(f"val loss of the averaged weights: {avg}")
+    rows.append(f"unigram entropy of the corpus:    {report.unigram_entropy:.4f}")
+    return "\n".join(rows)
+
+
+def write_outputs(report: DemoReport, out: Path) -> list[str]:
+    """demo.json always; loss.png when matplotlib is installed. Messages for the user."""
+    out = out.resolve()
+    (out / "demo.json").write_text(json.dumps(report.to_json(), indent=2))
+    messages = [f"wrote {out / 'demo.json'}"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [*messages, "no loss plot: matplotlib is not installed (pip install matplotlib)"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in report.peers:
+        if p.history:
+            ax.plot([r for r, _ in p.history], [loss for _, loss in p.history], label=p.name, linewidth=1)
+    ax.axhline(report.unigram_entropy, color="grey", linestyle="--", linewidth=0.8, label="unigram entropy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.set_title("murmur demo: tiny preset on loopback")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    return [*messages, f"wrote {out / 'loss.png'}"]

@@ -1,0 +1,1 @@
+"""One volunteer's process: trainer, gossip, daemon, checkpoints, resume, late join, metrics, status."""
