@@ -13,7 +13,6 @@ Only `protocol/` and hivemind are used here, so the bootstrap image needs no tra
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections import Counter
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ from hivemind.dht.storage import DictionaryDHTValue
 
 from bootstrap.reachability import serve_reachability
 from protocol.dht import refresh_routing, start_dht
+from protocol.errors import InvalidRecord
+from protocol.files import atomic_write
 from protocol.identity import Identity
-from protocol.logs import get_logger
-from protocol.records import InvalidRecord, verify_announcement
+from protocol.logs import configure_logging, get_logger
+from protocol.records import verify_announcement
 
 log = get_logger(__name__)
 
@@ -49,14 +50,6 @@ class BootstrapConfig:
     startup_timeout_s: float = 60.0
     refresh_every_s: float = 60.0
     activity_every_s: float = 30.0
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 async def _stored_activity(_dht: DHT, node: DHTNode) -> dict[str, int]:
@@ -116,7 +109,7 @@ class BootstrapNode:
         )  # fmt: skip
         self.maddrs = [str(m) for m in await loop.run_in_executor(None, self.dht.get_visible_maddrs)]
         if cfg.addrs_file is not None:  # before printing: whoever reads our stdout may read the file next
-            write_atomically(cfg.addrs_file, "".join(f"{m}\n" for m in self.maddrs))
+            atomic_write(cfg.addrs_file, "".join(f"{m}\n" for m in self.maddrs).encode())
         for maddr in self.maddrs:
             print(maddr, flush=True)
         p2p = await self.dht.replicate_p2p()
@@ -170,4 +163,5 @@ async def _main(config: BootstrapConfig) -> None:
 
 def run_bootstrap(config: BootstrapConfig) -> None:
     """Run a bootstrap node under uvloop until SIGTERM/SIGINT. Raises DHTStartError if it cannot start."""
+    configure_logging()  # idempotent: already done by `murmur`, needed when embedded
     uvloop.run(_main(config))

@@ -30,12 +30,27 @@ from peer.core.slices import SliceConfig
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
 from protocol.codec import CodecConfig
+from protocol.errors import SetupError
 from protocol.limits import DEFAULT_MIN_ROUND_S
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict: the one reader of run configs and `murmur run --config` files. SetupError (a
+    ValueError) names the file and what is wrong with it (unreadable, or not TOML and where)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise SetupError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SetupError(f"{path} is not valid TOML: {exc}") from exc
+
 
 RUN_METHODS = ("gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc")
 
@@ -124,8 +139,7 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: Path) -> RunConfig:
-        with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        return cls.from_dict(read_toml(path))
 
     def to_manifest(self, created_unix: int | None = None) -> pb.Manifest:
         """The Manifest proto carrying every field of this config."""

@@ -63,10 +63,6 @@ class BanList:
             return False
         return True
 
-    def unban(self, peer_id: str) -> None:
-        """Lift a ban early (an operator's decision)."""
-        self._until.pop(peer_id, None)
-
     def banned(self) -> list[str]:
         """The peer ids banned right now."""
         return [peer for peer in list(self._until) if self.is_banned(peer)]

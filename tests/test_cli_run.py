@@ -105,9 +105,9 @@ def invoke(
     with pytest.MonkeyPatch.context() as mp:
         import uvloop
 
-        import peer.node.daemon
+        import peer.node.lifecycle
 
-        mp.setattr(peer.node.daemon, "run_daemon", fake_run_daemon)
+        mp.setattr(peer.node.lifecycle, "run_daemon", fake_run_daemon)
         mp.setattr(uvloop, "run", lambda coro: coro)
         result = CliRunner().invoke(main, args, catch_exceptions=False, env=env)
     return result.exit_code, result.output, seen

@@ -11,16 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer.core.data import (
-    ByteTokenizer,
     Corpus,
     TokenStream,
     default_corpus_text,
     load_corpus,
-    load_tokenizer,
     stream_index_for,
     unigram_entropy,
     val_batches,
 )
+from peer.core.tokenizers import ByteTokenizer, load_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -133,14 +133,14 @@ def test_overlap_mixes_own_deltas_at_once_and_partners_a_round_late(
         trained.append(sim.Simulation.train_peers(simulation, r))
         return trained[-1]
 
-    def gossip_step(phi: dict, state: dict, own: object, received: list, weights: list, outer: object) -> None:
+    def outer_step(phi: dict, state: dict, own: object, terms: object, outer: object) -> None:
         def round_of(c: object) -> int:
             return next(r for r, ds in enumerate(trained) if any(c is d for d in ds))
 
-        steps.append((round_of(own), [round_of(c) for c in received]))
+        steps.append((round_of(own), [round_of(c) for c in terms.deltas]))
 
     monkeypatch.setattr(simulation, "train_peers", train_peers)
-    monkeypatch.setattr(sim, "gossip_step", gossip_step)
+    monkeypatch.setattr(sim, "outer_step", outer_step)
     simulation.run()
     late = 1 if overlap else 0
     for r in range(3):

@@ -9,12 +9,14 @@ import click
 
 from peer import __version__
 from peer.cli import demo, run, simulate, swarm
+from protocol.logs import configure_logging
 
 
 @click.group(context_settings={"auto_envvar_prefix": "MURMUR", "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="murmur")
 def main() -> None:
     """murmur: train one language model with strangers' GPUs, peer to peer."""
+    configure_logging()
 
 
 for command in (simulate.simulate, simulate.slices, swarm.bootstrap, swarm.create_run, swarm.status, swarm.join,

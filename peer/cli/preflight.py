@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.errors import SetupError
-from protocol.manifest import ManifestError, PinStore, SignedRunManifest
+from protocol.errors import ManifestError, SetupError
+from protocol.manifest import PinStore, SignedRunManifest
 from protocol.ports import check_listenable
 
 if TYPE_CHECKING:
-    from peer.node.daemon import DaemonOptions
+    from peer.node.lifecycle import DaemonOptions
     from peer.swarm.join import JoinOptions
 
 BUILT_IN_SOURCES = ("embedded", "default")

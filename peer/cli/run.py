@@ -1,4 +1,4 @@
-"""`murmur run`: the peer daemon's command. Thin: parse flags, build DaemonOptions, run peer/node/daemon.py.
+"""`murmur run`: the peer daemon's command. Thin: parse flags, build DaemonOptions, run peer/node/lifecycle.py.
 
 It takes every option of `murmur join` (same meaning) plus what training needs. Any option can also come
 from `--config FILE.toml` (keys are option names, with dashes or underscores); flags and MURMUR_RUN_*
@@ -9,7 +9,6 @@ starts where they can be known then; SIGTERM/SIGINT end the loop after the curre
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import click
 from peer import __version__
 from peer.cli.swarm import membership_options
 from protocol.errors import MurmurError
+from protocol.logs import configure_logging
 
 NOT_IN_CONFIG = frozenset({"config", "help"})
 """Options a config file may not set."""
@@ -44,16 +44,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
 
 def config_defaults(command: click.Command, path: Path) -> dict[str, Any]:
     """The options `path` sets, keyed by parameter name and type-checked; BadParameter names the bad key."""
-    from peer.config import tomllib
+    from peer.config import read_toml
 
     hint = "--config"
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc.strerror or exc}", param_hint=hint) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise click.BadParameter(f"{path} is not valid TOML: {exc}", param_hint=hint) from exc
+        data = read_toml(path)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from exc
     options = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name not in NOT_IN_CONFIG}
     by_key = {opt.lstrip("-").replace("-", "_"): p for p in options.values() for opt in p.opts if opt.startswith("--")}
     values: dict[str, Any] = {}
@@ -136,11 +133,11 @@ def run(**options: object) -> None:
       murmur run --config peer.toml --device cuda:1
     """
     from peer.cli.preflight import check_run
-    from peer.node.daemon import DaemonOptions, run_daemon
+    from peer.node.lifecycle import DaemonOptions, run_daemon
     from peer.swarm.join import JoinOptions
 
     if options["log_level"]:
-        logging.getLogger("murmur").setLevel(str(options["log_level"]).upper())
+        configure_logging(str(options["log_level"]))
     try:
         opts = DaemonOptions(
             join=JoinOptions.from_cli(options), device=str(options["device"]),

@@ -84,14 +84,15 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
       murmur create-run --swarm tinystories-tiny --preset tiny --slices 3 --key owner.key --out manifest.json
     """
     from peer.cli.preflight import writable_file
-    from peer.config import RunConfig
+    from peer.config import RunConfig, read_toml
     from protocol import manifest as manifest_mod
-    from protocol.identity import Identity, IdentityFileError
+    from protocol.errors import IdentityFileError, ManifestError
+    from protocol.identity import Identity
 
     try:
         writable_file(key_path, "--key")
         writable_file(out, "--out", replaced=True)
-        data = _toml(config_path) if config_path else {}
+        data = read_toml(config_path) if config_path else {}
         overrides = {"swarm": swarm, "preset": preset, "method": method}
         data.update({k: v for k, v in overrides.items() if v is not None})
         if slices is not None:
@@ -105,7 +106,7 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
     try:
         check_swarm_name(config.swarm)
         signed = manifest_mod.sign(config.to_manifest(), owner)
-    except (ValueError, manifest_mod.ManifestError) as exc:
+    except (ValueError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         out.write_text(signed.to_json())
@@ -114,13 +115,6 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
     click.echo(f"wrote {out}: swarm {config.swarm}, {config.preset}, K={config.slices.num_slices}, {config.method}")
     click.echo(f"run id  {signed.run_id}")
     click.echo(signed.owner_key_hex)
-
-
-def _toml(path: Path) -> dict:
-    from peer.config import tomllib
-
-    with open(path, "rb") as f:
-        return tomllib.load(f)
 
 
 @click.command()
@@ -139,8 +133,8 @@ def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, dht_start_
     """
     import time
 
-    from peer.swarm.membership import Swarm, SwarmConfig
-    from protocol.dht import DHTStartError, start_dht
+    from peer.swarm.join import swarm_view
+    from protocol.errors import DHTStartError
     from protocol.records import check_swarm_name
 
     try:
@@ -149,15 +143,11 @@ def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, dht_start_
         raise click.BadParameter(str(exc), param_hint="--swarm") from exc
 
     try:
-        dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",),
-                        startup_timeout_s=dht_start_timeout, client_mode=True)  # fmt: skip
+        with swarm_view(swarm, initial_peers, timeout_s=dht_start_timeout) as view:
+            time.sleep(wait)
+            peers = view.live_peers()
     except (DHTStartError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    try:
-        time.sleep(wait)
-        peers = Swarm(dht, SwarmConfig(swarm=swarm, initial_peers=initial_peers)).live_peers()
-    finally:
-        dht.shutdown()
     if as_json:
         click.echo(json.dumps([p.to_json() for p in peers], indent=2))
         return

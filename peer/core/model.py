@@ -9,7 +9,7 @@ on them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -62,17 +62,6 @@ class ModelConfig:
         if self.mlp == "gelu":
             return 4 * self.d_model
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, ModelConfig] = {

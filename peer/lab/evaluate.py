@@ -22,7 +22,8 @@ from peer.config import RunConfig
 from peer.core.data import Corpus, load_corpus, unigram_entropy, val_batches
 from peer.core.model import Transformer
 from peer.node import checkpoint
-from peer.node.checkpoint import CheckpointError, CheckpointState
+from peer.node.checkpoint import CheckpointState
+from protocol.errors import CheckpointError
 from protocol.logs import get_logger
 
 if TYPE_CHECKING:
@@ -191,17 +192,13 @@ def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: b
 
     from peer.core.slices import parameter_shapes
     from peer.node.latejoin import fetch_initial_state
-    from peer.swarm.membership import Swarm, SwarmConfig
-    from protocol.dht import start_dht
+    from peer.swarm.join import swarm_view
     from protocol.errors import MurmurError
     from protocol.identity import Identity
     from protocol.manifest import PinStore
 
-    dht = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=timeout_s,
-                    client_mode=True)  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    try:
-        found = Swarm(dht, SwarmConfig(swarm=swarm, initial_peers=initial_peers))
+    with swarm_view(swarm, initial_peers, timeout_s=timeout_s) as found:
+        deadline = time.monotonic() + timeout_s
         with tempfile.TemporaryDirectory() as pins:
             signed = found.fetch_manifest(run_key=run_key, pins=PinStore(Path(pins) / "pins.json"), timeout_s=timeout_s)
         run = RunConfig.from_manifest(signed.manifest)
@@ -219,8 +216,6 @@ def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: b
                 raise MurmurError(f"swarm {swarm}: no donor delivered its weights within {timeout_s:.0f} s "
                                   "(see the warnings)")  # fmt: skip
             time.sleep(RETRY_S)
-    finally:
-        dht.shutdown()
 
 
 RETRY_S = 2.0

@@ -24,7 +24,6 @@ from peer.core.outer import (
     CoordinateMean,
     OuterConfig,
     consensus_distance,
-    gossip_step,
     initial_state,
     nesterov_step,
 )
@@ -40,6 +39,7 @@ from peer.core.slices import (
     slice_cost,
     weight_slice,
 )
+from peer.node.gossip import PartnerTerms, outer_step
 from protocol.codec import CodecConfig, Encoded, ErrorFeedback, decode, encode, payload_size
 
 
@@ -259,7 +259,7 @@ class Simulation:
             received = [exchange.deltas[j] for j in mine]
             weights = [exchange.weights[j] for j in mine]
             own_k = own[k] if own is not None else exchange.deltas[k]
-            gossip_step(self.phis[k], self.states[k], own_k, received, weights, self.outer)
+            outer_step(self.phis[k], self.states[k], own_k, PartnerTerms(received, weights), self.outer)
 
     def _payload(self, layout: SliceLayout, *, weights: bool = False) -> int:
         codec = self.config.weights_codec if weights else self.config.codec

@@ -1,9 +1,6 @@
-"""`murmur run`: the peer daemon. Join a swarm by name, then train it: inner -> exchange -> outer -> announce.
+"""The peer daemon's round loop: one joined peer trains the swarm: inner -> exchange -> outer -> announce.
 
-Order of a start: identity -> DHT -> manifest (published or fetched and verified, as `murmur join` does)
--> RunConfig -> model, data and slice optimiser (`peer/node/trainer.py`) -> PeerService with this run's wire policy
--> slice and announcement -> reachability -> the round loop (a checkpoint every `checkpoint_every` rounds, so
-that a killed peer loses at most that many), until SIGTERM/SIGINT -> checkpoint -> server -> DHT; exit 0.
+How a peer gets here (join, resume or late join, serve) and how it stops is `peer/node/lifecycle.py`.
 
 One round (`Daemon.run_round`), DESIGN.md section 3:
 1. H inner steps on this peer's slice, in a worker thread (the event loop keeps serving partners);
@@ -33,18 +30,12 @@ first exchange, and "stale" means really behind (a stuck or much slower peer), n
 from __future__ import annotations
 
 import asyncio
-import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
-
-from peer.config import GossipConfig, RunConfig
-from peer.core.devices import pick_device
-from peer.node import resume
-from peer.node.gossip import STALE_ROUNDS, Inbox, update_shapes
+from peer.config import RunConfig
+from peer.node.gossip import Inbox, update_shapes
 from peer.node.latejoin import (
     MAX_CANDIDATES,
     SNAPSHOT_EVERY,
@@ -56,23 +47,20 @@ from peer.node.latejoin import (
 )
 from peer.node.metrics import Metrics
 from peer.node.roundline import RoundLine
-from peer.node.rounds import MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView, lower_median
+from peer.node.rounds import MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView
 from peer.node.status import StatusReporter
 from peer.node.trainer import Halted, TrainedRound, Trainer
 from peer.node.trust import PartnerTrust
 from peer.swarm.admission import Admission
-from peer.swarm.join import JoinOptions, check_endpoint, obtain_manifest, refresh_until
-from peer.swarm.membership import JoinInterrupted, Member, Swarm, SwarmConfig, choose_partners
+from peer.swarm.membership import Member, choose_partners
 from peer.swarm.reachability import Prober
 from protocol.bans import BanList
 from protocol.client import PeerClient
-from protocol.dht import start_dht
 from protocol.errors import MurmurError, ProtocolViolation, Reason
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.manifest import ManifestError
 from protocol.records import Announcement
-from protocol.service import PeerServer, PeerStatus, ServerConfig
+from protocol.service import PeerServer, PeerStatus
 from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, WirePolicy
 
 log = get_logger(__name__)
@@ -93,32 +81,6 @@ class InFlight:
     partners: int
     exchanges: asyncio.Future
     """Gathers one bool per partner: reached or not."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DaemonOptions:
-    """What `murmur run` was told beyond `murmur join`'s options."""
-
-    join: JoinOptions
-    device: str = "auto"
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 10
-    """Also save every this many rounds (0: only on exit); a SIGKILL leaves no chance to save on exit."""
-    metrics_port: int | None = None
-    """Serve Prometheus metrics on this port (0: any free one); None: no metrics server."""
-    metrics_host: str = "127.0.0.1"
-    data: str | None = None
-    """A local corpus path; None uses the manifest's source (the embedded corpus)."""
-    batch_size: int | None = None
-    """Micro-batch; the manifest's batch is kept by gradient accumulation, so every peer trains alike."""
-    grad_accum: int | None = None
-    """Micro-batches per optimiser step; with batch_size their product must be the run's batch."""
-    max_rounds: int = 0
-    """Stop after this many rounds (0: until a signal)."""
-    eval_every: int = 0
-    """Validation loss of phi every this many rounds (0: never)."""
-    overlap: bool = True
-    """Exchange round r while round r+1 trains; partners' terms land a round late (see the module docstring)."""
 
 
 class Daemon:
@@ -268,7 +230,7 @@ class Daemon:
         for sender, why in self.trust.record(clipping.outcomes).items():
             self.bans.ban(sender, why)
             self.inbox.pending.pop(sender, None)
-            self.metrics.reject("distrusted")  # once per ban; what it pushes while banned counts as "banned"
+            self.metrics.reject(Reason.DISTRUSTED.value)  # once per ban; what it pushes while banned counts as "banned"
         if r % SNAPSHOT_EVERY == 0:
             self.snapshot = await asyncio.to_thread(self.trainer.snapshot, r)
         self.view.advance(r, (u.round for u in updates))
@@ -379,7 +341,7 @@ class Daemon:
                 reply = await asyncio.wait_for(client.exchange(update), timeout)
                 self.metrics.add_bytes_sent(client.bytes_sent)
                 self.metrics.add_bytes_received(client.bytes_received)
-        except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
+        except (MurmurError, asyncio.TimeoutError) as exc:  # PeerClient turns grpc and OS errors into ours
             log.warning("round %d: exchange with %s at %s failed, skipped: %r", r, partner.peer_id[:16],
                         partner.endpoint, exc)  # fmt: skip
             if isinstance(exc, ProtocolViolation) and exc.reason is Reason.FUTURE_ROUND:
@@ -410,143 +372,3 @@ async def _unless_stopped(work: asyncio.Future, stop: asyncio.Event) -> bool:
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
     return False
-
-
-async def _resume_or_late_join(daemon: Daemon, directory: Path | None) -> None:
-    """Continue from this peer's checkpoint; fetch a live peer's weights instead when there is none or the
-    swarm has moved on by more than STALE_ROUNDS (its updates would be dropped as stale)."""
-    if directory is not None:
-        run_id, k = daemon.policy.run_id, daemon.member.slice
-        resumed = await asyncio.to_thread(resume.restore, daemon.trainer, directory, run_id=run_id, slice_index=k)
-        if resumed is not None:
-            daemon.clock = resumed
-            print(f"resumed from the checkpoint of round {resumed} in {directory}", flush=True)
-    # what the peers that answered agree on (a lower median: one liar announcing round 2^62 is no reason)
-    swarm_round = lower_median(p.round for p in daemon.eligible())
-    if daemon.clock < 0 or (swarm_round is not None and swarm_round > daemon.clock + STALE_ROUNDS):
-        await daemon.late_join()
-
-
-async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], gossip: GossipConfig) -> PeerServer:
-    server = PeerServer(
-        identity=identity, policy=daemon.policy, on_update=daemon.on_update, reply_for=daemon.reply_for,
-        status=daemon.status, state_provider=lambda: daemon.snapshot, bans=daemon.bans,
-        config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=gossip.exchange_timeout_s,
-                            min_round_s=gossip.min_round_s),  # fmt: skip
-    )  # fmt: skip
-    await server.start()
-    return server
-
-
-async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event,
-                 saver: resume.Checkpointer | None) -> None:  # fmt: skip
-    refresher = asyncio.create_task(refresh_until(stop, daemon.member))
-    admitter = asyncio.create_task(daemon.admission_loop(stop))
-
-    def stop_if_failed(task: asyncio.Task) -> None:
-        """A background loop that ended with an error (the DHT process died: DHTStopped) ends the training too;
-        its error is raised below, when it is awaited, so the volunteer reads what happened."""
-        if not task.cancelled() and task.exception() is not None:
-            stop.set()
-            halt.set()
-
-    refresher.add_done_callback(stop_if_failed)
-    admitter.add_done_callback(stop_if_failed)
-    try:
-        rounds = 0
-        while not stop.is_set() and (opts.max_rounds == 0 or rounds < opts.max_rounds):
-            if not await daemon.run_round(halt, stop):
-                break
-            rounds += 1
-            if saver is not None:
-                await asyncio.to_thread(saver.after_round, daemon.trainer, round=daemon.clock,
-                                        tokens_seen=daemon.tokens_seen)  # fmt: skip
-        if not stop.is_set():  # --rounds N: partners still get our last update
-            await daemon.finish_exchanges(stop)
-    finally:
-        await daemon.drop_in_flight()
-        stop.set()
-        ended = await asyncio.gather(refresher, admitter, return_exceptions=True)
-        await daemon.prober.close()
-    for error in ended:
-        if isinstance(error, BaseException):
-            raise error
-
-
-async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
-    """Join, train until SIGTERM/SIGINT (or max_rounds), shut down in order; raises MurmurError on failure.
-
-    The DHT node (a `TetheredDHT`: it and p2pd die with this process, however it dies) gets a fresh libp2p
-    identity each start, as in `run_join`: a restart right after a crash joins at once.
-    """
-    stop, halt = asyncio.Event(), threading.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        log.info("%s: stopping", sig.name)  # with the "left swarm" line: how long a clean stop takes
-        stop.set()
-        halt.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    j = opts.join
-    device = pick_device(opts.device)
-    identity = Identity.load_or_create(j.identity)
-    # a fresh libp2p id each start (the swarm knows this peer by `identity`): a restart never finds it "taken"
-    dht = await asyncio.to_thread(
-        start_dht, initial_peers=j.initial_peers, host_maddrs=j.host_maddrs, startup_timeout_s=j.dht_start_timeout_s,
-    )  # fmt: skip
-    server: PeerServer | None = None
-    daemon: Daemon | None = None
-    saver: resume.Checkpointer | None = None
-    try:
-        swarm = Swarm(dht, SwarmConfig(swarm=j.swarm, initial_peers=j.initial_peers, announce_ttl_s=j.announce_ttl_s))
-        print(f"DHT up; looking for swarm {j.swarm} via {len(j.initial_peers)} initial peer(s)", flush=True)
-        signed = await asyncio.to_thread(obtain_manifest, swarm, j, halt)
-        try:
-            run = RunConfig.from_manifest(signed.manifest)
-        except ValueError as exc:
-            raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
-        print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
-              f"{run.method}, H={run.inner.steps_per_round}, device {device}", flush=True)  # fmt: skip
-        trainer = await asyncio.to_thread(
-            Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size,
-            grad_accum=opts.grad_accum,
-        )  # fmt: skip
-        member = Member(swarm, identity, signed, endpoint="", software_version=software_version)
-        daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every, overlap=opts.overlap)
-        if opts.metrics_port is not None:
-            await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
-            print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
-        if j.listen is not None:
-            server = await _serve(daemon, identity, j.listen, run.gossip)
-            member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
-        # slice, donors and partners are chosen among peers that answered at their endpoint (peer/swarm/admission.py)
-        member.counted = daemon.admission.admitted
-        member.peers = await asyncio.to_thread(swarm.live_peers, signed.run_id)
-        await daemon.prober.admit_now()
-        await asyncio.to_thread(member.join)
-        if server is not None:
-            server = daemon.server = await check_endpoint(member, server, j)
-        print(f"joined swarm {j.swarm} as {identity.peer_id} slice {member.slice} "
-              f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
-        await _resume_or_late_join(daemon, opts.checkpoint_dir)
-        if opts.checkpoint_dir is not None:
-            saver = resume.Checkpointer(directory=opts.checkpoint_dir, every=opts.checkpoint_every,
-                                        run_id=daemon.policy.run_id, peer_id=identity.peer_id,
-                                        version=software_version)  # fmt: skip
-        daemon.reporter.start()
-        await _train(daemon, opts, stop, halt, saver)
-    except JoinInterrupted as exc:
-        log.info("%s", exc)
-    finally:
-        if daemon is not None and daemon.clock >= 0 and saver is not None:
-            await asyncio.to_thread(saver.save, daemon.trainer, round=daemon.clock, tokens_seen=daemon.tokens_seen)
-        if server is not None:
-            await server.stop()
-        if daemon is not None:
-            await daemon.reporter.aclose()
-            await daemon.metrics.close()
-        await asyncio.to_thread(dht.shutdown)
-        rounds = "none" if daemon is None else daemon.clock + 1
-        log.info("left swarm %s after %s round(s)", j.swarm, rounds)

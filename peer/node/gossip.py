@@ -9,12 +9,12 @@ The consensus slice is named in the tensor names, not derived from the header: t
 `slice` field (the sender's), and under the `units` cut two slices may pack the same parameter to
 different shapes when a dimension does not split evenly, so "phi/<param>" alone would be ambiguous.
 
-`compose_outer_step` turns the sender's own (decoded) delta and the `ReceivedUpdate`s it kept into
-exactly the `gossip_step` call the simulator makes (`peer/lab/sim.py`, `Simulation._gossip`): only where the
-contributions come from differs. `Inbox` decides which updates are kept: one per sender (its newest),
-never one already applied, and none that is stale (see `STALE_ROUNDS`): stale updates are dropped, not
-down-weighted, because `gossip_step` weighs every contribution equally and mixing an old delta at full
-weight is what staleness hurts.
+`outer_step` is the outer step of the daemon and of the simulator (`peer/lab/sim.py`, `Simulation._gossip`)
+alike; only where the partners' terms come from differs (`PartnerTerms`: `terms_from_updates` for the
+daemon's signed updates off the network, in process for the simulator). `Inbox` decides which updates are
+kept: one per sender (its newest), never one already applied, and none that is stale (see `STALE_ROUNDS`):
+stale updates are dropped, not down-weighted, because `gossip_step` weighs every contribution equally and
+mixing an old delta at full weight is what staleness hurts.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.core.outer import OuterConfig, gossip_step
-from peer.core.robust import WRONG_SHAPE, Clipper, ClipReport
+from peer.core.robust import Clipper, ClipReport
 from peer.core.slices import Contribution, Params, SliceLayout, weight_slice
 from protocol.codec import CodecConfig, ErrorFeedback, decode, encode
+from protocol.errors import Reason
 from protocol.logs import get_logger
 from protocol.updates import OutgoingUpdate, ReceivedUpdate
 
@@ -113,6 +114,55 @@ def split_update(
     return delta_c, Contribution({n: layouts[k][n] for n in weights}, weights, update.sender)
 
 
+@dataclass(slots=True)
+class PartnerTerms:
+    """The partners' terms of one outer step, wherever they came from: the seam between the outer step and
+    its transport. The daemon gets them from signed updates off the network (`terms_from_updates`); the
+    simulator builds them in process from its virtual peers' (codec round-tripped) contributions."""
+
+    deltas: list[Contribution] = field(default_factory=list)
+    weights: list[Contribution] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)
+    """Senders whose update could not even be split into terms (counted as WRONG_SHAPE rejections)."""
+
+
+def terms_from_updates(updates: Sequence[ReceivedUpdate], layouts: Sequence[SliceLayout],
+                       device: torch.device) -> PartnerTerms:  # fmt: skip
+    """The network's source: each kept update split into its delta and its weight slice."""
+    terms = PartnerTerms()
+    for update in updates:
+        try:
+            delta, weight = split_update(update, layouts, device)
+        except ValueError as exc:
+            log.warning("update from %s not mixed: %s", update.sender[:16], exc)
+            terms.unusable.append(update.sender)
+            continue
+        if delta is not None:
+            terms.deltas.append(delta)
+        if weight is not None:
+            terms.weights.append(weight)
+    return terms
+
+
+def outer_step(phi: Params, state: Params, own: Contribution, terms: PartnerTerms, config: OuterConfig,
+               clipper: Clipper | None = None) -> ClipReport:  # fmt: skip
+    """The gossip outer step (in place) from this peer's own delta and its partners' terms: the one call
+    the daemon and the simulator both make.
+
+    With a `clipper` every partner term is checked and clipped toward our own (`peer/core/robust.py`); the
+    report says how many terms were mixed, clipped and rejected (by reason) for the daemon's metrics.
+    """
+    report = gossip_step(phi, state, own, terms.deltas, terms.weights, config, clipper)
+    if report is None:
+        report = ClipReport(mixed=len(terms.deltas) + len(terms.weights))
+    for sender in terms.unusable:
+        report.reject(Reason.WRONG_SHAPE.value, sender)
+    if report.clipped or report.rejected:
+        log.info("outer step: %d partner terms mixed, %d clipped (largest %.3g x the bound), rejected %s",
+                 report.mixed, report.clipped, report.largest_ratio, report.rejected)  # fmt: skip
+    return report
+
+
 def compose_outer_step(
     phi: Params,
     state: Params,
@@ -122,34 +172,9 @@ def compose_outer_step(
     config: OuterConfig,
     clipper: Clipper | None = None,
 ) -> ClipReport:
-    """The gossip outer step (in place) from this peer's own delta and the partners' updates it kept.
-
-    With a `clipper` every partner term is checked and clipped toward our own (`peer/core/robust.py`); the
-    report says how many terms were mixed, clipped and rejected (by reason) for the daemon's metrics.
-    """
-    received, weights = [], []
-    unsplit: list[str] = []  # senders of updates that could not even be split into terms (WRONG_SHAPE)
+    """The daemon's outer step: `outer_step` over the terms of the partners' updates it kept."""
     device = next(iter(phi.values())).device
-    for update in updates:
-        try:
-            delta, weight = split_update(update, layouts, device)
-        except ValueError as exc:
-            log.warning("update from %s not mixed: %s", update.sender[:16], exc)
-            unsplit.append(update.sender)
-            continue
-        if delta is not None:
-            received.append(delta)
-        if weight is not None:
-            weights.append(weight)
-    report = gossip_step(phi, state, own, received, weights, config, clipper)
-    if report is None:
-        report = ClipReport(mixed=len(received) + len(weights))
-    for sender in unsplit:
-        report.reject(WRONG_SHAPE, sender)
-    if report.clipped or report.rejected:
-        log.info("outer step: %d partner terms mixed, %d clipped (largest %.3g x the bound), rejected %s",
-                 report.mixed, report.clipped, report.largest_ratio, report.rejected)  # fmt: skip
-    return report
+    return outer_step(phi, state, own, terms_from_updates(updates, layouts, device), config, clipper)
 
 
 @dataclass(slots=True)

@@ -1,10 +1,11 @@
-"""`murmur join`: the membership process that `murmur run` will build on.
+"""The one join sequence, shared by `murmur join` (membership only) and `murmur run` (peer/node/daemon.py).
 
 Order of a join: identity -> DHT (with a clear error if it cannot start) -> manifest (publish with the
-owner key, or fetch and verify against --run-key / the pin) -> RunConfig from it -> PeerService on
---listen (unless --client-only) -> slice (least covered) and first announcement -> reachability test by
-a bootstrap node (unreachable: say which port to open and continue client-only) -> refresh every TTL/3
-until SIGTERM/SIGINT -> stop the server, then the DHT; return normally (exit code 0).
+owner key, or fetch and verify against --run-key / the pin) -> RunConfig from it (`joined`) -> PeerService
+on --listen (unless --client-only) -> slice (least covered) and first announcement -> reachability test by
+a bootstrap node (unreachable: say which port to open and continue client-only) (`enter`) -> the caller's
+work (`murmur join`: refresh every TTL/3) until SIGTERM/SIGINT -> stop the server, then the DHT; return
+normally (exit code 0). `swarm_view` is the read-only variant for commands that only look (status, eval).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
 from peer.config import RunConfig
-from peer.swarm.membership import JoinInterrupted, Member, Swarm, SwarmConfig, check_reachability, slice_counts
-from protocol.dht import start_dht
+from peer.swarm.membership import Member, Swarm, SwarmConfig, check_reachability, slice_counts
+from protocol.dht import TetheredDHT, start_dht
+from protocol.errors import JoinInterrupted, ManifestError
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.manifest import ManifestError, PinStore, SignedRunManifest, accept_owner, load_json, parse_run_key
+from protocol.manifest import PinStore, SignedRunManifest, accept_owner, load_json, parse_run_key
 from protocol.records import check_swarm_name
 from protocol.service import PeerServer, PeerStatus, ServerConfig
 from protocol.updates import ReceivedUpdate, WirePolicy
@@ -161,23 +165,45 @@ async def refresh_until(stop: asyncio.Event, member: Member) -> None:
             print(f"peers: {len(member.peers)} live, slice coverage {coverage}, mine {member.slice}", flush=True)
 
 
-async def run_join(opts: JoinOptions, *, software_version: str) -> None:
-    """Join and stay until SIGTERM/SIGINT; raises DHTStartError/ManifestError (MurmurError) on failure.
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What every joining process has once the manifest is verified: who it is, the swarm, the run."""
 
-    The DHT node gets a fresh libp2p identity each start: announcements are signed by `opts.identity` and
-    stored under its peer id, so nobody pins the libp2p one, and a restart never finds it "already taken".
+    identity: Identity
+    swarm: Swarm
+    signed: SignedRunManifest
+    run: RunConfig
+    stop: asyncio.Event
+    """Set by SIGTERM/SIGINT: the caller's work ends."""
+    halt: threading.Event
+    """The same signal, for work in threads (a manifest fetch that waits)."""
+
+
+@asynccontextmanager
+async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[RunConfig], str] = lambda _run: ""
+                 ) -> AsyncIterator[Joined]:  # fmt: skip
+    """Signals, identity, DHT, swarm, verified manifest and RunConfig; the DHT is shut down on the way out.
+
+    The DHT node (a `TetheredDHT`: it and p2pd die with this process, however it dies) gets a fresh libp2p
+    identity each start: announcements are signed by `opts.identity` and stored under its peer id, so nobody
+    pins the libp2p one, and a restart right after a crash never finds it "already taken". Raises
+    DHTStartError/ManifestError (MurmurError) on failure, JoinInterrupted when a signal ends the wait.
     """
-    stop, halt = asyncio.Event(), threading.Event()  # halt: the same signal, for work in threads
+    stop, halt = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("%s: stopping", sig.name)  # with the "left swarm" line: how long a clean stop takes
+        stop.set()
+        halt.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: (stop.set(), halt.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     identity = Identity.load_or_create(opts.identity)
-    # a fresh libp2p id each start (the swarm knows this peer by `identity`): a restart never finds it "taken"
     dht = await asyncio.to_thread(
         start_dht, initial_peers=opts.initial_peers, host_maddrs=opts.host_maddrs,
         startup_timeout_s=opts.dht_start_timeout_s,
     )  # fmt: skip
-    server: PeerServer | None = None
     try:
         config = SwarmConfig(swarm=opts.swarm, initial_peers=opts.initial_peers, announce_ttl_s=opts.announce_ttl_s)
         swarm = Swarm(dht, config)
@@ -188,21 +214,52 @@ async def run_join(opts: JoinOptions, *, software_version: str) -> None:
         except ValueError as exc:
             raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
         print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
-              f"{run.method}", flush=True)  # fmt: skip
-        member = Member(swarm, identity, signed, endpoint="", software_version=software_version)
-        if opts.listen is not None:
-            server = await _serve(identity, member, opts)
-            member.endpoint = opts.announce or f"{opts.listen[0]}:{server.port}"
-        await asyncio.to_thread(member.join)
-        if server is not None:
-            server = await check_endpoint(member, server, opts)
-        print(f"joined swarm {opts.swarm} as {identity.peer_id} slice {member.slice} "
-              f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
-        await refresh_until(stop, member)
+              f"{run.method}{detail(run)}", flush=True)  # fmt: skip
+        yield Joined(identity, swarm, signed, run, stop, halt)
+    finally:
+        await asyncio.to_thread(dht.shutdown)
+
+
+async def enter(member: Member, server: PeerServer | None, opts: JoinOptions) -> PeerServer | None:
+    """Take a slice and announce it; then have the endpoint checked (client-only if unreachable) and say so.
+
+    Returns the server still serving (None when the peer went client-only or never listened)."""
+    await asyncio.to_thread(member.join)
+    if server is not None:
+        server = await check_endpoint(member, server, opts)
+    print(f"joined swarm {opts.swarm} as {member.identity.peer_id} slice {member.slice} "
+          f"endpoint {member.endpoint or 'client-only'}", flush=True)  # fmt: skip
+    return server
+
+
+@contextmanager
+def swarm_view(swarm: str, initial_peers: tuple[str, ...], *, timeout_s: float) -> Iterator[Swarm]:
+    """A read-only look at a swarm (`murmur status`, `murmur eval`): a client-mode DHT on loopback that
+    announces nothing and serves nothing, shut down on the way out."""
+    dht: TetheredDHT = start_dht(initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",),
+                                 startup_timeout_s=timeout_s, client_mode=True)  # fmt: skip
+    try:
+        yield Swarm(dht, SwarmConfig(swarm=swarm, initial_peers=initial_peers))
+    finally:
+        dht.shutdown()
+
+
+async def run_join(opts: JoinOptions, *, software_version: str) -> None:
+    """Join and stay until SIGTERM/SIGINT, refreshing the announcement; raises MurmurError on failure."""
+    try:
+        async with joined(opts, software_version=software_version) as session:
+            member = Member(session.swarm, session.identity, session.signed, endpoint="",
+                            software_version=software_version)  # fmt: skip
+            server: PeerServer | None = None
+            try:
+                if opts.listen is not None:
+                    server = await _serve(session.identity, member, opts)
+                    member.endpoint = opts.announce or f"{opts.listen[0]}:{server.port}"
+                server = await enter(member, server, opts)
+                await refresh_until(session.stop, member)
+            finally:
+                if server is not None:
+                    await server.stop()
     except JoinInterrupted as exc:
         log.info("%s", exc)
-    finally:
-        if server is not None:
-            await server.stop()
-        await asyncio.to_thread(dht.shutdown)
-        log.info("left swarm %s", opts.swarm)
+    log.info("left swarm %s", opts.swarm)
