@@ -1,4 +1,4 @@
-"""Each adversary of tests/adversaries.py alone against 4 honest peers, next to a baseline swarm of the same 4
+"""Each adversary of benchmarks/adversary_peers.py alone against 4 honest peers, next to a baseline swarm of the same 4
 peers (same identities, so the same data; run at the same time, so under the same load): what stopped the
 attack, the honest peers' counters, and their validation loss over the same rounds, a few after the attack landed.
 
@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from adversaries import KINDS, LATE_JOIN_KINDS, finish, start_swarms
-from latejoin_swarm import late_join_of, served_losses, start_donors, start_newcomer, wait_for_snapshots
-from procs import Procs
+from benchmarks.adversary_peers import KINDS, LATE_JOIN_KINDS, finish, start_swarms
+from benchmarks.latejoin_swarm import late_join_of, served_losses, start_donors, start_newcomer, wait_for_snapshots
+from peer.lab.harness import Procs
 
 STOPPED_BY = {
     "scaled": "outer step: rejected as an outlier, >10x the clipping bound (peer/core/robust.py)",

@@ -1,6 +1,7 @@
-"""Adversary peers for tests: a real `murmur run` whose outgoing updates are sabotaged inside its own process.
+"""Adversary peers for tests and benchmarks: a real `murmur run` whose outgoing updates are sabotaged inside its own
+process.
 
-    python tests/adversaries.py KIND <murmur run args>
+    python benchmarks/adversary_peers.py KIND <murmur run args>
 
 The process joins, announces and trains like an honest peer (same CLI, same daemon); only what it sends is
 patched here, never in production code: pushes go through `PeerClient.exchange`, replies through the
@@ -53,10 +54,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # procs.py beside this file, also when run as a script
-from procs import Proc, Procs, murmur
-
 from peer.core.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
+from peer.lab.harness import Proc, Procs, murmur
 from peer.node import daemon as daemon_module
 from peer.node import trainer as trainer_module
 from peer.node.roundline import parse_all
@@ -70,6 +69,9 @@ from protocol.identity import Identity, update_signing_bytes
 from protocol.records import sign_announcement
 from protocol.updates import OutgoingUpdate, StateSnapshot, make_state_snapshot
 
+SCRIPT = str(Path(__file__).resolve())
+"""What starts an adversary (`[sys.executable, SCRIPT, KIND, ...]`): a script path works from any working directory
+(a test's tmp_path), where `-m benchmarks.adversary_peers` would need the repository on the module path."""
 KINDS = ("scaled", "nan", "shape", "replay", "badkey", "flood", "poisoned-donor", "future-round", "sub-outlier",
          "sybil")
 LATE_JOIN_KINDS = ("poisoned-donor",)
@@ -446,7 +448,7 @@ def install(kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     if not argv:
-        raise SystemExit(f"usage: python tests/adversaries.py {{{','.join(KINDS)}}} <murmur run args>")
+        raise SystemExit(f"usage: python benchmarks/adversary_peers.py {{{','.join(KINDS)}}} <murmur run args>")
     install(argv[0])
     print(f"adversary {argv[0]} installed", flush=True)
     from peer.cli.main import main as murmur
@@ -547,8 +549,7 @@ def _start_peers(procs: Procs, tag: str, maddr: str, run_key: str, kinds: list[s
     honest = [procs.start(f"{tag}-{n}", murmur("run", *args(n, f"{n}.id")), env=env(n)) for n in HONEST]
     # the adversaries start with the honest peers (not after them), so their attacks land early in the run;
     # everyone waits up to 30 s for the owner's manifest to appear in the DHT
-    script = str(Path(__file__).resolve())
-    adversaries = [procs.start(f"{tag}-adv-{k}", [sys.executable, script, k, *args(k, f"{tag}-adv-{k}.id")],
+    adversaries = [procs.start(f"{tag}-adv-{k}", [sys.executable, SCRIPT, k, *args(k, f"{tag}-adv-{k}.id")],
                                env=env(f"adv-{k}")) for k in kinds]  # fmt: skip
     return Swarm(tag, honest, adversaries)
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.exchange_speed [--rates 10,100,1000] [--preset 124m] [--json PATH]
 
-Two real processes, each in its own network namespace (tests/netns.py), run the daemon's wire code: a
+Two real processes, each in its own network namespace (benchmarks/netns.py), run the daemon's wire code: a
 `PeerServer` that replies with its own update, and a `PeerClient` that connects (pinned TLS, as the daemon does
 for every exchange) and pushes. The update is the int8 pseudo-gradient of every parameter of the preset
 (protocol/codec.py, the run's default codec); each side decodes and checks what it receives, as in a real round.
@@ -14,7 +14,7 @@ server has decoded the update; both processes read the same clock). Push and rep
 the exchange cannot beat 2.0 (a push and a pull that overlapped could reach 1.0). Bytes on the wire are the
 client link's Ethernet frames (TCP/IP, TLS, HTTP/2 and gRPC framing included) against the payloads it moved.
 An unshaped row shows the processing floor of this machine (veth at memory speed).
-Needs root (network namespaces, as tests/netns.py); takes about 4 minutes with the defaults.
+Needs root (network namespaces, as benchmarks/netns.py); takes about 4 minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.netns import Network, unavailable
 from peer.core.model import Transformer, preset
 from protocol.codec import CodecConfig, encode
 from protocol.identity import Identity
@@ -182,8 +183,6 @@ def _role(role: str, args: argparse.Namespace, workdir: Path, *extra: str) -> li
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict:
     """Both processes in their namespaces; one row per rate (and the unshaped floor first)."""
-    from netns import Network
-
     Identity.generate().save(workdir / "server.id")
     Identity.generate().save(workdir / "client.id")
     rows = []
@@ -296,9 +295,6 @@ def main(argv: list[str] | None = None) -> None:
 
         uvloop.run(serve(args) if args.role == "serve" else push(args))
         return
-    sys.path.insert(0, str(ROOT / "tests"))
-    from netns import unavailable
-
     reason = unavailable()
     if reason is not None:
         parser.exit(1, f"exchange_speed needs network namespaces: {reason}\n")

@@ -1,6 +1,6 @@
 """A late join with real processes on loopback, for tests/test_latejoin.py and benchmarks/adversaries.py.
 
-A bootstrap node and three donors (`murmur run`; any of them may be an adversary of tests/adversaries.py)
+A bootstrap node and three donors (`murmur run`; any of them may be an adversary of benchmarks/adversary_peers.py)
 train until each has served a snapshot (they take one every SNAPSHOT_EVERY rounds, and the Lamport rule may
 skip a round, so each donor's round lines are watched for a multiple of it); then a newcomer joins and
 late-joins from them. What it did is read back from its log (`LateJoin`), and what the donors' snapshots were
@@ -15,11 +15,9 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # procs.py beside this file, also from benchmarks/
-from procs import Proc, Procs, murmur
-
+from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
+from peer.lab.harness import Proc, Procs, murmur
 from peer.node.latejoin import SNAPSHOT_EVERY
 from peer.node.roundline import PATTERN as ROUND_LINE
 from peer.node.roundline import parse_all
@@ -40,7 +38,6 @@ exchange_timeout_s = 10
 """
 """Tiny, K=2, H=5: a round takes seconds. The exchange timeout is also each state download's deadline."""
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
-ADVERSARIES = str(Path(__file__).resolve().with_name("adversaries.py"))
 START = re.compile(r"^late join: fetched the weights of round (\d+) from (\d+) donor\(s\): (.*?); (.*)$")
 DONOR = re.compile(r"([0-9a-f]{16}) \(round (\d+)\)")
 HELD_OUT = re.compile(r"^late join: held-out loss of the adopted weights ([^;\s]+)")
@@ -101,7 +98,7 @@ def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None]) -> Donors
     started = {}
     for i, (name, kind) in enumerate(kinds.items()):
         args = _run_args(tag, f"{name}.id", maddr, run_key if i else "", "--eval-every", str(SNAPSHOT_EVERY))
-        argv = murmur(*args) if kind is None else [sys.executable, ADVERSARIES, kind, *args[1:]]  # it adds `run`
+        argv = murmur(*args) if kind is None else [sys.executable, ADVERSARY_SCRIPT, kind, *args[1:]]  # it adds `run`
         started[name] = procs.start(f"{tag}-{name}", argv, env=_env(procs, tag, name))
     return Donors(tag, maddr, run_key, started, dict(kinds), {})
 

@@ -8,18 +8,17 @@ namespace end) and downloads (egress of the bridge end) are each limited to the 
 `netem` (delay, loss) is not available on these machines; tbf's `latency` only bounds its queue.
 
 Processes run in a host with `host.argv([...])`, which prefixes `ip netns exec NS`. `ip netns exec` execs
-the command in place (no fork), so the pid `Procs` holds is the command's own: SIGTERM reaches it directly and
-its process group is the one `Procs` kills. Names carry the creating process's pid and a random part, so
-concurrent runs never collide, and a later run removes what a killed run (its pid gone) left behind.
+the command in place (no fork), so the pid `Procs` (peer/lab/harness.py) holds is the command's own: SIGTERM
+reaches it directly and its process group is the one `Procs` kills. Names carry the creating process's pid and a
+random part, so concurrent runs never collide, and a later run removes what a killed run (its pid gone) left behind.
 
-    from netns import netns_fixture  # noqa: F401 - registers the `netns` fixture (which uses `procs`)
-
-    def test_x(netns, procs):
+    def test_x(netns, procs):  # the fixtures of tests/conftest.py
         boot = netns.add_host("boot")
         peer = netns.add_host("peer", rate_mbit=5)
         procs.start("boot", boot.argv(murmur("bootstrap", "--host-maddrs", boot.maddr(), ...)))
 
-Outside pytest (benchmarks): `with Network() as net: ...`; `unavailable()` says why it cannot work here.
+Outside pytest (benchmarks/exchange_speed.py): `with Network() as net: ...`; `unavailable()` says why it cannot
+work here. Here rather than in tests/, so that benchmarks import it as a module of their package.
 """
 
 from __future__ import annotations
@@ -32,15 +31,9 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import pytest
-
-if TYPE_CHECKING:
-    from procs import Procs
 
 PREFIX = "murmur-"
 """Namespaces are named murmur-<tag>-<host>; the tag is the owner's pid (6 hex) and 2 random hex digits."""
@@ -242,22 +235,3 @@ def sweep_orphans() -> None:
             if match and not _alive(int(match.group(2), 16)):
                 _run(["ip", "link", "del", match.group(1)], check=False)
 
-
-@pytest.fixture(name="netns")
-def netns_fixture(procs: Procs) -> Iterator[Network]:
-    """A network for one test; skipped with the reason when namespaces cannot be made here.
-
-    Teardown stops the test's processes first (SIGTERM, then SIGKILL to their groups, as `procs` does), then
-    kills anything left inside the namespaces and removes namespaces, veths and bridge, even when the test failed.
-    """
-    reason = unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    network = Network()
-    try:
-        yield network
-    finally:
-        try:
-            procs.stop_all()
-        finally:
-            network.close()

@@ -16,10 +16,10 @@ from hivemind.p2p import P2P, P2PContext
 
 from protocol._generated import murmur_pb2 as pb
 from protocol.client import PeerClient
-from protocol.errors import MurmurError
+from protocol.errors import InvalidRecord, MurmurError
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.records import ANNOUNCEMENT_TAG, REACHABILITY_HANDLER, InvalidRecord, verify_announcement
+from protocol.records import ANNOUNCEMENT_TAG, REACHABILITY_HANDLER, verify_announcement
 
 log = get_logger(__name__)
 
@@ -45,7 +45,7 @@ async def dial_announced(
             deadline=timeout_s,
         ) as client:
             info = await asyncio.wait_for(client.info(), timeout_s)
-    except (MurmurError, OSError, asyncio.TimeoutError) as exc:
+    except (MurmurError, asyncio.TimeoutError) as exc:  # the client's errors, and our own wait_for's
         log.info("reachability: %s at %s is unreachable (%s)", ann.peer_id[:16], ann.endpoint, exc)
         return pb.InfoReply(peer_id=ann.peer_id, health=f"unreachable: {exc}")
     health = "ok" if info.peer_id == ann.peer_id else f"unreachable: {ann.endpoint} answered as {info.peer_id[:16]}"

@@ -6,22 +6,23 @@ fingerprint its signed announcement carries. The certificate comes from the anno
 (`tls_certificate`) or, when absent, from a TLS probe of the endpoint; either way it must hash to the
 pinned fingerprint, and grpc then refuses any server that does not hold that certificate's key.
 
-Every failure surfaces as a `protocol.errors` class: TransportError (timeout, unreachable, pin
-mismatch), IncompatibleVersion, BannedPeer, or a ProtocolViolation with the partner's `reason`
-(either the partner refused our update, or its reply failed our checks).
+Every failure surfaces as a `protocol.errors` class, so a caller catches MurmurError and nothing else:
+TransportError (timeout, unreachable, pin mismatch; grpc's errors, OSError and timeouts raised inside a
+call are turned into these), IncompatibleVersion, BannedPeer, or a ProtocolViolation with the partner's
+`reason` (either the partner refused our update, or its reply failed our checks). Errors raised by the
+caller's own code inside `async with PeerClient.connect(...)` are not translated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 
 from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
@@ -44,15 +45,17 @@ from protocol.updates import (
 from protocol.wire import (
     ACCEPT_KEY,
     CHANNEL_OPTIONS,
+    SERVICE_NAME,
     check_version,
     error_from_rpc,
     error_from_status,
+    parse_message,
     reason_from_metadata,
 )
 
 log = get_logger(__name__)
 
-_PATH = "/murmur.v1.PeerService/"
+_PATH = f"/{SERVICE_NAME}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,18 +153,19 @@ class PeerClient:
         `policy` is needed for `exchange` (run id, shapes, and `lookup` for the partner's key).
         Raises PeerUnreachable when the certificate does not match the pin.
         """
-        if tls_certificate is None:
-            der = await probe_certificate(endpoint, deadline)
-            tls_certificate = ssl.DER_cert_to_PEM_cert(der).encode()
-        try:
-            fingerprint = certificate_fingerprint(tls_certificate)
-        except ValueError as exc:  # an announcement's certificate is a stranger's bytes
-            raise PeerUnreachable(f"{endpoint}: unreadable TLS certificate ({exc})") from exc
-        if fingerprint != tls_fingerprint.lower():
-            raise PeerUnreachable(f"{endpoint}: TLS certificate does not match the pinned fingerprint")
-        credentials = grpc.ssl_channel_credentials(root_certificates=tls_certificate)
-        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
-        channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
+        with _transport_errors(endpoint):
+            if tls_certificate is None:
+                der = await probe_certificate(endpoint, deadline)
+                tls_certificate = ssl.DER_cert_to_PEM_cert(der).encode()
+            try:
+                fingerprint = certificate_fingerprint(tls_certificate)
+            except ValueError as exc:  # an announcement's certificate is a stranger's bytes
+                raise PeerUnreachable(f"{endpoint}: unreadable TLS certificate ({exc})") from exc
+            if fingerprint != tls_fingerprint.lower():
+                raise PeerUnreachable(f"{endpoint}: TLS certificate does not match the pinned fingerprint")
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_certificate)
+            options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
+            channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
         try:
             yield cls(channel, peer_id=peer_id, identity=identity, policy=policy, deadline=deadline)
         finally:
@@ -170,11 +174,9 @@ class PeerClient:
     async def info(self) -> PeerInfo:
         """The partner's versions, run, round, slice and health."""
         request = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR).SerializeToString()
-        try:
+        with _transport_errors(self.peer_id[:16]):
             raw = await self._info(request, timeout=self.deadline)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
-        reply = _parse(pb.InfoReply, raw)
+        reply = parse_message(pb.InfoReply, raw)
         return PeerInfo(
             reply.protocol_version,
             reply.software_version,
@@ -194,10 +196,9 @@ class PeerClient:
         )
         call = self._exchange(timeout=self.deadline)
         try:
-            await self._send(call, header, update)
-            return await self._read_reply(call)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
+            with _transport_errors(self.peer_id[:16]):
+                await self._send(call, header, update)
+                return await self._read_reply(call)
         finally:
             call.cancel()
 
@@ -234,7 +235,7 @@ class PeerClient:
         first = await self._read(call)
         if first is None:
             return None
-        header = _frame_body(_parse(pb.UpdateFrame, first), "header")
+        header = _frame_body(parse_message(pb.UpdateFrame, first), "header")
         check_version(header.protocol_major)
         if header.sender != self.peer_id:
             raise RejectedUpdate(
@@ -254,7 +255,7 @@ class PeerClient:
             raw = await self._read(call)
             if raw is None:
                 break
-            buffer.add(_frame_body(_parse(frame_type, raw), "chunk"))
+            buffer.add(_frame_body(parse_message(frame_type, raw), "chunk"))
         buffer.finish()
 
     async def fetch_state(
@@ -268,16 +269,15 @@ class PeerClient:
         request = pb.FetchStateRequest(protocol_major=PROTOCOL_MAJOR, run_id=run_id).SerializeToString()
         call = self._fetch(request, timeout=self.deadline)
         try:
-            first = await self._read(call)
-            if first is None:
-                raise MalformedPayload(Reason.GARBAGE, "state stream ended before its header")
-            header = _frame_body(_parse(pb.StateFrame, first), "header")
-            self._check_state_header(header, run_id, public_key, expected_sha256)
-            planned = plan_state(header.tensors, shapes)
-            buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
-            await self._fill(call, buffer, pb.StateFrame)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
+            with _transport_errors(self.peer_id[:16]):
+                first = await self._read(call)
+                if first is None:
+                    raise MalformedPayload(Reason.GARBAGE, "state stream ended before its header")
+                header = _frame_body(parse_message(pb.StateFrame, first), "header")
+                self._check_state_header(header, run_id, public_key, expected_sha256)
+                planned = plan_state(header.tensors, shapes)
+                buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
+                await self._fill(call, buffer, pb.StateFrame)
         finally:
             call.cancel()
         tensors = await asyncio.to_thread(decode_payload, planned, buffer, header.content_sha256, None)
@@ -299,6 +299,23 @@ class PeerClient:
             raise RejectedUpdate(Reason.BAD_SIGNATURE, "state hash is not the expected one")
 
 
+@contextmanager
+def _transport_errors(where: str) -> Iterator[None]:
+    """Turn what grpc, sockets and timeouts raise inside a call into murmur's errors, so that callers catch
+    MurmurError alone: a failed call's status becomes its murmur error (`error_from_rpc`), a timeout
+    PeerTimeout, any other socket or grpc failure PeerUnreachable. MurmurErrors pass through unchanged."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from exc
+    except grpc.RpcError as exc:
+        raise PeerUnreachable(f"{where}: {exc!r}") from exc
+    except (asyncio.TimeoutError, TimeoutError) as exc:  # one class since 3.11, and an OSError: caught first
+        raise PeerTimeout(f"{where}: {exc!r}") from exc
+    except OSError as exc:
+        raise PeerUnreachable(f"{where}: {exc!r}") from exc
+
+
 async def _raise_for_call(call: grpc.aio.Call) -> None:
     """Raise the murmur error for a finished call that did not end OK."""
     code = await call.code()
@@ -314,10 +331,3 @@ def _frame_body(frame: pb.UpdateFrame | pb.StateFrame, expected: str):
     if frame.WhichOneof("body") != expected:
         raise MalformedPayload(Reason.GARBAGE, f"expected a {expected} frame")
     return getattr(frame, expected)
-
-
-def _parse(message_type: type, data: bytes):
-    try:
-        return message_type.FromString(data)
-    except (DecodeError, ValueError, TypeError) as exc:
-        raise MalformedPayload(Reason.GARBAGE, f"not a {message_type.__name__}: {exc}") from exc

@@ -38,7 +38,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import MPFuture
 from hivemind.utils.multiaddr import Multiaddr
 
-from protocol.errors import MurmurError
+from protocol.errors import DHTStartError, DHTStopped
 from protocol.logs import get_logger
 from protocol.records import RecordValidator
 
@@ -52,14 +52,6 @@ NODE_STOP_S = 2.0
 """How long the node's own shutdown may take; longer means p2pd is already gone and never answers it."""
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _T = TypeVar("_T")
-
-
-class DHTStartError(MurmurError):
-    """The DHT could not start; the message names the cause and what to do."""
-
-
-class DHTStopped(MurmurError):
-    """The DHT process exited while a call waited on it (killed, or stopped by a signal to the process group)."""
 
 
 class TetheredDHT(DHT):

@@ -1,4 +1,6 @@
-"""murmur's error tree: every failure a remote peer can cause, in one place.
+"""murmur's error tree: every exception murmur raises on purpose, in one place.
+
+A remote peer's doing (or the network's):
 
     MurmurError
     ├── TransportError            the network failed us; the partner is skipped, not blamed
@@ -8,16 +10,34 @@
     ├── BannedPeer                we refuse this peer for a while
     └── ProtocolViolation         the partner sent something invalid; it is counted by `reason`
         ├── MalformedPayload      bytes that do not decode (garbage, truncated, bad lengths)
-        └── RejectedUpdate        decodes, but fails a check (shape, finiteness, signature, replay,
-                                  a round from the future...)
+        ├── RejectedUpdate        decodes, but fails a check (shape, finiteness, signature, replay,
+        │                         a round from the future...)
+        ├── RateLimited           over a limit of protocol/limits.py (OVER_LIMIT), or the server is busy
+        │                         (RATE_LIMITED)
+        └── InvalidRecord         a DHT record that does not check (protocol/records.py)
 
-One more branch is nobody's fault but the local set-up's, and the user's to fix:
+Nobody's fault but the local set-up's, and the user's to fix; the ValueErrors are what every command
+reports as one line:
 
     MurmurError
-    └── SetupError                a port taken, a path that cannot be written, a file that is not there;
-                                  also a ValueError, so every command reports it as one line
+    ├── SetupError                a port taken, a path that cannot be written (also a ValueError)
+    │   └── DataNotFound          a corpus or tokenizer path that is not there (also a FileNotFoundError)
+    ├── IdentityFileError         an identity or TLS file that cannot be used or written (also a ValueError)
+    ├── ManifestError             a manifest that cannot be used: forged, malformed, another swarm's
+    │   ├── UntrustedOwner        signed by a key other than the one trusted for the swarm
+    │   └── BadRunKey             a --run-key that is not a key (also a ValueError)
+    └── CheckpointError           a snapshot on disk that is unusable; it is skipped (also a ValueError)
 
-Callers branch on the class (or `reason`), never on message text.
+Lifecycle: what stops a process or a command that was running fine:
+
+    MurmurError
+    ├── DHTStartError             the DHT could not start (protocol/dht.py)
+    ├── DHTStopped                the DHT process exited while a call waited on it
+    ├── JoinInterrupted           SIGTERM/SIGINT while joining a swarm; the caller shuts down quietly
+    └── DemoError                 `murmur demo` could not go on (also a RuntimeError)
+
+Callers branch on the class (or `reason`), never on message text. The second bases keep older
+`except ValueError` / `except RuntimeError` clauses catching what they always caught.
 """
 
 from __future__ import annotations
@@ -47,6 +67,12 @@ class Reason(str, Enum):
     INCOMPATIBLE_VERSION = "incompatible_version"
     TIMEOUT = "timeout"
     """A stream took longer than the receiver allows (added by the wire: servers cap a call's time)."""
+    OUTLIER = "outlier"
+    """A partner's decoded term lies too far outside the clipping bound to be shrunk (peer/core/robust.py);
+    refused by the outer step, never on the wire."""
+    DISTRUSTED = "distrusted"
+    """A sender whose terms kept being clipped or rejected, banned by partner trust (peer/node/trust.py); never
+    on the wire."""
 
 
 class MurmurError(Exception):
@@ -93,3 +119,54 @@ class MalformedPayload(ProtocolViolation):
 
 class RejectedUpdate(ProtocolViolation):
     """A well-formed message that fails a check: shape, dtype, finiteness, signature, run, round."""
+
+
+class RateLimited(ProtocolViolation):
+    """Over a limit of protocol/limits.py: `Reason.OVER_LIMIT` (the caller's calls or bytes per minute; a proven
+    peer is banned for it) or `Reason.RATE_LIMITED` (the server is busy; nobody is blamed, retry later)."""
+
+
+class InvalidRecord(ProtocolViolation):
+    """A DHT record that does not check: garbage, wrong tag, bad signature, wrong subkey, expired."""
+
+
+class DataNotFound(SetupError, FileNotFoundError):
+    """A corpus or tokenizer path that does not exist: a FileNotFoundError, and a SetupError (so a ValueError)
+    that every command reports as one line."""
+
+
+class IdentityFileError(MurmurError, ValueError):
+    """An identity or TLS file exists but cannot be used (corrupt, wrong key type, unreadable), or a new one
+    cannot be written where it was asked for."""
+
+
+class ManifestError(MurmurError):
+    """A manifest that cannot be used: forged, malformed, for another swarm or protocol, edited by hand."""
+
+
+class UntrustedOwner(ManifestError):
+    """The manifest is signed by a key other than the one this peer trusts for the swarm."""
+
+
+class BadRunKey(ManifestError, ValueError):
+    """A --run-key that is not an Ed25519 public key: a bad command-line value (ValueError) about trust."""
+
+
+class CheckpointError(MurmurError, ValueError):
+    """A snapshot on disk is unusable; the message says why (reported, then the snapshot is skipped)."""
+
+
+class DHTStartError(MurmurError):
+    """The DHT could not start; the message names the cause and what to do."""
+
+
+class DHTStopped(MurmurError):
+    """The DHT process exited while a call waited on it (killed, or stopped by a signal to the process group)."""
+
+
+class JoinInterrupted(MurmurError):
+    """SIGTERM/SIGINT arrived while joining (e.g. waiting for a manifest); the caller shuts down quietly."""
+
+
+class DemoError(MurmurError, RuntimeError):
+    """The demo could not go on (a process failed or did not start); the message says which and why."""

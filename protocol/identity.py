@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import struct
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from protocol.errors import MurmurError
+from protocol.errors import IdentityFileError
+from protocol.files import atomic_write
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -41,11 +41,6 @@ TLS_SERVER_NAME = "murmur.peer"
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 _CERT_VALIDITY = datetime.timedelta(days=3650)
-
-
-class IdentityFileError(MurmurError, ValueError):
-    """An identity or TLS file exists but cannot be used (corrupt, wrong key type, unreadable), or a new one
-    cannot be written where it was asked for."""
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:
@@ -150,20 +145,6 @@ def _self_signed_certificate(tls_key: ec.EllipticCurvePrivateKey, peer_id: str) 
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically (a crash never leaves half a key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _read_private(path: Path) -> bytes:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
@@ -252,7 +233,7 @@ class Identity:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         try:
-            _write_private(path, pem)
+            atomic_write(path, pem, mode=0o600, fsync=True)  # a crash never leaves half a key
             self._save_tls(tls_path_for(path))
         except OSError as exc:
             raise IdentityFileError(f"{path}: cannot write the key there ({exc.strerror or exc})") from exc
@@ -261,7 +242,7 @@ class Identity:
         key_pem = self._tls_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(tls_path, key_pem + self.tls_cert_pem)
+        atomic_write(tls_path, key_pem + self.tls_cert_pem, mode=0o600, fsync=True)
 
     @property
     def tls_key_pem(self) -> bytes:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from protocol.errors import MalformedPayload, Reason, RejectedUpdate
+from protocol.errors import RateLimited, Reason
 
 DEFAULT_MIN_ROUND_S = 0.25
 """The shortest round an honest peer plausibly makes (tiny models on a GPU); sets the per-peer rates."""
@@ -135,34 +135,34 @@ class Limiter:
         """The most payload bytes ever buffered at once: what the flood tests check against the cap."""
 
     def admit_call(self, address: str) -> None:
-        """Charge one call to `address`; MalformedPayload(OVER_LIMIT) when its bucket is empty (never a ban)."""
+        """Charge one call to `address`; RateLimited(OVER_LIMIT) when its bucket is empty (never a ban)."""
         if not self._calls.take(address):
-            raise MalformedPayload(
+            raise RateLimited(
                 Reason.OVER_LIMIT, f"more than {self.limits.calls_per_minute_per_address} calls a minute from {address}"
             )
 
     def admit_exchange(self, peer_id: str, payload_bytes: int) -> None:
-        """Charge one exchange and its announced bytes to a proven `peer_id`; RejectedUpdate(OVER_LIMIT) if over."""
+        """Charge one exchange and its announced bytes to a proven `peer_id`; RateLimited(OVER_LIMIT) if over."""
         if not self._exchanges.take(peer_id):
-            raise RejectedUpdate(
+            raise RateLimited(
                 Reason.OVER_LIMIT, f"more than {self.limits.exchanges_per_minute_per_peer} exchanges a minute"
             )
         if not self._bytes.take(peer_id, payload_bytes):
-            raise RejectedUpdate(
+            raise RateLimited(
                 Reason.OVER_LIMIT, f"more than {self.limits.bytes_per_minute_per_peer} payload bytes a minute"
             )
 
     def reserve(self, peer_id: str, payload_bytes: int) -> Reservation:
         """Hold `payload_bytes` of the in-flight budget and one of `peer_id`'s streams: `with limiter.reserve(...)`.
 
-        Raises MalformedPayload(RATE_LIMITED) instead when either is used up: the server is busy, which is
+        Raises RateLimited(RATE_LIMITED) instead when either is used up: the server is busy, which is
         nobody's fault (no ban), and the sender may retry.
         """
         streams = self._streams.get(peer_id, 0)
         if streams >= self.limits.max_streams_per_peer:
-            raise MalformedPayload(Reason.RATE_LIMITED, f"{streams} exchanges of this peer already in progress")
+            raise RateLimited(Reason.RATE_LIMITED, f"{streams} exchanges of this peer already in progress")
         if self.inflight_bytes + payload_bytes > self.limits.max_inflight_bytes:
-            raise MalformedPayload(
+            raise RateLimited(
                 Reason.RATE_LIMITED,
                 f"busy: {self.inflight_bytes} of {self.limits.max_inflight_bytes} payload bytes in flight",
             )

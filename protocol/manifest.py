@@ -28,27 +28,16 @@ from pathlib import Path
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from protocol import PROTOCOL_MAJOR
+from protocol import PROTOCOL_MAJOR, protocol_major
 from protocol._generated import murmur_pb2 as pb
-from protocol.errors import MurmurError
+from protocol.errors import BadRunKey, ManifestError, UntrustedOwner
+from protocol.files import atomic_write
 from protocol.identity import Identity, verify
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
 
 FILE_FORMAT = "murmur-manifest/1"
-
-
-class ManifestError(MurmurError):
-    """A manifest that cannot be used: forged, malformed, for another swarm or protocol, edited by hand."""
-
-
-class UntrustedOwner(ManifestError):
-    """The manifest is signed by a key other than the one this peer trusts for the swarm."""
-
-
-class BadRunKey(ManifestError, ValueError):
-    """A --run-key that is not an Ed25519 public key: a bad command-line value (ValueError) about trust."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +93,7 @@ def sign(manifest: pb.Manifest, owner: Identity) -> SignedRunManifest:
 def _check_content(manifest: pb.Manifest) -> None:
     if not manifest.swarm_name:
         raise ManifestError("the manifest names no swarm")
-    try:
-        major = int(manifest.protocol_version.split(".", 1)[0])
-    except ValueError:
-        major = -1
-    if major != PROTOCOL_MAJOR:
+    if protocol_major(manifest.protocol_version) != PROTOCOL_MAJOR:
         raise ManifestError(
             f"the run speaks protocol {manifest.protocol_version!r} but this murmur speaks {PROTOCOL_MAJOR}.x; "
             "install the murmur version the run owner names"
@@ -215,10 +200,7 @@ class PinStore:
         """Record `owner_key_hex` for `swarm` (atomic write; other swarms' pins are kept)."""
         pins = self.load()
         pins[swarm] = owner_key_hex
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, (json.dumps(pins, indent=2, sort_keys=True) + "\n").encode())
 
 
 def parse_run_key(text: str) -> bytes:

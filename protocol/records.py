@@ -33,9 +33,9 @@ from google.protobuf.message import DecodeError
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 
-from protocol import PROTOCOL_MAJOR
+from protocol import PROTOCOL_MAJOR, protocol_major
 from protocol._generated import murmur_pb2 as pb
-from protocol.errors import ProtocolViolation, Reason
+from protocol.errors import InvalidRecord, Reason
 from protocol.identity import (
     Identity,
     certificate_fingerprint,
@@ -56,10 +56,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # libp2p protocol on which bootstrap nodes (and later peers) dial an announced endpoint on request:
 # request SignedAnnouncement, reply InfoReply (what the endpoint answered; health "ok" or why not).
 REACHABILITY_HANDLER = "murmur.v1.reachability"
-
-
-class InvalidRecord(ProtocolViolation):
-    """A DHT record that does not check: garbage, wrong tag, bad signature, wrong subkey, expired."""
 
 
 def check_swarm_name(name: str) -> str:
@@ -254,7 +250,7 @@ def _check_announcement(value: bytes) -> Announcement:
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]} does not vouch for its TLS fingerprint")
     if ann.tls_certificate and _fingerprint_or_none(ann.tls_certificate) != ann.tls_fingerprint:
         raise InvalidRecord(Reason.BAD_SIGNATURE, f"{peer_id[:16]}'s certificate does not match its fingerprint")
-    if _major(ann.protocol_version) != PROTOCOL_MAJOR:
+    if protocol_major(ann.protocol_version) != PROTOCOL_MAJOR:
         raise InvalidRecord(Reason.INCOMPATIBLE_VERSION, f"{peer_id[:16]} speaks protocol {ann.protocol_version}")
     return Announcement(
         peer_id=peer_id,
@@ -278,13 +274,6 @@ def _fingerprint_or_none(cert: bytes) -> str | None:
         return certificate_fingerprint(cert)
     except ValueError:
         return None
-
-
-def _major(version: str) -> int:
-    try:
-        return int(version.split(".", 1)[0])
-    except ValueError:
-        return -1
 
 
 def encode_manifest_record(signed_manifest: bytes) -> bytes:

@@ -35,9 +35,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from protocol import PROTOCOL_VERSION
+from protocol import PROTOCOL_VERSION, software_version
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList, ReplayGuard
 from protocol.codec import payload_size
@@ -46,6 +45,7 @@ from protocol.errors import (
     IncompatibleVersion,
     MalformedPayload,
     ProtocolViolation,
+    RateLimited,
     Reason,
     RejectedUpdate,
     SetupError,
@@ -70,15 +70,15 @@ from protocol.wire import (
     ACCEPT_KEY,
     CHANNEL_OPTIONS,
     REASON_KEY,
+    SERVICE_NAME,
     STATUS_FOR_REASON,
     check_version,
+    parse_message,
     reason_of,
-    software_version,
 )
 
 log = get_logger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PeerService"].full_name
 _REFUSALS = (ProtocolViolation, IncompatibleVersion, BannedPeer)
 _NOT_BANNED = (Reason.REPLAY, Reason.TIMEOUT, Reason.RATE_LIMITED, Reason.FUTURE_ROUND)
 """Refusals an honest peer can meet (a retry, a slow link, a busy server, a clock briefly ahead of ours):
@@ -262,7 +262,7 @@ class PeerServer:
     async def _info(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         try:
             self.limiter.admit_call(address_of(context.peer()))
-            major = _parse(pb.InfoRequest, request).protocol_major
+            major = parse_message(pb.InfoRequest, request).protocol_major
             check_version(major)
         except _REFUSALS as exc:
             await self._refuse(context, _Refusal(exc, None))
@@ -330,7 +330,7 @@ class PeerServer:
         first = await anext(aiter(requests), None)
         if first is None:
             raise MalformedPayload(Reason.GARBAGE, "empty stream")
-        frame = _parse(pb.UpdateFrame, first)
+        frame = parse_message(pb.UpdateFrame, first)
         if frame.WhichOneof("body") != "header":
             raise MalformedPayload(Reason.GARBAGE, "a stream must start with a header")
         header = frame.header
@@ -350,7 +350,7 @@ class PeerServer:
             buffer = PayloadBuffer(total)
             await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
             async for raw in requests:  # until the caller half-closes; PayloadBuffer refuses any excess
-                frame = _parse(pb.UpdateFrame, raw)
+                frame = parse_message(pb.UpdateFrame, raw)
                 if frame.WhichOneof("body") != "chunk":
                     raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
                 buffer.add(frame.chunk)
@@ -378,7 +378,7 @@ class PeerServer:
             if snapshot is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "no state to serve yet")
             if self._fetch_slots.locked():
-                raise MalformedPayload(Reason.RATE_LIMITED, "too many downloads from this peer; try another")
+                raise RateLimited(Reason.RATE_LIMITED, "too many downloads from this peer; try another")
             async with self._fetch_slots:
                 await self._stream_state(context, snapshot)
         except _WriteStalled as exc:
@@ -411,7 +411,7 @@ class PeerServer:
                 raise _WriteStalled(f"a write made no progress for {left + WRITE_STALL_S:.0f} s") from None
 
     def _checked_state_request(self, request: bytes) -> StateSnapshot | None:
-        parsed = _parse(pb.FetchStateRequest, request)
+        parsed = parse_message(pb.FetchStateRequest, request)
         check_version(parsed.protocol_major)
         if parsed.run_id != self.policy.run_id:
             raise RejectedUpdate(
@@ -447,11 +447,3 @@ def largest_stream_bytes(policy: WirePolicy) -> int:
             break
         largest = max(largest, sum(max(payload_size(tuple(s), c) for c in codecs) for s in table.values()))
     return max(largest, 1)
-
-
-def _parse(message_type: type, data: bytes):
-    """Parse untrusted bytes; any failure is GARBAGE."""
-    try:
-        return message_type.FromString(data)
-    except (DecodeError, ValueError, TypeError) as exc:
-        raise MalformedPayload(Reason.GARBAGE, f"not a {message_type.__name__}: {exc}") from exc

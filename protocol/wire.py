@@ -25,12 +25,13 @@ reaches the caller intact (grpc.aio reports a write that races the server's fina
 
 from __future__ import annotations
 
-import functools
-from importlib import metadata
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
-from protocol import PROTOCOL_MAJOR, PROTOCOL_VERSION
+from protocol import PROTOCOL_MAJOR, PROTOCOL_VERSION, software_version
+from protocol._generated import murmur_pb2 as pb
 from protocol.errors import (
     BannedPeer,
     IncompatibleVersion,
@@ -39,11 +40,17 @@ from protocol.errors import (
     PeerTimeout,
     PeerUnreachable,
     ProtocolViolation,
+    RateLimited,
     Reason,
     RejectedUpdate,
 )
 from protocol.updates import MAX_MESSAGE_BYTES
 
+_M = TypeVar("_M", bound=Message)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PeerService"].full_name
+"""The PeerService's full name from the generated descriptor (murmur.proto), so that the server's handler and
+the client's method paths ("/<SERVICE_NAME>/<Method>") cannot drift apart."""
 REASON_KEY = "murmur-reason"
 ACCEPT_KEY = "murmur-accept"
 """Initial metadata by which a server says "header accepted, send the chunks" in Exchange."""
@@ -73,15 +80,6 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
-
-
-@functools.cache
-def software_version() -> str:
-    """The installed murmur distribution's version ("0+unknown" when running from a bare tree)."""
-    try:
-        return metadata.version("murmur")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def check_version(protocol_major: int) -> None:
@@ -124,6 +122,8 @@ def error_from_status(code: grpc.StatusCode | None, details: str, reason: str | 
         return PeerTimeout(text)
     if known in (Reason.GARBAGE, Reason.OVERSIZE):
         return MalformedPayload(known, text)
+    if known in (Reason.OVER_LIMIT, Reason.RATE_LIMITED):
+        return RateLimited(known, text)
     if known is not None:
         return RejectedUpdate(known, text)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:  # grpc's own message-size limit
@@ -143,3 +143,11 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> MurmurError:
     """`error_from_status` for an AioRpcError."""
     reason = reason_from_metadata(error.trailing_metadata())
     return error_from_status(error.code(), error.details() or "", reason)
+
+
+def parse_message(message_type: type[_M], data: bytes) -> _M:
+    """Parse untrusted bytes as `message_type`; any failure is MalformedPayload(GARBAGE), on either side."""
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, ValueError, TypeError) as exc:
+        raise MalformedPayload(Reason.GARBAGE, f"not a {message_type.__name__}: {exc}") from exc

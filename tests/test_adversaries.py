@@ -1,5 +1,5 @@
-"""Issue 6's adversary test, with real processes on loopback: seven adversaries (tests/adversaries.py) join one swarm
-of 4 honest `murmur run` peers; every attack is rejected or clipped, as the honest peers' own counters
+"""Issue 6's adversary test, with real processes on loopback: seven adversaries (benchmarks/adversary_peers.py)
+join one swarm of 4 honest `murmur run` peers; every attack is rejected or clipped, as the honest peers' own counters
 (/metrics) say, and the honest peers' validation loss, compared a few rounds after the last attack landed
 (`finish`), stays within 5% of a baseline swarm of the same 4 peers (same identities, so the same data)
 without the adversaries, trained at the same time for the same rounds.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from adversaries import eval_curves, finish, start_swarms
-from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+from benchmarks.adversary_peers import eval_curves, finish, start_swarms
+from peer.lab.harness import Procs
 
 ROUNDS = 8
 TOLERANCE = 0.05

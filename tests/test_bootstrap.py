@@ -24,9 +24,9 @@ from pathlib import Path
 import hivemind
 import pytest
 from hivemind.utils import get_dht_time
-from procs import Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
 from peer.config import RunConfig
+from peer.lab.harness import Procs, group_pids, murmur
 from protocol import PROTOCOL_VERSION
 from protocol import manifest as M
 from protocol.identity import Identity

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 from conftest_wire import CLIENT_ID, RUN_ID, SERVER_ID, Wire, run, serving
-from procs import Proc, Procs, group_pids, procs_fixture  # noqa: F401 - registers the `procs` fixture
 from test_daemon_faults import EVAL, evals_of, start_peer, start_swarm, wait_until
 
+from peer.lab.harness import Proc, Procs, group_pids
 from peer.node.checkpoint import list_checkpoints
 from peer.node.roundline import parse_all
 from protocol.client import PeerClient

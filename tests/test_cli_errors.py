@@ -2,7 +2,7 @@
 
 Most cases fail before any network starts (peer/cli/preflight.py), so they run in-process with click's CliRunner:
 there a traceback is an exception other than SystemExit, and reaching the network at all fails the test. A few
-go through the real entry point as a subprocess (tests/procs.py `murmur`), to show what a user sees. The binds
+go through the real entry point as a subprocess (peer/lab/harness.py `murmur`), to show what a user sees. The binds
 that the early checks cannot make safe (a port taken a moment after the check) are tested on their own.
 """
 
@@ -19,14 +19,13 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from procs import murmur
 
 from peer.cli.main import main
 from peer.config import RunConfig
-from peer.core.data import DataNotFound
+from peer.lab.harness import murmur
 from peer.node.metrics import Metrics
 from peer.node.trainer import Trainer
-from protocol.errors import SetupError
+from protocol.errors import DataNotFound, IdentityFileError, SetupError
 from protocol.identity import Identity
 from protocol.service import PeerServer, ServerConfig
 from protocol.updates import WirePolicy
@@ -119,8 +118,6 @@ def test_an_identity_in_a_read_only_folder_is_named(work: Path) -> None:
 @pytest.mark.timeout(30)
 def test_an_unusable_identity_file_is_reported_by_identity_itself() -> None:
     """Past the early check (a folder made read-only meanwhile, a full disk), saving still says which file."""
-    from protocol.identity import IdentityFileError
-
     with pytest.raises(IdentityFileError, match="cannot write the key there"):
         Identity.generate().save(Path("/proc/murmur-no-such-place/p.key"))
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
 from peer.config import RunConfig
+from peer.lab.harness import Proc, Procs, group_pids, murmur
 from peer.node import resume
 from peer.node.checkpoint import list_checkpoints
 from peer.node.roundline import PATTERN as ROUND_PATTERN_RE

@@ -14,24 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
+from peer.lab.demo import RUN_TOML as DEMO_TOML
+from peer.lab.harness import Proc, Procs, group_pids, murmur
 from peer.node.roundline import parse_all
 
-RUN_TOML = """
-swarm = "loop"
-preset = "tiny"
-[slices]
-num_slices = 2
-[inner]
-steps_per_round = 10
-batch_size = 4
-warmup_steps = 5
-total_steps = 2000
-[gossip]
-fanout = 1
-exchange_timeout_s = 10
-"""
+RUN_TOML = DEMO_TOML.format(slices=2)
+"""The run `murmur demo` trains (swarm "demo", tiny, H=10, fanout 1) at K=2: the swarm a newcomer first sees is
+the one checked here, and a change to the demo's settings runs through this test too."""
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 TRAIN_S = 20.0
 LATE_ROUNDS = 3
@@ -45,7 +35,7 @@ def rounds_of(proc: Proc) -> list[tuple[int, float, int, int, int]]:
 
 
 def start_run(procs: Procs, name: str, maddr: str, *extra: str, ident: str = "") -> Proc:
-    args = ["run", "--swarm", "loop", "--initial-peers", maddr, "--identity", f"{ident or name}.id",
+    args = ["run", "--swarm", "demo", "--initial-peers", maddr, "--identity", f"{ident or name}.id",
             "--announce-ttl", "6", "--checkpoint-dir", f"ckpt-{ident or name}",
             "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", "--eval-every", "10", *extra]  # fmt: skip
     env = {"MURMUR_HOME": str(procs.workdir / f"home-{name}"), "OMP_NUM_THREADS": "1"}
@@ -77,7 +67,7 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
                       "--listen", "127.0.0.1:0", "--metrics-port", "0")  # fmt: skip
     peer1 = start_run(procs, "peer1", maddr, "--run-key", run_key, "--listen", "127.0.0.1:0")
     for proc in (owner, peer1):
-        proc.wait_for(r"^joined swarm loop as [0-9a-f]{64} slice [01]", timeout=60)
+        proc.wait_for(r"^joined swarm demo as [0-9a-f]{64} slice [01]", timeout=60)
     t0 = time.monotonic()
     owner.wait_for(r"^round (1[2-9]|[2-9]\d|\d{3,}) ", timeout=150)  # >= 12 (rounds may skip)
     peer2 = start_run(procs, "peer2", maddr, "--run-key", run_key, "--client-only")
@@ -86,7 +76,7 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     assert fetched >= 5
     peers = [owner, peer1, peer2]
     time.sleep(TRAIN_S)
-    listed = json.loads("\n".join(procs.run("status", murmur("status", "--swarm", "loop", "--initial-peers", maddr,
+    listed = json.loads("\n".join(procs.run("status", murmur("status", "--swarm", "demo", "--initial-peers", maddr,
                                                              "--json", "--wait", "0.5")).lines))  # fmt: skip
     assert len(listed) == 3 and all(p["round"] > 0 and p["loss"] is not None for p in listed), listed
     metrics_url = owner.wait_for(r"^metrics at (http://\S+)").group(1)

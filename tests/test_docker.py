@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import Procs, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+from peer.lab.harness import Procs, murmur
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 

@@ -10,10 +10,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.errors import IdentityFileError
 from protocol.identity import (
     TLS_SERVER_NAME,
     Identity,
-    IdentityFileError,
     certificate_fingerprint,
     peer_id_from_public_key,
     tls_path_for,

@@ -4,7 +4,7 @@ Unit tests on small hand-made tensors: the median of 3 with one liar, the rule f
 rounds' median, shapes the wire refuses, and the concurrent downloads that move on to the next candidate.
 
 Then real processes on loopback: a bootstrap node and three donors, one of them `poisoned-donor`
-(tests/adversaries.py: it serves its phi plus large noise, validly signed, claiming a round 10 ahead),
+(benchmarks/adversary_peers.py: it serves its phi plus large noise, validly signed, claiming a round 10 ahead),
 train until each has served a snapshot; a newcomer joins. It must consult all three, take the lower median
 of their rounds (not the liar's), and start from weights whose validation loss is within TOLERANCE of the
 honest donors'.
@@ -27,10 +27,17 @@ import time
 
 import pytest
 import torch
-from adversaries import POISON_ROUNDS_AHEAD
-from latejoin_swarm import first_round, late_join_of, served_losses, start_donors, start_newcomer, wait_for_snapshots
-from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
+from benchmarks.adversary_peers import POISON_ROUNDS_AHEAD
+from benchmarks.latejoin_swarm import (
+    first_round,
+    late_join_of,
+    served_losses,
+    start_donors,
+    start_newcomer,
+    wait_for_snapshots,
+)
+from peer.lab.harness import Procs
 from peer.node import latejoin
 from peer.node.latejoin import (
     MAX_DONORS,

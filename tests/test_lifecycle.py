@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
-from protocol.dht import DHTStopped, _spawn_with_death_signal, start_dht
+from peer.lab.harness import Proc, Procs, murmur
+from protocol.dht import _spawn_with_death_signal, start_dht
+from protocol.errors import DHTStopped
 
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
 PRINT_DEATH_SIGNAL = "import ctypes as c; s = c.c_int(); c.CDLL(None).prctl(2, c.byref(s), 0, 0, 0); print(s.value)"

@@ -29,7 +29,7 @@ from conftest_wire import (
 from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList
-from protocol.errors import Reason
+from protocol.errors import RateLimited, Reason
 from protocol.identity import Identity
 from protocol.limits import Limiter, Limits, RateBuckets, address_of
 from protocol.service import PeerServer, ServerConfig, largest_stream_bytes
@@ -89,11 +89,11 @@ def test_addresses_limits_and_bans_are_well_formed_and_bounded() -> None:
 def test_reservations_are_given_back_however_the_block_ends() -> None:
     limiter = Limiter(Limits(max_inflight_bytes=100, max_streams_per_peer=1))
     with limiter.reserve("a", 60):
-        with pytest.raises(Exception) as busy:
+        with pytest.raises(RateLimited) as busy:
             with limiter.reserve("b", 50):
                 pass
         assert busy.value.reason is Reason.RATE_LIMITED
-        with pytest.raises(Exception) as second:
+        with pytest.raises(RateLimited) as second:
             with limiter.reserve("a", 1):
                 pass
         assert second.value.reason is Reason.RATE_LIMITED

@@ -16,6 +16,7 @@ from peer.core.slices import SliceConfig
 from protocol import manifest as M
 from protocol._generated import murmur_pb2 as pb
 from protocol.codec import CodecConfig
+from protocol.errors import ManifestError, UntrustedOwner
 from protocol.identity import Identity
 
 pytestmark = pytest.mark.timeout(30)
@@ -101,25 +102,25 @@ def test_forged_manifest_is_refused(owner: Identity, config: RunConfig) -> None:
     tampered = pb.Manifest.FromString(signed.payload)
     tampered.inner.lr = 1.0
     forged = dataclasses.replace(signed, payload=tampered.SerializeToString(deterministic=True))
-    with pytest.raises(M.ManifestError, match="forged manifest"):
+    with pytest.raises(ManifestError, match="forged manifest"):
         M.parse_signed(forged.to_bytes())
-    with pytest.raises(M.ManifestError, match="not a signed manifest"):
+    with pytest.raises(ManifestError, match="not a signed manifest"):
         M.parse_signed(b"\xff\xff")
-    with pytest.raises(M.ManifestError, match="not 'other'"):
+    with pytest.raises(ManifestError, match="not 'other'"):
         M.parse_signed(signed.to_bytes(), swarm="other")
 
 
 def test_manifest_signed_by_another_key_is_refused(owner: Identity, config: RunConfig, tmp_path: Path) -> None:
     other = M.sign(config.to_manifest(), Identity.generate())
-    with pytest.raises(M.UntrustedOwner, match="trusts run key"):
+    with pytest.raises(UntrustedOwner, match="trusts run key"):
         M.parse_signed(other.to_bytes(), trusted_key=owner.public_key)
     pins = M.PinStore(tmp_path / "pins.json")
     M.accept_owner("t1", M.sign(config.to_manifest(), owner), None, pins)  # first use: pinned
     assert pins.get("t1") == owner.public_key.hex()
-    with pytest.raises(M.UntrustedOwner, match=f"--run-key {other.owner_key_hex}"):
+    with pytest.raises(UntrustedOwner, match=f"--run-key {other.owner_key_hex}"):
         M.accept_owner("t1", other, None, pins)
     M.accept_owner("t1", other, other.owner_public_key, pins)  # the override
-    with pytest.raises(M.UntrustedOwner, match="--run-key you gave"):
+    with pytest.raises(UntrustedOwner, match="--run-key you gave"):
         M.accept_owner("t1", other, owner.public_key, pins)
 
 
@@ -131,10 +132,10 @@ def test_manifest_file_round_trips_and_refuses_hand_edits(owner: Identity, confi
     doc = json.loads(path.read_text())
     doc["manifest"]["inner"]["lr"] = 1.0
     path.write_text(json.dumps(doc))
-    with pytest.raises(M.ManifestError, match="edited by hand"):
+    with pytest.raises(ManifestError, match="edited by hand"):
         M.load_json(path)
     path.write_text("{}")
-    with pytest.raises(M.ManifestError, match="not a murmur manifest file"):
+    with pytest.raises(ManifestError, match="not a murmur manifest file"):
         M.load_json(path)
 
 
@@ -145,9 +146,9 @@ def test_pin_store_uses_murmur_home(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     store.pin("b", "22" * 32)
     assert store.path == tmp_path / "pins.json" and store.load() == {"a": "11" * 32, "b": "22" * 32}
     (tmp_path / "pins.json").write_text("[")
-    with pytest.raises(M.ManifestError, match="unreadable pin file"):
+    with pytest.raises(ManifestError, match="unreadable pin file"):
         store.load()
-    with pytest.raises(M.ManifestError, match="64 hex"):
+    with pytest.raises(ManifestError, match="64 hex"):
         M.parse_run_key("abc")
 
 

@@ -1,5 +1,5 @@
 """Uneven links between real hosts (issue 6's "must show"): a bootstrap node and four honest `murmur run` peers,
-each in its own network namespace, on links shaped to 5, 20, 50 and 100 Mbit/s (tests/netns.py).
+each in its own network namespace, on links shaped to 5, 20, 50 and 100 Mbit/s (benchmarks/netns.py).
 
 Every peer listens on, announces and runs its DHT on its namespace address (10.77.0.N), so every byte between
 peers crosses the shaped links. All four keep making rounds and their loss falls; the 5 Mbit/s peer, whose
@@ -16,12 +16,12 @@ import statistics
 import subprocess
 import time
 
-import netns as netns_module
 import pytest
-from netns import Host, Network, netns_fixture  # noqa: F401 - registers the `netns` fixture
-from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 from test_daemon_faults import wait_until
 
+import benchmarks.netns as netns_module
+from benchmarks.netns import Host, Network
+from peer.lab.harness import Proc, Procs, group_pids, murmur
 from peer.node.roundline import RoundLine, parse_all
 
 RUN_TOML = """

@@ -11,11 +11,11 @@ from hivemind.utils import MSGPackSerializer
 
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
+from protocol.errors import InvalidRecord
 from protocol.identity import Identity
 from protocol.records import (
     ANNOUNCEMENT_TAG,
     Announcement,
-    InvalidRecord,
     RecordValidator,
     check_record,
     encode_manifest_record,

@@ -12,10 +12,7 @@ from peer.config import RunConfig
 from peer.core.outer import OuterConfig, gossip_step, initial_state
 from peer.core.robust import (
     AUTO_FACTOR,
-    NON_FINITE,
-    OUTLIER,
     PHI_FACTOR,
-    WRONG_SHAPE,
     Clipper,
     check,
     clip_toward,
@@ -25,6 +22,7 @@ from peer.core.robust import (
 from peer.core.slices import Contribution, Region, parameter_shapes, partition, pseudo_gradient
 from peer.node.gossip import compose_outer_step, encode_update
 from protocol.codec import CodecConfig, ErrorFeedback, decode
+from protocol.errors import Reason
 from protocol.updates import ReceivedUpdate
 
 pytestmark = pytest.mark.timeout(240)  # torch work on a loaded 2-core machine
@@ -66,11 +64,11 @@ def test_clip_toward_uses_the_reference_on_the_packed_coordinates_only() -> None
 def test_check_rejects_non_finite_and_wrong_shapes() -> None:
     shapes = {"w": (4,)}
     assert check({"w": t(1, 2, 3, 4)}, ALL, shapes) is None
-    assert check({"w": t(1, float("nan"), 3, 4)}, ALL, shapes) == NON_FINITE
-    assert check({"w": t(1, float("inf"), 3, 4)}, ALL, shapes) == NON_FINITE
-    assert check({"w": t(1, 2, 3)}, ALL, shapes) == WRONG_SHAPE
-    assert check({"w": torch.ones(4, dtype=torch.int64)}, ALL, shapes) == WRONG_SHAPE
-    assert check({"v": t(1, 2, 3, 4)}, ALL, shapes) == WRONG_SHAPE
+    assert check({"w": t(1, float("nan"), 3, 4)}, ALL, shapes) == Reason.NON_FINITE.value
+    assert check({"w": t(1, float("inf"), 3, 4)}, ALL, shapes) == Reason.NON_FINITE.value
+    assert check({"w": t(1, 2, 3)}, ALL, shapes) == Reason.WRONG_SHAPE.value
+    assert check({"w": torch.ones(4, dtype=torch.int64)}, ALL, shapes) == Reason.WRONG_SHAPE.value
+    assert check({"v": t(1, 2, 3, 4)}, ALL, shapes) == Reason.WRONG_SHAPE.value
 
 
 def test_clipper_running_norm_and_auto_percentile() -> None:
@@ -131,7 +129,8 @@ def test_robust_terms_clip_a_far_update_to_the_bound_reject_an_outlier_and_leave
     weight_ratio = 0.3 * 2 / (PHI_FACTOR * tau * 2)
     assert 1 < weight_ratio < 10
     assert float(weight_diff.norm()) == pytest.approx(PHI_FACTOR * tau * 2 / weight_ratio)
-    assert (report.mixed, report.clipped, report.rejected) == (3, 2, {NON_FINITE: 1, OUTLIER: 2})
+    rejected = {Reason.NON_FINITE.value: 1, Reason.OUTLIER.value: 2}
+    assert (report.mixed, report.clipped, report.rejected) == (3, 2, rejected)
     assert report.largest_ratio > 1e3
     assert report.outcomes == {}  # contributions that name no source (the simulator's) report no senders
 
@@ -148,10 +147,10 @@ def test_robust_terms_report_what_happened_to_each_senders_terms() -> None:
     *_, report = robust_terms(phi, own, [honest, patient, liar], weights, Clipper(clip=2.0))
 
     # deltas are judged; a sender's weights are not (honest weights drift apart in a partition), unless malformed
-    assert report.outcomes == {"honest": ["clean"], "patient": ["clipped"], "liar": [OUTLIER]}
+    assert report.outcomes == {"honest": ["clean"], "patient": ["clipped"], "liar": [Reason.OUTLIER.value]}
     broken = Contribution(ALL, {"w": t(0.0, float("nan"), 0.0, 0.0)}, source="honest")
     *_, report = robust_terms(phi, own, [], [broken], Clipper(clip=2.0))
-    assert report.outcomes == {"honest": [NON_FINITE]}
+    assert report.outcomes == {"honest": [Reason.NON_FINITE.value]}
 
 
 def _setup() -> tuple[RunConfig, dict, list]:
@@ -192,7 +191,8 @@ def test_compose_outer_step_reports_and_bounds_a_1e4_scaled_partner() -> None:
     assert same <= 0.05 * moved  # an honest partner is (nearly) untouched
 
     attacked, report = step([scaled], Clipper(run.clip))
-    assert report.rejected == {OUTLIER: 1} and report.largest_ratio > 100  # the delta; its weights are honest
+    assert report.rejected == {Reason.OUTLIER.value: 1}  # the delta; its weights are honest
+    assert report.largest_ratio > 100
     unguarded, _ = step([scaled], None)
     shift = lambda p: math.sqrt(sum(float((p[n] - phi[n]).pow(2).sum()) for n in phi))  # noqa: E731
     assert shift(attacked) < 3 * shift(guarded) and shift(unguarded) > 100 * shift(guarded)
@@ -209,7 +209,7 @@ def test_compose_outer_step_reports_and_bounds_a_1e4_scaled_partner() -> None:
 
     bad = ReceivedUpdate("f" * 64, "r" * 64, 3, 1, {"delta/nope": torch.zeros(3)}, b"\0" * 32, 0)
     _, report = step([honest, bad], Clipper(run.clip))
-    assert report.rejected == {WRONG_SHAPE: 1} and report.mixed == 2
+    assert report.rejected == {Reason.WRONG_SHAPE.value: 1} and report.mixed == 2
 
 
 def test_gossip_step_with_clipper_matches_plain_gossip_for_honest_terms() -> None:

@@ -27,6 +27,7 @@ from conftest_wire import (
 )
 
 from protocol import PROTOCOL_MAJOR
+from protocol import client as client_module
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList, ReplayGuard
 from protocol.client import PeerClient
@@ -34,6 +35,8 @@ from protocol.codec import decode
 from protocol.errors import (
     BannedPeer,
     IncompatibleVersion,
+    MalformedPayload,
+    PeerTimeout,
     PeerUnreachable,
     Reason,
     RejectedUpdate,
@@ -544,3 +547,22 @@ def test_fetch_state_refusals(case: str) -> None:
     result = run(scenario)
     assert (result.code, result.reason) == (status, reason), (result.details, len(result.responses))
     assert len(result.responses) <= most_frames
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (TimeoutError("slow"), PeerTimeout),
+        (ConnectionResetError("reset"), PeerUnreachable),
+        (grpc.RpcError(), PeerUnreachable),
+        (MalformedPayload(Reason.GARBAGE, "junk"), MalformedPayload),
+    ],
+)
+def test_the_client_turns_every_transport_failure_into_a_murmur_error(
+    raised: Exception, expected: type[Exception]
+) -> None:
+    """Callers of PeerClient catch MurmurError alone: sockets, timeouts and grpc never leak past it."""
+    with pytest.raises(expected):
+        with client_module._transport_errors("peer"):
+            raise raised

@@ -1,10 +1,10 @@
 """One stranger must not stop the swarm (issue 12, items 1 and 6), with real processes on loopback, in one swarm.
 
-Three honest `murmur run` peers train next to a `future-round` liar (tests/adversaries.py: every update it sends,
-and its announcement, claims a round 2^62 ahead). Before peer/node/rounds.py such a peer stopped a swarm of three within
-a minute: every honest peer that mixed one of its updates jumped its clock to 2^62 and died on the number. Here the
-honest peers refuse its updates (`future_round`), ban it after a few, keep training, and their rounds (and the
-checkpoints named after them) stay small.
+Three honest `murmur run` peers train next to a `future-round` liar (benchmarks/adversary_peers.py: every update it
+sends, and its announcement, claims a round 2^62 ahead). Before peer/node/rounds.py such a peer stopped a swarm of
+three within a minute: every honest peer that mixed one of its updates jumped its clock to 2^62 and died on the
+number. Here the honest peers refuse its updates (`future_round`), ban it after a few, keep training, and their
+rounds (and the checkpoints named after them) stay small.
 
 Then a `sybil` process keeps SYBILS validly signed announcements of made-up peers (fresh keys, loopback endpoints
 where nothing listens) in the swarm's DHT key, and a genuine newcomer joins. Measured before peer/swarm/admission.py:
@@ -19,16 +19,15 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from adversaries import FUTURE_ROUND, RUN_TOML, SYBILS, counters
-from procs import Proc, Procs, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
+from benchmarks.adversary_peers import FUTURE_ROUND, RUN_TOML, SYBILS, counters
+from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
+from peer.lab.harness import Proc, Procs, murmur
 from peer.node.roundline import RoundLine, parse_all
 
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
-ADVERSARIES = str(Path(__file__).with_name("adversaries.py"))
 WARMUP_ROUNDS = 3
 """Rounds each honest peer makes before the measured phases (peers that join after it are probed first)."""
 PHASE_ROUNDS = 6
@@ -83,7 +82,7 @@ def test_a_liar_about_rounds_and_a_flood_of_fake_peers_do_not_stop_the_swarm(pro
     run_key = made.lines[-1]
     honest = [_peer(procs, name, maddr, run_key, murmur("run"), "--metrics-port", "0", "--checkpoint-dir",
                     f"ckpt-{name}", "--checkpoint-every", "5") for name in ("owner", "peer1", "peer2")]  # fmt: skip
-    liar = _peer(procs, "liar", maddr, run_key, [sys.executable, ADVERSARIES, "future-round"])
+    liar = _peer(procs, "liar", maddr, run_key, [sys.executable, ADVERSARY_SCRIPT, "future-round"])
     everyone = [*honest, liar, boot]
     liar_id = liar.wait_for(r"^joined swarm defences as ([0-9a-f]{64})", timeout=300).group(1)
 
@@ -99,7 +98,7 @@ def test_a_liar_about_rounds_and_a_flood_of_fake_peers_do_not_stop_the_swarm(pro
     before = {p.name: parse_all(p.lines)[warm[p.name] :] for p in honest}
     _wait(lambda: all(banned_the_liar(p) for p in honest), 300, "every honest peer bans the liar", everyone)
 
-    sybil = _peer(procs, "sybil", maddr, run_key, [sys.executable, ADVERSARIES, "sybil"], "--client-only")
+    sybil = _peer(procs, "sybil", maddr, run_key, [sys.executable, ADVERSARY_SCRIPT, "sybil"], "--client-only")
     everyone.append(sybil)
     # the honest peers re-read the peer list every TTL/3 (5 s here) and print it when it changes; the phase starts
     # once each of them lists most of the fakes (a few of 200 stores may fail on a loaded machine)

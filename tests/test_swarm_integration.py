@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import Proc, Procs, group_pids, murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
+
+from peer.lab.harness import Proc, Procs, group_pids, murmur
 
 TTL = 6.0
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import Procs, procs_fixture  # noqa: F401 - registers the `procs` fixture
 
 from peer.core.data import load_corpus
 from peer.core.model import Transformer, preset
 from peer.lab.evaluate import val_loss
+from peer.lab.harness import Procs
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = [sys.executable, "-m", "benchmarks._hivemind_worker", "--host", "127.0.0.1"]

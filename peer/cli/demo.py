@@ -35,7 +35,8 @@ def demo(peers: int, slices: int, minutes: float, out: Path, progress_every: flo
       murmur demo --peers 4 --minutes 3 --out demo-out
     """
     from peer.cli.preflight import usable_directory
-    from peer.lab.demo import DemoError, DemoOptions, TrainingCutShort, format_table, run_demo, write_outputs
+    from peer.lab.demo import DemoOptions, TrainingCutShort, format_table, run_demo, write_outputs
+    from protocol.errors import DemoError
 
     try:
         opts = DemoOptions(out=out, peers=peers, slices=slices, seconds=60 * minutes, progress_every=progress_every)

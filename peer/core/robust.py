@@ -29,7 +29,7 @@ The rule, and why:
   peer scaling its updates by 1e4 got 2 of 4 terms into every outer step of the peers it reached, and
   their validation loss rose by up to 0.7 nats over a few rounds). Honest terms stay below ~1.5x the
   bound (daemon logs, tests/test_adversaries.py), so a factor of 10 is disagreement no honest peer has.
-- Why redescending between 1 and `OUTLIER_RATIO`: a patient attacker (tests/adversaries.py `sub-outlier`)
+- Why redescending between 1 and `OUTLIER_RATIO`: a patient attacker (benchmarks/adversary_peers.py `sub-outlier`)
   sends terms ~8x over the bound in one fixed direction. Plainly clipped, each entered at the full bound,
   and its weight slice, pulled in with NoLoCo's consensus weight (0.5) under a bound `PHI_FACTOR` (4)
   times wider, could move a peer's weights by 2 delta bounds a round, the same way every time, until
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from peer.core.slices import Contribution, Params, SliceLayout
+from protocol.errors import Reason
 
 WINDOW = 16
 """Own delta norms kept for the running reference (rounds)."""
@@ -63,10 +64,6 @@ PHI_FACTOR = 4.0
 OUTLIER_RATIO = 10.0
 """A term this many times over its bound is rejected as an outlier instead of clipped."""
 
-NON_FINITE = "non_finite"
-WRONG_SHAPE = "wrong_shape"
-OUTLIER = "outlier"
-
 
 @dataclass(slots=True)
 class ClipReport:
@@ -77,7 +74,8 @@ class ClipReport:
     clipped: int = 0
     """Of those, how many were over the bound and shrunk (to tau / ratio, `clip_toward`)."""
     rejected: dict[str, int] = field(default_factory=dict)
-    """Refused contributions by reason (`NON_FINITE`, `WRONG_SHAPE`, `OUTLIER`)."""
+    """Refused contributions by reason (the values of `Reason.NON_FINITE`, `WRONG_SHAPE`, `OUTLIER`): the labels
+    of the same rejection counter the wire's refusals go to."""
     largest_ratio: float = 0.0
     """Largest ||partner - own|| / tau seen this step (> 1: clipped)."""
     outcomes: dict[str, list[str]] = field(default_factory=dict)
@@ -92,26 +90,23 @@ class ClipReport:
         if source is not None:
             self.outcomes.setdefault(source, []).append(what)
 
-    @property
-    def rejected_total(self) -> int:
-        return sum(self.rejected.values())
-
 
 def check(tensors: Params, layout: SliceLayout, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a partner's packed tensors cannot be mixed (`WRONG_SHAPE`, `NON_FINITE`), or None when they can.
+    """Why a partner's packed tensors cannot be mixed (`Reason.WRONG_SHAPE` or `NON_FINITE`, as its value), or None
+    when they can.
 
     `layout` is the slice the contribution claims; `shapes` the full parameter shapes.
     """
     if set(tensors) - set(layout):
-        return WRONG_SHAPE
+        return Reason.WRONG_SHAPE.value
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(layout[name].compact_shape(shapes[name])):
-            return WRONG_SHAPE
+            return Reason.WRONG_SHAPE.value
         if not tensor.is_floating_point():
-            return WRONG_SHAPE
+            return Reason.WRONG_SHAPE.value
     for tensor in tensors.values():
         if not bool(torch.isfinite(tensor).all()):
-            return NON_FINITE
+            return Reason.NON_FINITE.value
     return None
 
 
@@ -232,7 +227,7 @@ def robust_terms(
                 tensors, ratio = clip_toward(tensors, term.layout, reference, tau * factor)
                 report.largest_ratio = max(report.largest_ratio, ratio)
                 if ratio > OUTLIER_RATIO:
-                    report.reject(OUTLIER, term.source if judged else None)
+                    report.reject(Reason.OUTLIER.value, term.source if judged else None)
                     continue
                 report.clipped += ratio > 1.0
             if judged:

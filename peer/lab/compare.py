@@ -11,6 +11,7 @@ from pathlib import Path
 from peer.core.data import Corpus
 from peer.core.outer import OuterConfig
 from peer.lab.sim import DEFAULT_OUTER, MethodResult, SimConfig, Simulation, corpus_entropy
+from protocol.files import atomic_write
 
 # A small grid per rule: (lr, momentum, consensus). Nesterov ignores consensus.
 SWEEP_GRID: dict[str, list[tuple[float, float, float]]] = {
@@ -91,10 +92,8 @@ def format_table(data: dict) -> str:
 
 
 def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """`data` as indented JSON at `path`, replaced in one step (a reader never sees half a result)."""
+    atomic_write(path, json.dumps(data, indent=2).encode())
 
 
 def plot(data: dict, path: Path) -> None:

@@ -6,10 +6,10 @@ N-1 volunteers train the `tiny` preset on the bundled corpus, the demo prints th
 stops them with SIGTERM (each checkpoints and exits 0), reads every checkpoint back through
 `peer/node/checkpoint.py` and reports each peer's validation loss and that of their averaged weights.
 
-Every child runs in its own session, so its DHT helper processes (p2pd) are in its process group; the
-`finally` of `run_demo` sends SIGTERM to every group still alive, then SIGKILL after a grace period,
-so an error or Ctrl-C leaves nothing running. Paths handed to children are absolute (a `pgrep -f` for
-the output directory finds every one of them).
+Every child runs in its own session (peer/lab/harness.py, as in the tests), so its DHT helper processes
+(p2pd) are in its process group; the `finally` of `run_demo` sends SIGTERM to every group still alive, then
+SIGKILL after a grace period, so an error or Ctrl-C leaves nothing running. Paths handed to children are
+absolute (a `pgrep -f` for the output directory finds every one of them).
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,11 +31,10 @@ import torch
 
 from peer.core.data import unigram_entropy
 from peer.lab.evaluate import corpus_for, evaluate_weights, run_from_dict
+from peer.lab.harness import Proc, Procs
 from peer.node import checkpoint
 from peer.node.roundline import parse_all
-from protocol.logs import get_logger
-
-log = get_logger(__name__)
+from protocol.errors import DemoError
 
 RUN_TOML = """\
 swarm = "demo"
@@ -57,83 +54,13 @@ exchange_timeout_s = 10
 MADDR_LINE = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$")
 STARTUP_S = 90.0
 STOP_GRACE_S = 45.0
+ERROR_TAIL = 15
+"""Lines of a child's stdout and stderr a DemoError quotes: enough to see why, short enough for a terminal."""
 
 
-class DemoError(RuntimeError):
-    """The demo could not go on (a process failed or did not start); the message says which and why."""
-
-
-class Child:
-    """One started process: stdout read line by line by a thread (and logged), stderr to a file."""
-
-    def __init__(self, name: str, argv: list[str], out: Path, env: dict[str, str]) -> None:
-        self.name, self.lines = name, []
-        self.log_path = out / "logs" / f"{name}.out"
-        self.err_path = out / "logs" / f"{name}.err"
-        self._cond = threading.Condition()
-        with open(self.err_path, "w") as err:
-            self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=out,
-                                          env=env, start_new_session=True)  # fmt: skip
-        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        with open(self.log_path, "w") as log_file:
-            for line in self.popen.stdout:
-                log_file.write(line)
-                log_file.flush()
-                with self._cond:
-                    self.lines.append(line.rstrip("\n"))
-                    self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """The first stdout line matching `pattern`; DemoError (with the log tail) on timeout or exit."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if match := pattern.search(line):
-                        return match
-                if time.monotonic() > deadline or not self._reader.is_alive():
-                    raise DemoError(f"{self.name}: no line matching {pattern.pattern!r}\n{self.tail()}")
-                self._cond.wait(0.2)
-
-    def rounds(self) -> list[tuple[int, float]]:
-        """(round, loss) of every round line so far."""
-        return [(r.round, r.loss) for r in parse_all(list(self.lines))]
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            err = self.err_path.read_text().splitlines()[-n:]
-        except OSError:
-            err = []
-        return "\n".join([f"--- {self.name} stdout (last lines):", *self.lines[-n:], "--- stderr:", *err])
-
-    def stop(self, grace: float) -> int | None:
-        """SIGTERM, then SIGKILL the whole group after `grace` seconds; the exit code (None if killed)."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill_group()
-        self._reader.join(5)
-        return self.popen.returncode if self.popen.returncode is not None and self.popen.returncode >= 0 else None
-
-    def kill_group(self) -> None:
-        """SIGKILL whatever is left of this child's process group (its DHT helpers included)."""
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) did not die after SIGKILL", self.name, self.popen.pid)
+def rounds(peer: Proc) -> list[tuple[int, float]]:
+    """(round, loss) of every round line `peer` has printed so far (its reader thread may still be adding)."""
+    return [(r.round, r.loss) for r in parse_all(list(peer.lines))]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -204,22 +131,22 @@ def create_run(out: Path, slices: int) -> tuple[str, str]:
     return run_id, lines[-1].strip()
 
 
-def start_peer(out: Path, index: int, maddr: str, run_key: str) -> Child:
+def start_peer(procs: Procs, index: int, maddr: str, run_key: str) -> Proc:
     """Peer 0 is the run owner (publishes the manifest); the others need only the run key."""
-    name = f"peer{index}"
+    out, name = procs.workdir, f"peer{index}"
     who = (["--manifest", str(out / "manifest.json"), "--key", str(out / "owner.key")] if index == 0
            else ["--run-key", run_key])  # fmt: skip
     argv = murmur_argv("run", "--swarm", "demo", "--initial-peers", maddr, *who,
                        "--identity", str(out / f"{name}.id"), "--checkpoint-dir", str(out / f"ckpt-{name}"),
                        "--listen", "127.0.0.1:0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu",
                        "--announce-ttl", "10", "--eval-every", "0")  # fmt: skip
-    return Child(name, argv, out, child_env(out, name))
+    return procs.start(name, argv, child_env(out, name))
 
 
-def show_progress(peers: list[Child], elapsed: float) -> None:
+def show_progress(peers: list[Proc], elapsed: float) -> None:
     for peer in peers:
-        rounds = peer.node.rounds()
-        state = f"round {rounds[-1][0]:4d}  loss {rounds[-1][1]:.3f}" if rounds else "starting"
+        history = rounds(peer)
+        state = f"round {history[-1][0]:4d}  loss {history[-1][1]:.3f}" if history else "starting"
         print(f"[{elapsed:5.0f}s] {peer.name:7s} {state}", flush=True)
 
 
@@ -227,14 +154,14 @@ class TrainingCutShort(Exception):
     """Raised (by the command's SIGINT handler) while the swarm trains: stop now, and still report."""
 
 
-def train_for(peers: list[Child], seconds: float, progress_every: float) -> None:
+def train_for(peers: list[Proc], seconds: float, progress_every: float) -> None:
     """Let the swarm train, printing progress; DemoError if a peer exits on its own."""
     start = time.monotonic()
     next_report = start + progress_every
     while (now := time.monotonic()) < start + seconds:
         for peer in peers:
             if peer.popen.poll() is not None:
-                raise DemoError(f"{peer.name} exited early with code {peer.popen.returncode}\n{peer.tail()}")
+                raise DemoError(f"{peer.name} exited early with code {peer.popen.returncode}\n{peer.logs()}")
         if now >= next_report:
             show_progress(peers, now - start)
             next_report += progress_every
@@ -244,19 +171,16 @@ def train_for(peers: list[Child], seconds: float, progress_every: float) -> None
 def run_demo(opts: DemoOptions) -> DemoReport:
     """Start, train, stop and evaluate the demo swarm; every child is gone when this returns or raises."""
     out = opts.out.resolve()
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    procs = Procs(out, error=DemoError, tail=ERROR_TAIL)
     started = time.monotonic()
-    children: list[Child] = []
     try:
         run_id, run_key = create_run(out, opts.slices)
-        boot = Child("bootstrap", murmur_argv("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity",
-                                              str(out / "boot.key"), "--addrs-file", str(out / "boot.addrs")),
-                     out, child_env(out, "bootstrap"))  # fmt: skip
-        children.append(boot)
+        boot = procs.start("bootstrap", murmur_argv("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity",
+                                                    str(out / "boot.key"), "--addrs-file", str(out / "boot.addrs")),
+                           child_env(out, "bootstrap"))  # fmt: skip
         maddr = boot.wait_for(MADDR_LINE, STARTUP_S)[1]
         print(f"bootstrap node at {maddr}; run key {run_key}", flush=True)
-        peers = [start_peer(out, i, maddr, run_key) for i in range(opts.peers)]
-        children += peers
+        peers = [start_peer(procs, i, maddr, run_key) for i in range(opts.peers)]
         print(f"{opts.peers} peers training the tiny preset, K={opts.slices}, for {opts.seconds:.0f}s "
               f"(logs in {out / 'logs'})", flush=True)  # fmt: skip
         try:
@@ -270,28 +194,14 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         report.run_key, report.seconds = run_key, time.monotonic() - started
         return report
     finally:
-        stop_all(children)
+        procs.stop_all()
 
 
-def stop_all(children: list[Child]) -> None:
-    """SIGTERM every child still running, then SIGKILL every group after a grace period."""
-    for child in children:
-        if child.popen.poll() is None:
-            child.popen.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for child in children:
-        try:
-            child.popen.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        child.kill_group()
-
-
-def evaluate_peers(out: Path, peers: list[Child], codes: list[int | None], run_id: str) -> DemoReport:
+def evaluate_peers(out: Path, peers: list[Proc], codes: list[int | None], run_id: str) -> DemoReport:
     """Each peer's newest checkpoint, its val loss, and the val loss of all their phi averaged."""
     results, phis, run = [], [], None
     for peer, code in zip(peers, codes):
-        result = PeerResult(name=peer.name, exit_code=code, history=peer.node.rounds())
+        result = PeerResult(name=peer.name, exit_code=code, history=rounds(peer))
         with _quiet(checkpoint.log):  # its "resuming from" line would mislead here
             state = checkpoint.load_latest(out / f"ckpt-{peer.name}", run_id=run_id)
         if state is not None:

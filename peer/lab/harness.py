@@ -1,17 +1,18 @@
-"""Real processes for integration tests: start a command, wait for a line, stop it, keep its logs.
+"""Real processes for the demo, the tests and the benchmarks: start a command, wait for a line, stop it, keep its logs.
 
-Every process starts in its own session (process group), so whatever it spawns (hivemind's DHT
-process, p2pd) can be found (`group_pids`) and killed with it. `Procs.stop_all()` runs in the fixture's
-teardown: SIGTERM to every process, then SIGKILL to the groups that did not exit, so nothing is left
-running even when a test fails. Logs (stdout and stderr of each process) are kept in files and appended
-to assertion messages.
+One harness for all three, so that what the demo does to its children (and what leaves nothing running) is
+what the tests exercise. Every process starts in its own session (process group), so whatever it spawns
+(hivemind's DHT process, p2pd) can be found (`group_pids`) and killed with it. `Procs.stop_all()` runs in a
+`finally` (the demo's, the `procs` fixture's teardown, a benchmark's): SIGTERM to every process, then SIGKILL
+to every group, so nothing is left running even when a step failed. Logs (stdout and stderr of each process)
+are kept in files under `<workdir>/logs`, and their last lines go into every error raised here.
 
-    from procs import murmur, procs_fixture  # noqa: F401 - registers the `procs` fixture
-
-    def test_x(procs):
+    def test_x(procs):  # the fixture (tests/conftest.py) is a Procs on the test's tmp_path
         node = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", ...))
         maddr = node.wait_for(r"^/ip4/\\S+/p2p/\\S+$").group(0)
         assert node.terminate() == 0
+
+Errors are AssertionError by default (a test's failure); the demo passes its own class, which the CLI reports.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from protocol.logs import get_logger
+
+log = get_logger(__name__)
 
 MURMUR = str(Path(sys.executable).with_name("murmur"))
+STOP_ALL_GRACE_S = 15.0
+"""How long `Procs.stop_all` waits, in all, for processes to exit on SIGTERM before it kills their groups."""
 
 
 def murmur(*args: str) -> list[str]:
@@ -51,21 +55,21 @@ def group_pids(pgid: int) -> list[int]:
 
 
 class Proc:
-    """One started process; stdout is read line by line by a thread, stderr goes to a file."""
+    """One started process; stdout is read line by line by a thread (into `lines` and a file), stderr goes to
+    a file. Its failures raise `error`, with the last `tail` lines of each log."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str], cwd: Path,
+                 error: type[Exception] = AssertionError, tail: int = 60) -> None:  # fmt: skip
         self.name = name
         self.argv = argv
         self.lines: list[str] = []
         self.stdout_path = log_dir / f"{name}.out"
         self.stderr_path = log_dir / f"{name}.err"
+        self._error, self._tail = error, tail
         self._cond = threading.Condition()
-        self._stderr = open(self.stderr_path, "w")  # closed in _reap
-        self.started = time.monotonic()
-        self.popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1, env=env, cwd=cwd,
-            start_new_session=True,
-        )  # fmt: skip
+        with open(self.stderr_path, "w") as err:  # the child writes to its own copy of the descriptor
+            self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env,
+                                          cwd=cwd, start_new_session=True)  # fmt: skip
         self.pgid = self.popen.pid
         self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
         self._reader.start()
@@ -82,20 +86,20 @@ class Proc:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
-        """The first stdout line (from index `start`) matching `pattern`; fails with the logs on timeout/exit."""
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        """The first stdout line (from index `start`) matching `pattern`; fails with the logs on timeout, or as
+        soon as stdout is closed (no line can come any more)."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for line in self.lines[start:]:
-                    match = regex.search(line)
-                    if match:
+                    if match := regex.search(line):
                         return match
                 start = len(self.lines)
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"{self.name}: no line matching {pattern!r}\n{self.logs()}")
+                if left <= 0 or not self._reader.is_alive():
+                    raise self._error(f"{self.name}: no line matching {regex.pattern!r}\n{self.logs()}")
                 self._cond.wait(min(left, 0.2))
 
     def wait_exit(self, timeout: float = 30.0) -> int:
@@ -103,10 +107,13 @@ class Proc:
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout}s\n{self.logs()}") from None
+            raise self._error(f"{self.name} still running after {timeout}s\n{self.logs()}") from None
 
     def terminate(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL the whole group; the exit code (None if killed)."""
+        """SIGTERM, wait up to `timeout`, then SIGKILL the whole group; the exit code (None if killed).
+
+        A process that exits on SIGTERM leaves its group alone: whether its helpers follow it is for the caller
+        to check (`group_pids`); `stop` kills them too."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -117,55 +124,77 @@ class Proc:
         self._reap()
         return self.popen.returncode
 
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL to whatever is left of the group after `grace` seconds (its DHT helpers
+        included); the exit code, None when a signal ended it."""
+        code = self.terminate(grace)
+        self._kill_group()
+        return code if code is not None and code >= 0 else None
+
     def kill(self) -> None:
         """SIGKILL the whole process group at once (a crash: nothing gets to clean up)."""
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(10)
+        self._kill_group()
         self._reap()
 
     def kill_alone(self, gone_s: float = 20.0) -> None:
         """SIGKILL this process's own PID only, as the kernel's OOM killer does (not its group), and wait until
         its group empties by itself: the DHT process and p2pd must follow it (protocol/dht.py) within `gone_s`."""
         helpers = group_pids(self.pgid)
-        assert len(helpers) >= 3, f"{self.name}: expected the process, its DHT process and p2pd, found {helpers}"
+        if len(helpers) < 3:
+            raise self._error(f"{self.name}: expected the process, its DHT process and p2pd, found {helpers}")
         os.kill(self.popen.pid, signal.SIGKILL)
-        assert self.popen.wait(10) == -signal.SIGKILL
+        if (code := self.popen.wait(10)) != -signal.SIGKILL:
+            raise self._error(f"{self.name}: exit code {code} after SIGKILL\n{self.logs()}")
         deadline = time.monotonic() + gone_s
         while group_pids(self.pgid):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: {group_pids(self.pgid)} still running {gone_s:.0f} s after the "
-                                     f"process was killed\n{self.logs()}")  # fmt: skip
+                raise self._error(f"{self.name}: {group_pids(self.pgid)} still running {gone_s:.0f} s after the "
+                                  f"process was killed\n{self.logs()}")  # fmt: skip
             time.sleep(0.2)
         self._reap()
 
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the process group, and reap the process."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:  # stuck in the kernel; the other processes still get stopped
+            log.warning("%s (pid %d) did not die after SIGKILL", self.name, self.popen.pid)
+
     def _reap(self) -> None:
         self._reader.join(5)
-        self._stderr.close()
 
-    def logs(self, tail: int = 60) -> str:
+    def logs(self, tail: int | None = None) -> str:
+        """The command and the last `tail` lines (by default, those its errors quote) of its stdout and stderr."""
+        tail = self._tail if tail is None else tail
         out = "\n".join(self.lines[-tail:])
         try:
-            err = "\n".join(self.stderr_path.read_text().splitlines()[-tail:])
+            err = "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-tail:])
         except OSError:
             err = ""
         return f"--- {self.name} argv: {' '.join(self.argv)}\n--- stdout:\n{out}\n--- stderr:\n{err}"
 
 
 class Procs:
-    """The processes of one test; `stop_all()` always leaves nothing running."""
+    """The processes of one test, demo or benchmark run, started in `workdir`; `stop_all()` always leaves
+    nothing running. `error` and `tail` are what their failures raise and how many log lines they quote (a test
+    wants much of the logs in its failure; the demo shows a user a short tail, as its own DemoError)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, error: type[Exception] = AssertionError, tail: int = 60) -> None:
         self.workdir = workdir
         self.log_dir = workdir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._error, self._tail = error, tail
         self.all: list[Proc] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        """`argv` started in the work dir, with this environment plus `env` (and unbuffered Python output, so
+        its lines arrive as they are printed)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = Proc(name, argv, self.log_dir, full_env, self.workdir)
+        proc = Proc(name, argv, self.log_dir, full_env, self.workdir, self._error, self._tail)
         self.all.append(proc)
         return proc
 
@@ -177,29 +206,16 @@ class Procs:
         return proc
 
     def stop_all(self) -> None:
+        """SIGTERM every process still running, then, after at most STOP_ALL_GRACE_S in all, SIGKILL every
+        group (the helpers of processes that exited included)."""
         for proc in self.all:
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + STOP_ALL_GRACE_S
         for proc in self.all:
             try:
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            if proc.popen.poll() is None or group_pids(proc.pgid):
-                try:
-                    os.killpg(proc.pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.popen.wait(10)
+            proc._kill_group()
             proc._reap()
-
-
-@pytest.fixture(name="procs")
-def procs_fixture(tmp_path: Path) -> Iterator[Procs]:
-    """Real processes for one test, all stopped (SIGTERM, then SIGKILL) at teardown."""
-    manager = Procs(tmp_path)
-    try:
-        yield manager
-    finally:
-        manager.stop_all()

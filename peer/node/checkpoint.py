@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peer.node.rounds import MAX_ROUND
+from protocol.errors import CheckpointError
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -59,10 +60,6 @@ _LEFTOVER_PATTERN = re.compile(r"^\.(?:tmp|old)-round-\d+-(\d+)-[0-9a-f]{8}$")
 _HASH_CHUNK = 4 * 2**20
 
 Tensors = dict[str, torch.Tensor]
-
-
-class CheckpointError(ValueError):
-    """A snapshot on disk is unusable; the message says why (reported, then the snapshot is skipped)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -33,7 +33,6 @@ import statistics
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from peer.node.rounds import lower_median
@@ -92,7 +91,7 @@ async def fetch_state_from(
             return await asyncio.wait_for(
                 client.fetch_state(shapes, run_id=run_id, public_key=donor.public_key), timeout_s
             )
-    except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
+    except (MurmurError, asyncio.TimeoutError) as exc:  # the client's errors, and our own wait_for's
         log.warning("late join: state download from %s at %s failed: %r", donor.peer_id[:16], donor.endpoint, exc)
         return None
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from peer.config import RunConfig
-from peer.core.data import DataNotFound, TokenStream, load_corpus, stream_index_for, val_batches
+from peer.core.data import TokenStream, load_corpus, stream_index_for, val_batches
 from peer.core.devices import fit_inner
 from peer.core.inner import InnerConfig, SliceOptimizer, inner_round
 from peer.core.model import Transformer
@@ -22,6 +22,7 @@ from peer.core.robust import Clipper, ClipReport
 from peer.core.slices import Contribution, parameter_shapes, partition, pseudo_gradient, slice_numel
 from peer.node.gossip import compose_outer_step, encode_update
 from protocol.codec import ErrorFeedback
+from protocol.errors import DataNotFound
 from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, make_state_snapshot
 
 

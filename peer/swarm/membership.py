@@ -29,16 +29,15 @@ from hivemind.utils.multiaddr import Multiaddr
 from protocol import PROTOCOL_VERSION
 from protocol._generated import murmur_pb2 as pb
 from protocol.dht import refresh_routing
-from protocol.errors import MurmurError
+from protocol.errors import InvalidRecord, JoinInterrupted, ManifestError, UntrustedOwner
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.manifest import ManifestError, PinStore, SignedRunManifest, UntrustedOwner, accept_owner, parse_signed
+from protocol.manifest import PinStore, SignedRunManifest, accept_owner, parse_signed
 from protocol.manifest import trusted_key_for as _trusted_key_for
 from protocol.records import (
     ANNOUNCEMENT_TAG,
     REACHABILITY_HANDLER,
     Announcement,
-    InvalidRecord,
     encode_manifest_record,
     manifest_record_signer,
     sign_announcement,
@@ -47,10 +46,6 @@ from protocol.records import (
 )
 
 log = get_logger(__name__)
-
-
-class JoinInterrupted(MurmurError):
-    """SIGTERM/SIGINT arrived while joining (e.g. waiting for a manifest); the caller shuts down quietly."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,8 +13,6 @@ import asyncio
 import random
 from collections.abc import Callable, Sequence
 
-import grpc
-
 from peer.swarm.admission import PROBE_TIMEOUT_S, PROBES_AT_ONCE, Admission
 from protocol.client import PeerClient
 from protocol.errors import MurmurError
@@ -65,7 +63,7 @@ class Prober:
             ) as client:  # fmt: skip
                 info = await asyncio.wait_for(client.info(), PROBE_TIMEOUT_S)
             ok = info.peer_id == peer.peer_id and info.run_id == self.run_id
-        except (MurmurError, asyncio.TimeoutError, OSError, grpc.RpcError) as exc:
+        except (MurmurError, asyncio.TimeoutError) as exc:  # the client's errors, and our own wait_for's
             log.debug("probe of %s at %s failed: %r", peer.peer_id[:16], peer.endpoint, exc)
         except Exception:  # a bug of ours with one stranger's announcement must not stop admission
             log.exception("probe of %s at %s failed unexpectedly", peer.peer_id[:16], peer.endpoint)
