@@ -24,7 +24,7 @@ from peer.node.roundline import parse_all
 
 RUN_TOML = """
 swarm = "{swarm}"
-preset = "tiny"
+preset = "{preset}"
 [slices]
 num_slices = 2
 [inner]
@@ -82,12 +82,12 @@ def _env(procs: Procs, tag: str, name: str) -> dict[str, str]:
             "MURMUR_LOG_LEVEL": "INFO"}  # fmt: skip
 
 
-def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None]) -> Donors:
+def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None], *, preset: str = "tiny") -> Donors:
     """A bootstrap node, a signed run, and one `murmur run` per donor name (the first publishes the manifest).
 
     Identity files are `<name>.id` in the work dir, shared by swarms of other tags: a baseline and an attacked
     swarm then train on the same data streams."""
-    (procs.workdir / f"{tag}.toml").write_text(RUN_TOML.format(swarm=tag))
+    (procs.workdir / f"{tag}.toml").write_text(RUN_TOML.format(swarm=tag, preset=preset))
     made = procs.start(f"{tag}-create", murmur("create-run", "--config", f"{tag}.toml", "--key", f"{tag}-owner.key",
                                                "--out", f"{tag}-manifest.json"))  # fmt: skip
     boot = procs.start(f"{tag}-boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",

@@ -34,6 +34,7 @@ from fractions import Fraction
 import torch
 
 from protocol.errors import MalformedPayload, Reason, RejectedUpdate
+from protocol.quantize import ceil_div, dequantize, largest, pack_nibbles, quantize, scale_limit, within
 
 CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk")
 
@@ -113,15 +114,12 @@ def payload_size(shape: tuple[int, ...], config: CodecConfig) -> int:
     if name == "bf16":
         return 2 * numel
     if name == "int8":
-        return _SCALE_BYTES * _ceil_div(numel, block) + numel
+        return _SCALE_BYTES * ceil_div(numel, block) + numel
     if name == "int4":
-        return _SCALE_BYTES * _ceil_div(numel, block) + _ceil_div(numel, 2)
+        return _SCALE_BYTES * ceil_div(numel, block) + ceil_div(numel, 2)
     k = topk_count(numel, config.topk_fraction)
-    return _SCALE_BYTES * _ceil_div(k, block) + k * index_width(numel) + k
+    return _SCALE_BYTES * ceil_div(k, block) + k * index_width(numel) + k
 
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------- encode
@@ -134,7 +132,7 @@ def encode(tensor: torch.Tensor, config: CodecConfig) -> Encoded:
     flat = tensor.detach().reshape(-1)
     if config.name in ("fp32", "bf16"):
         parts = [flat.to(torch.float32 if config.name == "fp32" else torch.bfloat16)]
-        if not _within(parts[0], float(torch.finfo(tensor.dtype).max)):
+        if not within(parts[0], float(torch.finfo(tensor.dtype).max)):
             raise ValueError("refusing to encode NaN/inf, or values the original dtype cannot hold")
     elif config.name in ("int8", "int4"):
         parts = _encode_blockwise(flat.float(), config, tensor.dtype)
@@ -151,16 +149,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return names[dtype]
 
 
-def _within(t: torch.Tensor, bound: float) -> bool:
-    """All finite and |t| <= bound, in one reduction with no tensor-sized temporary (min/max
-    propagate NaN). The encoder and decoder share it: we never send what a receiver would refuse,
-    e.g. float32 that overflows bfloat16, or an fp16 tensor's 65504 that bf16 rounds to 65536."""
-    if t.numel() == 0:
-        return True
-    low, high = (float(v) for v in torch.aminmax(t))
-    return math.isfinite(low) and math.isfinite(high) and -bound <= low and high <= bound
-
-
 def _to_bytes(t: torch.Tensor) -> bytes:
     """Payload bytes in host memory; from CUDA through pinned memory (several times faster)."""
     if t.device.type == "cuda":
@@ -169,127 +157,20 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
-    """max |x| per block of `block` consecutive values; the last block may be partial. NaN propagates."""
-    full = x.numel() // block * block
-    parts = []
-    if full:
-        low, high = torch.aminmax(x[:full].view(-1, block), dim=1)
-        parts.append(torch.maximum(high, -low))
-    if x.numel() > full:
-        parts.append(x[full:].abs().amax().reshape(1))
-    return torch.cat(parts) if parts else x.new_empty(0)
-
-
-def _quantize(x: torch.Tensor, block: int, qmax: int, limit: float, q: torch.Tensor) -> torch.Tensor:
-    """Symmetric absmax quantisation: fills q (int8, x's size) and returns the float32 block scales.
-
-    On CPU it walks the tensor in chunks of whole blocks through one reused float32 scratch buffer:
-    a tensor-sized temporary costs more in page faults than the arithmetic itself (2x faster on 16M).
-    Chunks stay large (4M values) because every op is an OpenMP region, and when the cores are
-    shared with training each region can wait milliseconds for a descheduled thread.
-    """
-    numel = x.numel()
-    scales = torch.empty(_ceil_div(numel, block), dtype=torch.float32, device=x.device)
-    step = numel if x.device.type != "cpu" else max(block, _CHUNK // block * block)
-    scratch = torch.empty(min(step, numel), dtype=torch.float32, device=x.device)
-    for start in range(0, numel, step):
-        stop = min(numel, start + step)
-        absmax = _block_absmax(x[start:stop], block)
-        if not _within(absmax, math.inf):
-            raise ValueError("refusing to encode a tensor with NaN or inf")
-        chunk_scales = absmax.div_(qmax).clamp_(max=limit)
-        scales[start // block : start // block + chunk_scales.numel()] = chunk_scales
-        _quantize_chunk(x[start:stop], chunk_scales, block, qmax, q[start:stop], scratch)
-    return scales
-
-
-_CHUNK = 2**22
-
-
-def _quantize_chunk(
-    x: torch.Tensor, scales: torch.Tensor, block: int, qmax: int, q: torch.Tensor, scratch: torch.Tensor
-) -> None:
-    """q = clamp(round(x / scale)) for a run of blocks starting on a block boundary."""
-    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-    full = x.numel() // block * block
-    if full:
-        buffer = scratch[:full].view(-1, block)
-        torch.div(x[:full].view(-1, block), divisor[: full // block, None], out=buffer)
-        q[:full].view(-1, block).copy_(buffer.round_().clamp_(-qmax, qmax))
-    if x.numel() > full:
-        q[full:] = (x[full:] / divisor[-1]).round_().clamp_(-qmax, qmax)
-
-
-def _largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted indices of the k largest entries, exactly (ties broken arbitrarily).
-
-    torch.topk over tens of millions of entries takes seconds on a CPU, so big tensors first keep
-    the entries above a threshold estimated from a fixed random sample (aiming at about 2k of
-    them), then run topk on those; entries equal to the threshold fill up when fewer than k are
-    above it (a mostly-zero delta). Everything dropped is below the threshold, so the result is the
-    exact top k; only when the threshold overshot does it fall back to the full topk.
-    """
-    numel = magnitude.numel()
-    if numel > _TOPK_SAMPLE * 4 and k * 8 < numel:
-        generator = torch.Generator().manual_seed(0)
-        picks = torch.randint(numel, (_TOPK_SAMPLE,), generator=generator).to(magnitude.device)
-        rank = max(1, _TOPK_SAMPLE - (2 * k * _TOPK_SAMPLE) // numel)
-        threshold = magnitude[picks].kthvalue(rank).values
-        above = (magnitude > threshold).nonzero().view(-1)
-        if above.numel() >= k:
-            return above[torch.topk(magnitude[above], k, sorted=False).indices].sort().values
-        ties = (magnitude == threshold).nonzero().view(-1)
-        if above.numel() + ties.numel() >= k:
-            return torch.cat([above, ties[: k - above.numel()]]).sort().values
-    return torch.topk(magnitude, k, sorted=False).indices.sort().values
-
-
-_TOPK_SAMPLE = 2**16
-
-
-def _scale_limit(qmax: int, dtype: torch.dtype) -> float:
-    """Largest float32 scale with qmax * scale <= the dtype's max, so no decoded value overflows.
-
-    The encoder caps its scales here (a block at the dtype's very edge then rounds to qmax anyway)
-    and the decoder refuses anything above; q itself is clamped to [-qmax, qmax] on decode.
-    """
-    exact = float(torch.finfo(dtype).max) / qmax
-    limit = torch.tensor(exact, dtype=torch.float32)
-    if float(limit) > exact:
-        limit = torch.nextafter(limit, torch.zeros_like(limit))
-    return float(limit)
-
-
 def _encode_blockwise(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
     """Quantise straight into the payload buffer, so the only copy left is the final tobytes."""
     name, numel = config.name, x.numel()
     out = torch.empty(payload_size((numel,), config), dtype=torch.uint8, device=x.device)
-    scale_bytes = _SCALE_BYTES * _ceil_div(numel, config.block_size)
+    scale_bytes = _SCALE_BYTES * ceil_div(numel, config.block_size)
     if name == "int8":
         q = out[scale_bytes:].view(torch.int8)
     else:
         q = torch.empty(numel, dtype=torch.int8, device=x.device)
-    scales = _quantize(x, config.block_size, _QMAX[name], _scale_limit(_QMAX[name], dtype), q)
+    scales = quantize(x, config.block_size, _QMAX[name], scale_limit(_QMAX[name], dtype), q)
     out[:scale_bytes].view(torch.float32).copy_(scales)
     if name == "int4":
-        _pack_nibbles(q, out[scale_bytes:])
+        pack_nibbles(q, out[scale_bytes:])
     return [out]
-
-
-def _pack_nibbles(q: torch.Tensor, packed: torch.Tensor) -> None:
-    """int8 values in [-7, 7] -> bytes holding q + 8, low nibble first; an odd tail pads with 8 (zero).
-
-    Works on q's two's-complement bytes with uint8 wrap-around, writing straight into `packed`:
-    (hi + 8) * 16 keeps only hi's nibble, and (lo + 8) mod 256 lands in [1, 15] so it cannot carry.
-    """
-    pairs = q.numel() // 2
-    raw = q.view(torch.uint8)
-    body = packed[:pairs]
-    torch.add(raw[1 : 2 * pairs : 2], 8, out=body)
-    body.mul_(16).add_(raw[0 : 2 * pairs : 2]).add_(8)
-    if q.numel() % 2:
-        packed[pairs:] = raw[-1:] + (8 + 8 * 16)
 
 
 def _encode_topk(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -300,10 +181,10 @@ def _encode_topk(x: torch.Tensor, config: CodecConfig, dtype: torch.dtype) -> li
     magnitude = x.abs()
     if not math.isfinite(float(magnitude.max())):
         raise ValueError("refusing to encode a tensor with NaN or inf")
-    indices = _largest(magnitude, k)
+    indices = largest(magnitude, k)
     del magnitude
     q = torch.empty(k, dtype=torch.int8, device=x.device)
-    scales = _quantize(x[indices], config.block_size, 127, _scale_limit(127, dtype), q)
+    scales = quantize(x[indices], config.block_size, 127, scale_limit(127, dtype), q)
     return [scales, indices.to(_INDEX_DTYPES[index_width(numel)]), q]
 
 
@@ -337,7 +218,7 @@ def decode(
     reader = _Reader(bytearray(payload), torch.device(device))
     if config.name in ("fp32", "bf16"):
         flat = reader.take(torch.float32 if config.name == "fp32" else torch.bfloat16, numel)
-        if not _within(flat, float(torch.finfo(dtype).max)):
+        if not within(flat, float(torch.finfo(dtype).max)):
             raise RejectedUpdate(Reason.NON_FINITE, f"payload holds NaN, inf or values beyond {encoded.dtype}")
     elif config.name in ("int8", "int4"):
         flat = _decode_blockwise(reader, numel, config, dtype)
@@ -391,47 +272,32 @@ class _Reader:
 
 def _take_scales(reader: _Reader, count: int, name: str, dtype: torch.dtype) -> torch.Tensor:
     scales = reader.take(torch.float32, count)
-    if not _within(scales, _scale_limit(_QMAX[name], dtype)):
+    if not within(scales, scale_limit(_QMAX[name], dtype)):
         raise RejectedUpdate(Reason.NON_FINITE, f"a scale is NaN, inf or would overflow {dtype}")
     return scales
 
 
-def _dequantize(q: torch.Tensor, scales: torch.Tensor, block: int, qmax: int) -> torch.Tensor:
-    """float32 clamp(q) * scale of its block, the last block possibly partial (in place for float32 q).
-
-    The clamp turns a forged -128 (or int4 nibble 0) into -qmax, so |value| <= qmax * scale <= the
-    dtype's max, which _take_scales guaranteed.
-    """
-    out = q.to(torch.float32).clamp_(-qmax, qmax)
-    full = out.numel() // block * block
-    if full:
-        out[:full].view(-1, block).mul_(scales[: full // block, None])
-    if out.numel() > full:
-        out[full:].mul_(scales[-1])
-    return out
-
-
 def _decode_blockwise(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
-    scales = _take_scales(reader, _ceil_div(numel, config.block_size), config.name, dtype)
+    scales = _take_scales(reader, ceil_div(numel, config.block_size), config.name, dtype)
     if config.name == "int8":
-        return _dequantize(reader.take(torch.int8, numel), scales, config.block_size, 127)
-    packed = reader.take(torch.uint8, _ceil_div(numel, 2))
+        return dequantize(reader.take(torch.int8, numel), scales, config.block_size, 127)
+    packed = reader.take(torch.uint8, ceil_div(numel, 2))
     values = torch.empty(numel, dtype=torch.float32, device=reader.device)
     values[0::2] = packed & 15
     values[1::2] = packed[: numel // 2] >> 4
-    return _dequantize(values.sub_(8), scales, config.block_size, 7)
+    return dequantize(values.sub_(8), scales, config.block_size, 7)
 
 
 def _decode_topk(reader: _Reader, numel: int, config: CodecConfig, dtype: torch.dtype) -> torch.Tensor:
     k = topk_count(numel, config.topk_fraction)
-    scales = _take_scales(reader, _ceil_div(k, config.block_size), "topk", dtype)
+    scales = _take_scales(reader, ceil_div(k, config.block_size), "topk", dtype)
     indices = reader.take(_INDEX_DTYPES[index_width(numel)], k).to(torch.int64)
     if k:
         if int(indices.min()) < 0 or int(indices.max()) >= numel:
             raise MalformedPayload(Reason.GARBAGE, f"topk index out of range for {numel} elements")
         if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise MalformedPayload(Reason.GARBAGE, "topk indices must be strictly increasing")
-    values = _dequantize(reader.take(torch.int8, k), scales, config.block_size, 127)
+    values = dequantize(reader.take(torch.int8, k), scales, config.block_size, 127)
     out = torch.zeros(numel, dtype=torch.float32, device=reader.device)
     out[indices] = values
     return out

@@ -40,7 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from protocol.codec import payload_size
 from protocol.errors import RateLimited, Reason
+from protocol.updates import WirePolicy
 
 DEFAULT_MIN_ROUND_S = 0.25
 """The shortest round an honest peer plausibly makes (tiny models on a GPU); sets the per-peer rates."""
@@ -217,3 +219,19 @@ class Reservation:
         if not work.cancelled():
             work.exception()  # retrieved here: whoever awaited it may be gone
         self.release()
+
+
+MAX_SLICES_PROBED = 4096
+
+
+def largest_stream_bytes(policy: WirePolicy) -> int:
+    """The most payload one Exchange may announce under `policy`: every tensor of the largest slice's table,
+    each in the largest accepted codec (slices are numbered from 0 up to the first that does not exist)."""
+    codecs = [c for c in (policy.codec_for(n) for n in {policy.codec.name, *policy.accepted_codecs}) if c]
+    largest = 0
+    for index in range(MAX_SLICES_PROBED):
+        table = policy.expected_shapes(index)
+        if table is None:
+            break
+        largest = max(largest, sum(max(payload_size(tuple(s), c) for c in codecs) for s in table.values()))
+    return max(largest, 1)

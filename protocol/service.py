@@ -28,7 +28,6 @@ going over a per-peer limit (OVER_LIMIT) is banned for `Limits.over_limit_ban_s`
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,7 +38,6 @@ import grpc
 from protocol import PROTOCOL_VERSION, software_version
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList, ReplayGuard
-from protocol.codec import payload_size
 from protocol.errors import (
     BannedPeer,
     IncompatibleVersion,
@@ -50,10 +48,11 @@ from protocol.errors import (
     RejectedUpdate,
     SetupError,
 )
-from protocol.identity import Identity, state_signing_bytes
-from protocol.limits import DEFAULT_MIN_ROUND_S, Limiter, Limits, address_of
+from protocol.identity import Identity
+from protocol.limits import DEFAULT_MIN_ROUND_S, Limiter, Limits, address_of, largest_stream_bytes
 from protocol.logs import get_logger
 from protocol.ports import check_listenable
+from protocol.state import WriteStalled, state_header, stream_state
 from protocol.updates import (
     OutgoingUpdate,
     PayloadBuffer,
@@ -83,9 +82,6 @@ _REFUSALS = (ProtocolViolation, IncompatibleVersion, BannedPeer)
 _NOT_BANNED = (Reason.REPLAY, Reason.TIMEOUT, Reason.RATE_LIMITED, Reason.FUTURE_ROUND)
 """Refusals an honest peer can meet (a retry, a slow link, a busy server, a clock briefly ahead of ours):
 counted, never banned here (repeated future rounds are banned by the policy's `admit_round`, which keeps count)."""
-MAX_SLICES_PROBED = 4096
-WRITE_STALL_S = 30.0
-"""How long past its budget one frame's write may hang before the stream is cut without a status."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +124,6 @@ class _Stream:
     claim: tuple[str, int, int, int | None] | None = None
     """(peer, slice, round, previous round) claimed in the replay guard and not yet delivered."""
 
-
-class _WriteStalled(Exception):
-    """A reader stopped reading mid-stream; the call ends without a status (see `_stream_state`)."""
 
 
 class _Refusal(Exception):
@@ -380,8 +373,9 @@ class PeerServer:
             if self._fetch_slots.locked():
                 raise RateLimited(Reason.RATE_LIMITED, "too many downloads from this peer; try another")
             async with self._fetch_slots:
-                await self._stream_state(context, snapshot)
-        except _WriteStalled as exc:
+                header = state_header(self.identity, self.policy.run_id, snapshot)
+                await stream_state(context, header, snapshot, self.config.fetch_timeout_s)
+        except WriteStalled as exc:
             # the reader stopped reading: no status can follow a cancelled write, so the call just ends
             log.info("FetchState to %s cut off: %s", context.peer(), exc)
         except asyncio.TimeoutError:
@@ -389,26 +383,6 @@ class PeerServer:
             await self._refuse(context, _Refusal(error, None))
         except _REFUSALS as exc:
             await self._refuse(context, _Refusal(exc, None))
-
-    async def _stream_state(self, context: grpc.aio.ServicerContext, snapshot: StateSnapshot) -> None:
-        """Header, then chunks, within `fetch_timeout_s` (TimeoutError, refused with a status, once it is spent).
-
-        The budget is checked between frames instead of by cancelling the stream: grpc.aio can send no status
-        on a call whose write was cancelled (the abort fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), so
-        the downloader would wait out its own deadline instead of hearing `timeout`. Only a write stuck
-        WRITE_STALL_S past the budget (a reader that stopped reading) is cancelled: `_WriteStalled`.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.fetch_timeout_s
-        frames = (pb.StateFrame(chunk=chunk) for chunk in chunked(enc.payload for enc in snapshot.tensors.values()))
-        for frame in itertools.chain([pb.StateFrame(header=self._state_header(snapshot))], frames):
-            left = deadline - loop.time()
-            if left <= 0:
-                raise asyncio.TimeoutError
-            try:
-                await asyncio.wait_for(context.write(frame), left + WRITE_STALL_S)
-            except asyncio.TimeoutError:
-                raise _WriteStalled(f"a write made no progress for {left + WRITE_STALL_S:.0f} s") from None
 
     def _checked_state_request(self, request: bytes) -> StateSnapshot | None:
         parsed = parse_message(pb.FetchStateRequest, request)
@@ -418,32 +392,3 @@ class PeerServer:
                 Reason.WRONG_RUN, f"run {parsed.run_id[:16]!r}, this peer serves {self.policy.run_id[:16]!r}"
             )
         return self._state_provider()
-
-    def _state_header(self, snapshot: StateSnapshot) -> pb.StateHeader:
-        signed = state_signing_bytes(
-            run_id=self.policy.run_id,
-            round=snapshot.round,
-            content_sha256=snapshot.content_sha256,
-            sender=self.identity.peer_id,
-        )
-        return pb.StateHeader(
-            run_id=self.policy.run_id,
-            round=snapshot.round,
-            sender=self.identity.peer_id,
-            tensors=snapshot.entries,
-            content_sha256=snapshot.content_sha256,
-            signature=self.identity.sign(signed),
-        )
-
-
-def largest_stream_bytes(policy: WirePolicy) -> int:
-    """The most payload one Exchange may announce under `policy`: every tensor of the largest slice's table,
-    each in the largest accepted codec (slices are numbered from 0 up to the first that does not exist)."""
-    codecs = [c for c in (policy.codec_for(n) for n in {policy.codec.name, *policy.accepted_codecs}) if c]
-    largest = 0
-    for index in range(MAX_SLICES_PROBED):
-        table = policy.expected_shapes(index)
-        if table is None:
-            break
-        largest = max(largest, sum(max(payload_size(tuple(s), c) for c in codecs) for s in table.values()))
-    return max(largest, 1)

@@ -38,7 +38,7 @@ from protocol.identity import Identity
 
 RUN_TOML = """
 swarm = "faults"
-preset = "tiny"
+preset = "{preset}"
 [slices]
 num_slices = 2
 [inner]
@@ -76,9 +76,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: 
         time.sleep(0.5)
 
 
-def start_swarm(procs: Procs) -> tuple[str, str]:
-    """A bootstrap node and a signed run; its multiaddr and run key."""
-    (procs.workdir / "run.toml").write_text(RUN_TOML)
+def start_swarm(procs: Procs, preset: str = "tiny") -> tuple[str, str]:
+    """A bootstrap node and a signed run of `preset`; its multiaddr and run key."""
+    (procs.workdir / "run.toml").write_text(RUN_TOML.format(preset=preset))
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))

@@ -1,6 +1,6 @@
 """`murmur run` with real processes on loopback: a bootstrap node, the owner and two volunteers (one
-client-only, joining late) train a tiny run together, exchange updates over gRPC, their loss falls,
-the late joiner starts from a live peer's weights and is at the others' loss level within a few rounds,
+client-only, joining late) train the demo's run config on the `micro` preset together, exchange updates over
+gRPC, their loss falls, the late joiner starts from a live peer's weights and is at the others' loss level within a few rounds,
 `murmur status` sees their rounds rise, and SIGTERM stops every process with exit code 0 and nothing left
 running.
 """
@@ -19,11 +19,12 @@ from peer.lab.demo import RUN_TOML as DEMO_TOML
 from peer.lab.harness import Proc, Procs, group_pids, murmur
 from peer.node.roundline import parse_all
 
-RUN_TOML = DEMO_TOML.format(slices=2)
+RUN_TOML = DEMO_TOML.format(slices=2, preset="micro")
 """The run `murmur demo` trains (swarm "demo", tiny, H=10, fanout 1) at K=2: the swarm a newcomer first sees is
 the one checked here, and a change to the demo's settings runs through this test too."""
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
-TRAIN_S = 20.0
+TRAIN_S = 8.0
+"""Seconds the three train together after the late join: `micro` makes about 5 rounds a second here."""
 LATE_ROUNDS = 3
 LATE_MARGIN = 0.15
 """Nats the late joiner's first rounds may be above the others' loss at the same rounds."""

@@ -216,7 +216,8 @@ def test_downloads_run_concurrently_and_a_failure_moves_on_to_the_next_candidate
 @pytest.mark.timeout(600)
 def test_a_newcomer_is_not_poisoned_by_one_lying_donor_of_three(procs: Procs) -> None:
     began = time.monotonic()
-    swarm = start_donors(procs, "latejoin", {"donor1": None, "donor2": None, "donor3": "poisoned-donor"})
+    donors = {"donor1": None, "donor2": None, "donor3": "poisoned-donor"}
+    swarm = start_donors(procs, "latejoin", donors, preset="micro")
     wait_for_snapshots([swarm], timeout=360)
     newcomer = start_newcomer(procs, swarm)
     join = late_join_of(newcomer, timeout=180)

@@ -1,4 +1,5 @@
-"""The import graph of `peer/` and `protocol/` follows the layers, and has no cycles.
+"""The house rules, checked: the import graph of `peer/` and `protocol/` follows the layers, has no cycles, and
+modules and functions stay small.
 
 Why: a newcomer should know from a path alone what a file may depend on, and a wrong arrow (the config
 importing the simulator, the algorithm importing the daemon) is how a codebase turns into one knot. The
@@ -18,7 +19,11 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+"""A module over this says two things at once, a function over this does several (generated code excepted)."""
 LAYERS = ("peer.core", "peer.config", "peer.swarm", "peer.node", "peer.lab", "peer.cli")
+"""Lowest first: a module may import its own layer and those before it."""
 PACKAGES = ("peer", "protocol", "bootstrap")
 
 
@@ -129,3 +134,20 @@ def test_the_check_sees_a_wrong_arrow_and_a_cycle() -> None:
     ]
     assert cycles(edges) == [["peer.core.a", "peer.core.b"]]
     assert len(graph()) > 40
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            if "_generated" in path.parts:
+                continue
+            source = path.read_text()
+            name = path.relative_to(ROOT)
+            if (lines := len(source.splitlines())) > MAX_MODULE_LINES:
+                too_long.append(f"{name}: {lines} lines")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if (length := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                        too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert too_long == []

@@ -31,8 +31,8 @@ from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList
 from protocol.errors import RateLimited, Reason
 from protocol.identity import Identity
-from protocol.limits import Limiter, Limits, RateBuckets, address_of
-from protocol.service import PeerServer, ServerConfig, largest_stream_bytes
+from protocol.limits import Limiter, Limits, RateBuckets, address_of, largest_stream_bytes
+from protocol.service import PeerServer, ServerConfig
 
 S = grpc.StatusCode
 INFO = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR).SerializeToString()

@@ -73,7 +73,7 @@ def _metrics(proc: Proc) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_liar_about_rounds_and_a_flood_of_fake_peers_do_not_stop_the_swarm(procs: Procs) -> None:
-    (procs.workdir / "run.toml").write_text(RUN_TOML.format(swarm="defences", clip=0.0))
+    (procs.workdir / "run.toml").write_text(RUN_TOML.format(swarm="defences", clip=0.0, preset="tiny"))
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))

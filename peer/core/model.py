@@ -65,6 +65,8 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
+    # ~0.1M parameters: the process tests' swarms, a dozen peers sharing two CPU cores (a step ~4x cheaper than tiny).
+    "micro": ModelConfig(d_model=64, n_layers=2, n_heads=2, seq_len=64),
     # ~0.4M parameters: a CPU step in a few tens of milliseconds; tests and the simulator.
     "tiny": ModelConfig(d_model=96, n_layers=4, n_heads=4, seq_len=128),
     # ~3.2M: CPU benchmarks.

@@ -38,7 +38,7 @@ from protocol.errors import DemoError
 
 RUN_TOML = """\
 swarm = "demo"
-preset = "tiny"
+preset = "{preset}"
 [slices]
 num_slices = {slices}
 [inner]
@@ -120,7 +120,7 @@ def child_env(out: Path, name: str) -> dict[str, str]:
 
 def create_run(out: Path, slices: int) -> tuple[str, str]:
     """Write run.toml, sign the manifest with a fresh owner key; (run id, run key)."""
-    (out / "run.toml").write_text(RUN_TOML.format(slices=slices))
+    (out / "run.toml").write_text(RUN_TOML.format(slices=slices, preset="tiny"))
     argv = murmur_argv("create-run", "--config", str(out / "run.toml"), "--key", str(out / "owner.key"),
                        "--out", str(out / "manifest.json"))  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, cwd=out, env=child_env(out, "owner"), timeout=120)
