@@ -1,8 +1,8 @@
 """`murmur run` with real processes on loopback: a bootstrap node, the owner and two volunteers (one
 client-only, joining late) train the demo's run config on the `micro` preset together, exchange updates over
-gRPC, their loss falls, the late joiner starts from a live peer's weights and is at the others' loss level within a few rounds,
-`murmur status` sees their rounds rise, and SIGTERM stops every process with exit code 0 and nothing left
-running.
+gRPC, their loss falls, the late joiner starts from a live peer's weights and is at the others' loss level
+within a few rounds, `murmur status` sees their rounds rise, and SIGTERM stops every process with exit code 0
+and nothing left running.
 """
 
 from __future__ import annotations
