@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from peer.core.data import TokenStream, load_corpus
+from peer.core.evaluation import val_loss
 from peer.core.inner import InnerConfig, lr_at
 from peer.core.model import Transformer, preset
-from peer.lab.evaluate import val_loss
 
 INNER = InnerConfig()
 """murmur's inner optimiser defaults (slots dataclass: read them from an instance)."""

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from peer.core.data import load_corpus
+from peer.core.evaluation import val_loss
 from peer.core.model import Transformer, preset
-from peer.lab.evaluate import val_loss
 from peer.node.roundline import RoundLine
 
 SUBNET = "10.79.0"

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from peer.core.data import load_corpus
+from peer.core.evaluation import val_loss
 from peer.core.model import Transformer, preset
-from peer.lab.evaluate import val_loss
 from peer.lab.harness import Procs
 
 ROOT = Path(__file__).resolve().parent.parent

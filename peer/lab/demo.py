@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from peer.core.data import unigram_entropy
+from peer.core.evaluation import average_weights
 from peer.lab.evaluate import corpus_for, evaluate_weights, run_from_dict
 from peer.lab.harness import Proc, Procs
 from peer.node import checkpoint
@@ -216,7 +215,7 @@ def evaluate_peers(out: Path, peers: list[Proc], codes: list[int | None], run_id
     for result in results:
         if result.round is not None:
             result.val_loss = evaluate_weights(run, next(states), corpus)
-    averaged = {name: torch.stack([phi[name] for phi in phis]).mean(0) for name in phis[0]}
+    averaged = average_weights(phis)
     return DemoReport(peers=results, averaged_val_loss=evaluate_weights(run, averaged, corpus),
                       unigram_entropy=unigram_entropy(corpus.val, corpus.vocab_size), run_id=run_id, run_key="",
                       seconds=0.0)  # fmt: skip

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peer.config import RunConfig
-from peer.core.data import Corpus, load_corpus, unigram_entropy, val_batches
+from peer.core.data import Corpus, load_corpus, unigram_entropy
+from peer.core.evaluation import DEFAULT_BATCHES, load_weights, val_loss
 from peer.core.model import Transformer
 from peer.node import checkpoint
 from peer.node.checkpoint import CheckpointState
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-DEFAULT_BATCHES = 8
-"""Held-out batches per evaluation, as in `Trainer.evaluate`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,20 +110,10 @@ def model_for(run: RunConfig, weights: Mapping[str, torch.Tensor]) -> Transforme
     if set(params) != set(weights):
         missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
         raise ValueError(f"weights do not fit the run's model: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(weights[name].shape) != tuple(p.shape):
-                raise ValueError(f"{name}: shape {tuple(weights[name].shape)}, the model has {tuple(p.shape)}")
-            p.copy_(weights[name])
-    return model.eval()
-
-
-@torch.no_grad()
-def val_loss(model: Transformer, corpus: Corpus, *, seq_len: int, batch_size: int,
-             batches: int = DEFAULT_BATCHES) -> float:  # fmt: skip
-    """Mean loss over the same held-out windows every call (batch-weighted like Trainer.evaluate)."""
-    losses = [float(model.loss(x, y)) for x, y in val_batches(corpus, seq_len, batch_size, batches)]
-    return sum(losses) / len(losses)
+    for name, p in params.items():
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shape {tuple(weights[name].shape)}, the model has {tuple(p.shape)}")
+    return load_weights(model, weights)
 
 
 def corpus_for(run: RunConfig, data: str | Path | None = None) -> Corpus:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from peer.core.data import Corpus, TokenStream, unigram_entropy, val_batches
+from peer.core.data import Corpus, TokenStream, unigram_entropy
+from peer.core.evaluation import average_weights, load_weights, val_loss
 from peer.core.inner import InnerConfig, SliceOptimizer, inner_round
 from peer.core.model import ModelConfig, Transformer
 from peer.core.outer import (
@@ -98,28 +99,14 @@ class MethodResult:
 
 
 def evaluate(model: Transformer, weights: Params, corpus: Corpus, config: SimConfig) -> float:
-    """Validation loss of `weights` on the same held-out batches every time."""
+    """Validation loss of `weights` on the same held-out batches every time (peer/core/evaluation.py)."""
     load_weights(model, weights)
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for x, y in val_batches(corpus, config.model.seq_len, config.inner.batch_size * 2, config.eval_batches):
-            losses.append(float(model.loss(x, y)))
-    return sum(losses) / len(losses)
-
-
-def load_weights(model: Transformer, weights: Params) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
+    return val_loss(model, corpus, seq_len=config.model.seq_len, batch_size=config.inner.batch_size * 2,
+                    batches=config.eval_batches)  # fmt: skip
 
 
 def snapshot(model: Transformer) -> Params:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def average(phis: list[Params]) -> Params:
-    return {name: torch.stack([p[name] for p in phis]).mean(0) for name in phis[0]}
 
 
 def matchings(n: int, fanout: int, slice_of: list[int], rng: random.Random) -> list[set[int]]:
@@ -280,7 +267,7 @@ class Simulation:
     def result(self, tokens: int, curve: list[tuple[int, float]], seconds: float) -> MethodResult:
         config, evaluator = self.config, self.model
         own = [evaluate(evaluator, phi, self.corpus, config) for phi in self.phis]
-        mean_phi = average(self.phis) if len(self.phis) > 1 else self.phis[0]
+        mean_phi = average_weights(self.phis) if len(self.phis) > 1 else self.phis[0]
         costs = [slice_cost(config.model, lay, rest_moves=config.inner.rest_step > 0) for lay in self.layouts]
         per_token = sum(c.backward_flops_per_token for c in costs) / len(costs)
         return MethodResult(

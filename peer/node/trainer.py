@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from peer.config import RunConfig
-from peer.core.data import TokenStream, load_corpus, stream_index_for, val_batches
+from peer.core.data import TokenStream, load_corpus, stream_index_for
 from peer.core.devices import fit_inner
+from peer.core.evaluation import DEFAULT_BATCHES, load_weights, val_loss
 from peer.core.inner import InnerConfig, SliceOptimizer, inner_round
 from peer.core.model import Transformer
 from peer.core.outer import initial_state
@@ -113,17 +114,12 @@ class Trainer:
         self.state = initial_state(self.phi, self.run.outer)
 
     @torch.no_grad()
-    def evaluate(self, batches: int = 8, weights: Mapping[str, torch.Tensor] | None = None) -> float:
+    def evaluate(self, batches: int = DEFAULT_BATCHES, weights: Mapping[str, torch.Tensor] | None = None) -> float:
         """Validation loss of phi (or of `weights`, phi untouched: a late joiner's candidates) on the same
         held-out windows every time (comparable across peers)."""
-        source = self.phi if weights is None else weights
-        for name, p in self.model.named_parameters():
-            p.copy_(source[name])
-        self.model.eval()
-        seq_len, size = self.run.model.seq_len, self.inner.batch_size * 2
-        losses = [float(self.model.loss(x.to(self.device), y.to(self.device)))
-                  for x, y in val_batches(self.corpus, seq_len, size, batches)]  # fmt: skip
-        return sum(losses) / len(losses)
+        load_weights(self.model, self.phi if weights is None else weights)
+        return val_loss(self.model, self.corpus, seq_len=self.run.model.seq_len, batch_size=self.inner.batch_size * 2,
+                        batches=batches, device=self.device)  # fmt: skip
 
     def snapshot(self, round: int) -> StateSnapshot:
         """phi, encoded for late joiners (blocking)."""
