@@ -54,7 +54,8 @@ exchange_timeout_s = 3
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 JOINED = r"^joined swarm faults as ([0-9a-f]{64}) slice [01]"
 PARTNER = re.compile(r"round \d+: exchanged with ([0-9a-f]{16}) ")
-PAUSE_S = 30.0
+PAUSE_S = 15.0
+"""How long one peer stays frozen: over twice its announcement's TTL (6 s), so the others see it gone."""
 EVAL = re.compile(r"^eval round (\d+) val_loss ([\d.]+)$")
 UNIGRAM_ENTROPY = 3.252
 """Nats per byte of a model that knows only byte frequencies (the bundled corpus; see README's simulator table)."""
@@ -106,11 +107,11 @@ def evals_of(proc: Proc) -> list[tuple[int, float]]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_four_peers_learn_without_a_barrier_and_a_frozen_one_catches_up(procs: Procs) -> None:
-    """Issue 5's first "must show", in one swarm run: a bootstrap node and 4 peers on `tiny` with K=2 train
+    """Issue 5's first "must show", in one swarm run: a bootstrap node and 4 peers on `micro` with K=2 train
     until every peer's validation loss is well below the unigram entropy, each peer exchanges with at least two
     different partners, and a peer frozen with SIGSTOP for PAUSE_S does not stop the others and catches up."""
     began = time.monotonic()
-    maddr, run_key = start_swarm(procs)
+    maddr, run_key = start_swarm(procs, preset="micro")
     peers = [start_peer(procs, "owner", maddr, "--eval-every", "5")]
     peers += [start_peer(procs, f"peer{i}", maddr, "--run-key", run_key, "--eval-every", "5") for i in (1, 2, 3)]
     ids = {p.name: p.wait_for(JOINED, timeout=90).group(1) for p in peers}
