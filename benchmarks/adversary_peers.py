@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from peer.core.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
-from peer.lab.harness import Proc, Procs, murmur
+from peer.lab.harness import Proc, Procs, murmur, run_toml
 from peer.node import daemon as daemon_module
 from peer.node import trainer as trainer_module
 from peer.node.roundline import parse_all
@@ -93,7 +93,7 @@ SYBILS = 200
 SYBIL_TTL_S = 600.0
 """Expiry of the fake announcements; they are stored again every half of it."""
 FLOOD_PER_S = 8.0
-"""Well over the per-peer exchange limit (with RUN_TOML's min_round_s: 60 at once, refilled at 1 a second), well
+"""Well over the per-peer exchange limit (with the swarms' min_round_s: 60 at once, refilled at 1 a second), well
 under the per-address one (8 x 60 + 600 = 1080 a minute, 18 a second), which every peer on loopback shares."""
 FLOOD_TARGET_S = 60.0
 FLOOD_AT_ONCE = 2
@@ -462,23 +462,6 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------ running swarms with them (tests, benchmark)
 
-RUN_TOML = """
-swarm = "{swarm}"
-preset = "{preset}"
-[slices]
-num_slices = 2
-[inner]
-steps_per_round = 5
-batch_size = 4
-warmup_steps = 5
-total_steps = 2000
-[outer]
-clip = {clip}
-[gossip]
-fanout = 2
-exchange_timeout_s = 5
-min_round_s = 2.0
-"""
 """Rounds here take 3-15 s, so min_round_s = 2 (60 pushes a minute per peer, refilled at 1 a second) never
 touches an honest peer; with the protocol's default (0.25 s: 480 a minute, 8 a second) a flood was never
 banned on a loaded machine, because a server there handles fewer of one peer's calls a second than that
@@ -518,7 +501,8 @@ def start_swarms(procs: Procs, kinds: dict[str, list[str]], *, clip: float = 0.0
     """
     made, boots = {}, {}
     for tag in kinds:
-        (procs.workdir / f"{tag}.toml").write_text(RUN_TOML.format(swarm=tag, clip=clip, preset=preset))
+        config = run_toml(tag, preset=preset, clip=clip, exchange_timeout_s=5, min_round_s=2.0)
+        (procs.workdir / f"{tag}.toml").write_text(config)
         create = ("create-run", "--config", f"{tag}.toml", "--key", f"{tag}-owner.key", "--out", f"{tag}-manifest.json")
         made[tag] = procs.start(f"{tag}-create", murmur(*create))
         boot = ("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", f"{tag}-boot.key")

@@ -17,25 +17,11 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
-from peer.lab.harness import Proc, Procs, murmur
+from peer.lab.harness import Proc, Procs, murmur, run_toml
 from peer.node.latejoin import SNAPSHOT_EVERY
 from peer.node.roundline import PATTERN as ROUND_LINE
 from peer.node.roundline import parse_all
 
-RUN_TOML = """
-swarm = "{swarm}"
-preset = "{preset}"
-[slices]
-num_slices = 2
-[inner]
-steps_per_round = 5
-batch_size = 4
-warmup_steps = 5
-total_steps = 2000
-[gossip]
-fanout = 2
-exchange_timeout_s = 10
-"""
 """Tiny, K=2, H=5: a round takes seconds. The exchange timeout is also each state download's deadline."""
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 START = re.compile(r"^late join: fetched the weights of round (\d+) from (\d+) donor\(s\): (.*?); (.*)$")
@@ -87,7 +73,7 @@ def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None], *, preset
 
     Identity files are `<name>.id` in the work dir, shared by swarms of other tags: a baseline and an attacked
     swarm then train on the same data streams."""
-    (procs.workdir / f"{tag}.toml").write_text(RUN_TOML.format(swarm=tag, preset=preset))
+    (procs.workdir / f"{tag}.toml").write_text(run_toml(tag, preset=preset))
     made = procs.start(f"{tag}-create", murmur("create-run", "--config", f"{tag}.toml", "--key", f"{tag}-owner.key",
                                                "--out", f"{tag}-manifest.json"))  # fmt: skip
     boot = procs.start(f"{tag}-boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",

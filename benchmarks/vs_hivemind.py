@@ -43,6 +43,7 @@ import torch
 from peer.core.data import load_corpus
 from peer.core.evaluation import val_loss
 from peer.core.model import Transformer, preset
+from peer.lab.harness import run_toml
 from peer.node.roundline import RoundLine
 
 SUBNET = "10.79.0"
@@ -50,20 +51,6 @@ BRIDGE = "vhbr0"
 ROOT = Path(__file__).resolve().parent.parent
 MADDR = re.compile(r"^(/ip4/[\d.]+/tcp/\d+/p2p/\w+)$")
 EVAL = re.compile(r"^eval round (\d+) val_loss ([\d.]+|nan|inf)$")
-RUN_TOML = """\
-swarm = "vsh"
-preset = "{preset}"
-[slices]
-num_slices = {slices}
-[inner]
-steps_per_round = {H}
-batch_size = {B}
-warmup_steps = {H}
-total_steps = {total}
-[gossip]
-fanout = 2
-exchange_timeout_s = 10
-"""
 
 
 class BenchError(RuntimeError):
@@ -285,8 +272,9 @@ def start_murmur(opts: Options, ips: list[str], t0: float) -> tuple[list[Child],
     wd = opts.workdir / "murmur"
     wd.mkdir(parents=True)
     total = opts.rounds * opts.steps
-    (wd / "run.toml").write_text(RUN_TOML.format(preset=opts.preset, slices=opts.slices, H=opts.steps, B=opts.batch,
-                                                 total=total))  # fmt: skip
+    config = run_toml("vsh", preset=opts.preset, slices=opts.slices, steps_per_round=opts.steps, batch_size=opts.batch,
+                      warmup_steps=opts.steps, total_steps=total)  # fmt: skip
+    (wd / "run.toml").write_text(config)
     cli = [sys.executable, "-m", "peer.cli.main"]
     made = subprocess.run(
         [*cli, "create-run", "--config", "run.toml", "--key", "owner.key", "--out", "manifest.json"],

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from peer.config import RunConfig
-from peer.lab.harness import Proc, Procs, group_pids, murmur
+from peer.lab.harness import Proc, Procs, group_pids, murmur, run_toml
 from peer.node import resume
 from peer.node.checkpoint import list_checkpoints
 from peer.node.roundline import PATTERN as ROUND_PATTERN_RE
@@ -36,21 +36,6 @@ from peer.node.roundline import parse_all
 from peer.node.trainer import Trainer
 from protocol.identity import Identity
 
-RUN_TOML = """
-swarm = "faults"
-preset = "{preset}"
-[slices]
-num_slices = 2
-[inner]
-steps_per_round = 5
-batch_size = 4
-warmup_steps = 5
-total_steps = 2000
-[gossip]
-# two partners a round, whichever way four peers split over two slices (2+2 or 3+1)
-fanout = 2
-exchange_timeout_s = 3
-"""
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 JOINED = r"^joined swarm faults as ([0-9a-f]{64}) slice [01]"
 PARTNER = re.compile(r"round \d+: exchanged with ([0-9a-f]{16}) ")
@@ -79,7 +64,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: 
 
 def start_swarm(procs: Procs, preset: str = "tiny") -> tuple[str, str]:
     """A bootstrap node and a signed run of `preset`; its multiaddr and run key."""
-    (procs.workdir / "run.toml").write_text(RUN_TOML.format(preset=preset))
+    # two partners a round, whichever way four peers split over two slices (2+2 or 3+1)
+    config = run_toml("faults", preset=preset, fanout=2, exchange_timeout_s=3)
+    (procs.workdir / "run.toml").write_text(config)
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from peer.lab.demo import RUN_TOML as DEMO_TOML
+from peer.lab.demo import demo_toml
 from peer.lab.harness import Proc, Procs, group_pids, murmur
 from peer.node.roundline import parse_all
 
-RUN_TOML = DEMO_TOML.format(slices=2, preset="micro")
+RUN_TOML = demo_toml(slices=2, preset="micro")
 """The run `murmur demo` trains (swarm "demo", tiny, H=10, fanout 1) at K=2: the swarm a newcomer first sees is
 the one checked here, and a change to the demo's settings runs through this test too."""
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"

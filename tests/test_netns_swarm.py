@@ -21,23 +21,10 @@ from test_daemon_faults import wait_until
 
 import benchmarks.netns as netns_module
 from benchmarks.netns import Host, Network
-from peer.lab.harness import Proc, Procs, group_pids, murmur
+from peer.lab.harness import Proc, Procs, group_pids, murmur, run_toml
 from peer.node.roundline import RoundLine, parse_all
 
-RUN_TOML = """
-swarm = "links"
-preset = "tiny"
-[slices]
-num_slices = 2
-[inner]
-steps_per_round = 5
-batch_size = 4
-warmup_steps = 5
-total_steps = 2000
-[gossip]
-fanout = 2
-exchange_timeout_s = 4
-"""
+RUN_TOML = run_toml("links", exchange_timeout_s=4)
 RATES_MBIT = (5, 20, 50, 100)
 OWNER_MBIT = 100
 MADDR = r"^(/ip4/10\.77\.0\.1/tcp/\d+/p2p/\w+)$"

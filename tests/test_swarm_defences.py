@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import pytest
 
-from benchmarks.adversary_peers import FUTURE_ROUND, RUN_TOML, SYBILS, counters
+from benchmarks.adversary_peers import FUTURE_ROUND, SYBILS, counters
 from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
-from peer.lab.harness import Proc, Procs, murmur
+from peer.lab.harness import Proc, Procs, murmur, run_toml
 from peer.node.roundline import RoundLine, parse_all
 
 MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
@@ -73,7 +73,7 @@ def _metrics(proc: Proc) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_liar_about_rounds_and_a_flood_of_fake_peers_do_not_stop_the_swarm(procs: Procs) -> None:
-    (procs.workdir / "run.toml").write_text(RUN_TOML.format(swarm="defences", clip=0.0, preset="tiny"))
+    (procs.workdir / "run.toml").write_text(run_toml("defences", clip=0.0, exchange_timeout_s=5, min_round_s=2.0))
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))

@@ -30,25 +30,15 @@ from typing import Any
 from peer.core.data import unigram_entropy
 from peer.core.evaluation import average_weights
 from peer.lab.evaluate import corpus_for, evaluate_weights, run_from_dict
-from peer.lab.harness import Proc, Procs
+from peer.lab.harness import Proc, Procs, run_toml
 from peer.node import checkpoint
 from peer.node.roundline import parse_all
 from protocol.errors import DemoError
 
-RUN_TOML = """\
-swarm = "demo"
-preset = "{preset}"
-[slices]
-num_slices = {slices}
-[inner]
-steps_per_round = 10
-batch_size = 4
-warmup_steps = 5
-total_steps = 2000
-[gossip]
-fanout = 1
-exchange_timeout_s = 10
-"""
+
+def demo_toml(slices: int, preset: str = "tiny") -> str:
+    """The demo's run config: K slices, H=10, one partner a round (tests/test_daemon_swarm.py runs it too)."""
+    return run_toml("demo", preset=preset, slices=slices, steps_per_round=10, fanout=1)
 """Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
 MADDR_LINE = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$")
 STARTUP_S = 90.0
@@ -119,7 +109,7 @@ def child_env(out: Path, name: str) -> dict[str, str]:
 
 def create_run(out: Path, slices: int) -> tuple[str, str]:
     """Write run.toml, sign the manifest with a fresh owner key; (run id, run key)."""
-    (out / "run.toml").write_text(RUN_TOML.format(slices=slices, preset="tiny"))
+    (out / "run.toml").write_text(demo_toml(slices))
     argv = murmur_argv("create-run", "--config", str(out / "run.toml"), "--key", str(out / "owner.key"),
                        "--out", str(out / "manifest.json"))  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, cwd=out, env=child_env(out, "owner"), timeout=120)

@@ -40,6 +40,19 @@ def murmur(*args: str) -> list[str]:
     return [MURMUR, *args]
 
 
+
+def run_toml(swarm: str, *, preset: str = "tiny", slices: int = 2, steps_per_round: int = 5, batch_size: int = 4,
+             warmup_steps: int = 5, total_steps: int = 2000, fanout: int = 2, exchange_timeout_s: float = 10,
+             min_round_s: float | None = None, clip: float | None = None) -> str:  # fmt: skip
+    """The run config (`create-run --config`) of a swarm on this machine: the demo's, the tests' and the
+    benchmarks', which differ only in these values. The defaults are the tests' usual swarm: K=2, H=5, batch 4."""
+    outer = "" if clip is None else f"[outer]\nclip = {clip!r}\n"
+    pacing = "" if min_round_s is None else f"min_round_s = {min_round_s!r}\n"
+    return (f'swarm = "{swarm}"\npreset = "{preset}"\n[slices]\nnum_slices = {slices}\n'
+            f"[inner]\nsteps_per_round = {steps_per_round}\nbatch_size = {batch_size}\nwarmup_steps = {warmup_steps}\n"
+            f"total_steps = {total_steps}\n{outer}[gossip]\nfanout = {fanout}\n"
+            f"exchange_timeout_s = {exchange_timeout_s!r}\n{pacing}")
+
 def group_pids(pgid: int) -> list[int]:
     """Live processes of process group `pgid` (zombies excluded)."""
     found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
