@@ -10,6 +10,7 @@ import click
 
 from peer.core.inner import InnerConfig
 from peer.core.model import PRESETS
+from peer.core.slices import CUTS
 from peer.lab.sim import METHODS as SIM_METHODS
 from protocol.codec import CODEC_NAMES as CODECS
 
@@ -28,7 +29,7 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 @click.option("--methods", default="ddp,diloco,ppu,gossip-ppu", show_default=True, callback=_methods,
               help=f"Comma-separated, from: {', '.join(SIM_METHODS)}.")  # fmt: skip
 @click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True, help="Parameter slices K.")
-@click.option("--cut", type=click.Choice(["blocks", "units", "neurons"]), default="units", show_default=True,
+@click.option("--cut", type=click.Choice(CUTS), default="units", show_default=True,
               help="units: a share of every matrix per slice; blocks: consecutive block groups; "
                    "neurons: whole heads and hidden units.")  # fmt: skip
 @click.option("--codec", type=click.Choice(CODECS), default="int8", show_default=True,
@@ -105,7 +106,7 @@ def simulate(
 @click.command()
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
 @click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True)
-@click.option("--cut", type=click.Choice(["blocks", "units", "neurons"]), default="units", show_default=True)
+@click.option("--cut", type=click.Choice(CUTS), default="units", show_default=True)
 @click.option("--no-shared-head", is_flag=True, help="Cut the output head like every other matrix.")
 @click.option("--rest-step", type=click.FloatRange(0, 1), default=InnerConfig().rest_step, show_default=True,
               help="The run's [inner] rest_step: above 0 every slice's backward costs the full model's.")

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from peer import __version__
+from peer.config import RUN_METHODS
 from protocol.errors import MurmurError
 
 _MADDR_HELP = "Multiaddr of a bootstrap node or peer, e.g. /ip4/203.0.113.7/tcp/31337/p2p/QmXyz...; repeatable."
@@ -69,7 +70,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], in
               help="A TOML run config (see peer/config.py); flags given as well override it.")  # fmt: skip
 @click.option("--preset", help="Model preset (tiny, small, 124m, 350m, 1.3b).")
 @click.option("--slices", type=click.IntRange(1, 256), help="Parameter slices K.")
-@click.option("--method", type=click.Choice(["gossip-ppu", "gossip-ppu-noloco", "gossip-ppu-gasloc"]))
+@click.option("--method", type=click.Choice(RUN_METHODS))
 @click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Run owner's Ed25519 key (created if missing); keep it, it signs the run.")  # fmt: skip
 @click.option(
