@@ -40,7 +40,6 @@ def murmur(*args: str) -> list[str]:
     return [MURMUR, *args]
 
 
-
 def run_toml(swarm: str, *, preset: str = "tiny", slices: int = 2, steps_per_round: int = 5, batch_size: int = 4,
              warmup_steps: int = 5, total_steps: int = 2000, fanout: int = 2, exchange_timeout_s: float = 10,
              min_round_s: float | None = None, clip: float | None = None) -> str:  # fmt: skip
@@ -52,6 +51,7 @@ def run_toml(swarm: str, *, preset: str = "tiny", slices: int = 2, steps_per_rou
             f"[inner]\nsteps_per_round = {steps_per_round}\nbatch_size = {batch_size}\nwarmup_steps = {warmup_steps}\n"
             f"total_steps = {total_steps}\n{outer}[gossip]\nfanout = {fanout}\n"
             f"exchange_timeout_s = {exchange_timeout_s!r}\n{pacing}")
+
 
 def group_pids(pgid: int) -> list[int]:
     """Live processes of process group `pgid` (zombies excluded)."""
