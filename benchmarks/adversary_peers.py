@@ -25,7 +25,8 @@ Kinds (what each should meet at an honest receiver):
             takes the coordinate-wise median of 3 donors and their rounds' lower median (peer/node/latejoin.py), so
             neither lands; what shows it is the joiner's held-out loss (tests/test_latejoin.py), not a counter
 - `future-round`  every update it sends, and its announcement, claims a round FUTURE_ROUND ahead (2^62): the
-            wire refuses it (future_round, peer/node/rounds.py), and after STRIKES_TO_BAN refusals its sender is banned
+            wire refuses it (future_round, peer/node/rounds.py), and after STRIKES_TO_BAN refusals (at most one a
+            round of the receiver) its sender is banned
 - `sub-outlier`  a patient attacker: every update carries, on top of its honest delta and weights, one fixed
             direction sized SUB_OUTLIER_RATIO times the receiver's clipping bound (estimated from its own deltas,
             as the receiver's own bound is): under the outlier ratio, so it is shrunk (core/robust.py) and mixed in,

@@ -78,6 +78,9 @@ class Reason(str, Enum):
 class MurmurError(Exception):
     """Base of every error murmur raises on purpose."""
 
+    by_peer: bool = False
+    """True when the partner raised it and sent it back (a refusal of ours it reports), not raised here."""
+
 
 class SetupError(MurmurError, ValueError):
     """Something this process was told to use cannot be used (a port in use, an unwritable path); the message

@@ -111,7 +111,14 @@ def reason_of(exc: MurmurError) -> Reason:
 
 
 def error_from_status(code: grpc.StatusCode | None, details: str, reason: str | None) -> MurmurError:
-    """The murmur error a client raises for a failed call, from its status and `murmur-reason`."""
+    """The murmur error a client raises for a failed call, from its status and `murmur-reason` (`by_peer` when
+    the partner named its reason: a refusal of the partner's, not a failure to reach it)."""
+    error = _error_from_status(code, details, reason)
+    error.by_peer = reason in Reason._value2member_map_
+    return error
+
+
+def _error_from_status(code: grpc.StatusCode | None, details: str, reason: str | None) -> MurmurError:
     known = Reason(reason) if reason in Reason._value2member_map_ else None
     text = f"peer refused: {details}" if known else f"{code.name if code else 'UNKNOWN'}: {details}"
     if known is Reason.BANNED or code is grpc.StatusCode.PERMISSION_DENIED:

@@ -7,7 +7,9 @@ One round (`Daemon.run_round`), DESIGN.md section 3:
    pseudo-gradient; encode it with error feedback (`peer/node/gossip.py`).
 2. Push-pull with `fanout` random live partners (`choose_partners`, other slices first), each bounded
    by the manifest's exchange timeout; a failure skips that partner (logged with its peer id) and
-   rests it for two rounds. No barrier: nobody waits for a given partner.
+   rests it for two rounds. No barrier: nobody waits for a given partner. The one wait: when every partner
+   refused our round as too far ahead of the swarm, the next round is held until one of them is near
+   enough to take it (at most PACE_WAIT_MAX_S; peer/node/rounds.py), so a fast peer is not banned.
 3. Updates that partners pushed to our server during the round join the replies (`Inbox`); one per
    sender, stale ones dropped.
 4. `gossip_step` through `compose_outer_step`, the same call the simulator makes; announce round,
@@ -51,12 +53,13 @@ from peer.node.rounds import MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView
 from peer.node.status import StatusReporter
 from peer.node.trainer import Halted, TrainedRound, Trainer
 from peer.node.trust import PartnerTrust
+from peer.node.waits import stopped_within, unless_stopped
 from peer.swarm.admission import Admission
 from peer.swarm.membership import Member, choose_partners
 from peer.swarm.reachability import Prober
 from protocol.bans import BanList
 from protocol.client import PeerClient
-from protocol.errors import MurmurError, ProtocolViolation, Reason
+from protocol.errors import BannedPeer, MurmurError, ProtocolViolation, Reason
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.records import Announcement
@@ -71,6 +74,11 @@ PEERS_REFRESH_MIN_S = 2.0
 """An update from a sender not in our peer list re-reads the list, at most this often."""
 ADMISSION_EVERY_S = 3.0
 """How often the admission loop looks for announced peers to probe (and forgets peers that left)."""
+SHUNNED_FOR_S = 120.0
+"""A partner that answered "you are banned here" is not dialled again for this long (its ban outlasts rounds)."""
+PACE_POLL_S = 0.2
+PACE_WAIT_MAX_S = 30.0
+"""The longest a round is held for partners that refused it as too far ahead (peer/node/rounds.py)."""
 
 
 @dataclass(slots=True)
@@ -105,6 +113,8 @@ class Daemon:
         self.bans = BanList()
         """This peer's local bans: its server refuses them, and they are never picked as partners."""
         self.rested: dict[str, int] = {}
+        self.shunned: dict[str, float] = {}
+        """Partners that told us we are banned there, and until when (time.monotonic) we leave them be."""
         self.server: PeerServer | None = None
         self.pushed_to_us = 0
         self.tokens_seen = 0
@@ -187,6 +197,8 @@ class Daemon:
         this round's (no overlap) or the previous round's (overlap; this round's stay in flight).
         False when a signal ended it early (the partial round, and any exchanges in flight, are dropped)."""
         r = self.clock + 1 if self.in_flight is None else max(self.clock + 1, self.in_flight.round + 1)
+        if not await self.keep_pace(r, stop):
+            return False
         if self.member.slice != self.trainer.slice:
             await asyncio.to_thread(self.trainer.take_slice, self.member.slice)
         start = time.perf_counter()
@@ -200,10 +212,27 @@ class Daemon:
         previous, self.in_flight = self.in_flight, flight
         return await self.land(r, trained, previous, start, stop)
 
+    async def keep_pace(self, r: int, stop: asyncio.Event) -> bool:
+        """Hold round r, serving partners all the while, while every partner refused us as too far ahead and
+        none would take it yet (peer/node/rounds.py), for at most PACE_WAIT_MAX_S. False on `stop`."""
+        began = time.monotonic()
+        if not self.view.must_wait(r):
+            return True
+        while (waited := time.monotonic() - began) < PACE_WAIT_MAX_S and self.view.must_wait(r):
+            self.eligible()  # notes the rounds of fresh announcements
+            if await stopped_within(stop, PACE_POLL_S):
+                return False
+        self.view.held = False
+        log.info("round %d waited %.1f s for partners that refused it as too far ahead to catch up%s", r, waited,
+                 "; going on" if waited >= PACE_WAIT_MAX_S else "")  # fmt: skip
+        return True
+
     def _launch(self, r: int, trained: TrainedRound) -> InFlight:
         """Serve round r's update to partners that call us, and start pushing it to `fanout` of them."""
         self.outgoing = trained.update
+        now = time.monotonic()
         avoid = [p for p, until in self.rested.items() if until >= r] + self.bans.banned()
+        avoid += [p for p, until in self.shunned.items() if until > now] + self.view.holding(r)
         partners = choose_partners(self.eligible(), me=self.identity.peer_id, own_slice=self.trainer.slice,
                                    fanout=self.run.gossip.fanout, rng=self.member.rng, avoid=avoid)  # fmt: skip
         exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
@@ -214,7 +243,7 @@ class Daemon:
         no later outer step would mix it (the end of `--rounds N`)."""
         if self.in_flight is not None:
             flight, self.in_flight = self.in_flight, None
-            await _unless_stopped(flight.exchanges, stop)
+            await unless_stopped(flight.exchanges, stop)
 
     async def land(self, r: int, trained: TrainedRound, flight: InFlight | None, started: float,
                    stop: asyncio.Event) -> bool:  # fmt: skip
@@ -222,7 +251,7 @@ class Daemon:
         delta of `trained` with the partner updates that arrived. False if `stop` came first."""
         ok, partners = 0, 0
         if flight is not None:
-            if not await _unless_stopped(flight.exchanges, stop):
+            if not await unless_stopped(flight.exchanges, stop):
                 return False
             ok, partners = sum(1 for done in flight.exchanges.result() if done), flight.partners
         updates = self.inbox.take(r)
@@ -275,12 +304,7 @@ class Daemon:
 
     async def admission_loop(self, stop: asyncio.Event) -> None:
         """Keep probing newly announced peers, and forget peers that left, until `stop`."""
-        while True:
-            try:
-                await asyncio.wait_for(stop.wait(), ADMISSION_EVERY_S)
-                return
-            except asyncio.TimeoutError:
-                pass
+        while not await stopped_within(stop, ADMISSION_EVERY_S):
             # peers that answered are kept while a DHT hiccup hides their announcement; strangers are forgotten
             keep = {p.peer_id for p in self.member.peers} | set(self.admission.admitted_ids())
             for table in (self.admission, self.view, self.trust):
@@ -345,30 +369,22 @@ class Daemon:
             log.warning("round %d: exchange with %s at %s failed, skipped: %r", r, partner.peer_id[:16],
                         partner.endpoint, exc)  # fmt: skip
             if isinstance(exc, ProtocolViolation) and exc.reason is Reason.FUTURE_ROUND:
-                self.metrics.reject(exc.reason.value)  # its reply was refused here (its own refusals say "peer")
+                if exc.by_peer:  # it refused our round: we run too far ahead of it
+                    self.view.hold_for(partner.peer_id)
+                else:  # its reply was refused here
+                    self.metrics.reject(exc.reason.value)
             self.rested[partner.peer_id] = r + REST_ROUNDS
+            if isinstance(exc, BannedPeer):
+                self.shunned[partner.peer_id] = time.monotonic() + SHUNNED_FOR_S
             return False
         except Exception:  # a bug of ours with this one partner must not end the round (or the daemon)
             log.exception("round %d: exchange with %s failed unexpectedly, skipped", r, partner.peer_id[:16])
             self.rested[partner.peer_id] = r + REST_ROUNDS
             return False
         self.admission.prove(partner.peer_id)
+        self.view.admitted_by_partner()
         if reply is not None:
             self.inbox.add(reply)
         log.info("round %d: exchanged with %s (slice %d), reply round %s", r, partner.peer_id[:16], partner.slice,
                  None if reply is None else reply.round)  # fmt: skip
         return True
-
-
-async def _unless_stopped(work: asyncio.Future, stop: asyncio.Event) -> bool:
-    """Wait for `work`; if `stop` is set first, cancel it and return False."""
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if work.done():
-        return True
-    work.cancel()
-    await asyncio.gather(work, return_exceptions=True)
-    return False

@@ -20,7 +20,18 @@ protocol state from a stranger, and it is judged before it is believed:
 - The clock never jumps by more than `MAX_ROUND_LEAD` in one step, whatever it is shown.
 - A peer refused `STRIKES_TO_BAN` times in a row (no admitted claim in between) is reported for a ban by
   `admit`; an honest peer that was briefly ahead of a stale reference gets at most a strike or two, and any
-  admitted claim of its clears them.
+  admitted claim of its clears them. Refusals against one and the same ceiling are one strike: a receiver
+  busy in one long round has learnt nothing between them, and a fast honest peer pushing three rounds into
+  it must not be banned for the receiver's slowness (it was, in CI). A liar's strikes still add up, one per
+  round of the receiver (its clock, and so the ceiling, moves every round).
+- An honest peer that every partner refused as too far ahead holds its next round until one of them claims
+  a round within the lead of it (`RoundView.hold_for`, `must_wait`), and does not dial a refuser before: those
+  receivers are busy in long rounds or see a slower swarm than we do, and pushing more rounds into them only
+  earns strikes. Without this, a peer many times faster than the rest (small rounds on a shared CPU, in CI)
+  ran on, was refused again and again and was banned by every other peer for ten minutes: an honest
+  volunteer shut out. One liar refusing us holds nothing while another partner admits us. (Pacing ahead of
+  time, against the median of the claims we hold, was tried first and deadlocked: after a Lamport jump every
+  peer's clock is ahead of the round it last announced, so each waited for the others' stale claims.)
 
 Why a bound of 16: honest clocks follow the fastest peer (the max rule), so an honest lead over a receiver
 is about the rounds the fastest peer makes during one of the receiver's rounds; 16 tolerates a 16x speed
@@ -80,6 +91,11 @@ class RoundView:
     claims: dict[str, tuple[int, float]] = field(default_factory=dict)
     """peer id -> (its newest claimed round, when it was seen)."""
     strikes: dict[str, int] = field(default_factory=dict)
+    struck_at: dict[str, int] = field(default_factory=dict)
+    """peer id -> the ceiling its last strike was given against."""
+    holders: set[str] = field(default_factory=set)
+    """Peers that refused our round as too far ahead (see `hold_for`)."""
+    held: bool = False
 
     def note(self, peer_id: str, round: int) -> None:
         """Remember `peer_id`'s claim (an authenticated header or a verified announcement of it)."""
@@ -99,6 +115,31 @@ class RoundView:
         median = lower_median(votes)
         return max(self.clock, -1 if median is None else median)
 
+    def hold_for(self, peer_id: str) -> None:
+        """`peer_id` refused our round as too far ahead: leave it be until it is near enough to take our next
+        round, and hold our rounds meanwhile unless another partner admits us first."""
+        self.holders.add(peer_id)
+        self.held = True
+
+    def admitted_by_partner(self) -> None:
+        """A partner took our round: the swarm is not uniformly behind us, nothing to wait for."""
+        self.held = False
+
+    def holding(self, next_round: int) -> list[str]:
+        """The peers that refused us and would refuse `next_round` still: their newest claim plus the lead is
+        below it (a receiver's ceiling is at least its own clock plus the lead, and its clock at least what it
+        claims). The others are let go, and with one let go the hold ends."""
+        for peer_id in list(self.holders):
+            if self.claims.get(peer_id, (-1, 0.0))[0] + self.lead >= next_round:
+                self.holders.discard(peer_id)
+                self.held = False
+        return sorted(self.holders)
+
+    def must_wait(self, next_round: int) -> bool:
+        """Every partner that answered since the last refusal refused us as too far ahead, and none of them
+        would take `next_round` yet."""
+        return self.held and bool(self.holding(next_round))
+
     def ceiling(self) -> int:
         """The highest round anyone may claim now."""
         return min(MAX_ROUND, self.reference() + self.lead)
@@ -110,7 +151,11 @@ class RoundView:
         ceiling = self.ceiling()
         if round <= ceiling:
             self.strikes.pop(peer_id, None)
+            self.struck_at.pop(peer_id, None)
             return Verdict(True, ceiling=ceiling)
+        if self.struck_at.get(peer_id) == ceiling:  # we learnt nothing since its last strike: the same offence
+            return Verdict(False, ceiling=ceiling)
+        self.struck_at[peer_id] = ceiling
         strikes = self.strikes.get(peer_id, 0) + 1
         self.strikes[peer_id] = 0 if strikes >= STRIKES_TO_BAN else strikes
         return Verdict(False, ban=strikes >= STRIKES_TO_BAN, ceiling=ceiling)
@@ -130,6 +175,7 @@ class RoundView:
     def forget(self, keep: Iterable[str]) -> None:
         """Drop claims and strikes of peers not in `keep` (left the swarm), so the tables stay bounded."""
         live = set(keep)
-        for table in (self.claims, self.strikes):
+        for table in (self.claims, self.strikes, self.struck_at):
             for peer in [p for p in table if p not in live]:
                 del table[peer]
+        self.holders &= live
