@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from peer.core.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
-from peer.lab.harness import Proc, Procs, murmur, run_toml
+from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml
 from peer.node import daemon as daemon_module
 from peer.node import trainer as trainer_module
 from peer.node.roundline import parse_all
@@ -467,7 +467,6 @@ if __name__ == "__main__":
 touches an honest peer; with the protocol's default (0.25 s: 480 a minute, 8 a second) a flood was never
 banned on a loaded machine, because a server there handles fewer of one peer's calls a second than that
 (its 32 concurrent RPCs are full, and the rest are refused by grpc before any of our checks)."""
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 METRICS_AT = r"^metrics at (http://\S+/metrics)$"
 EVAL_LINE = re.compile(r"^eval round (\d+) val_loss ([\d.]+)$")
 SAMPLE = re.compile(
@@ -510,7 +509,7 @@ def start_swarms(procs: Procs, kinds: dict[str, list[str]], *, clip: float = 0.0
         boots[tag] = procs.start(f"{tag}-boot", murmur(*boot))
     swarms = []
     for tag, adversary_kinds in kinds.items():
-        maddr = boots[tag].wait_for(MADDR, timeout=120).group(1)
+        maddr = boots[tag].wait_for(MADDR_LINE, timeout=120).group(1)
         assert made[tag].wait_exit(120) == 0, made[tag].logs()
         swarms.append(_start_peers(procs, tag, maddr, made[tag].lines[-1], adversary_kinds))
     for swarm in swarms:

@@ -17,13 +17,12 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
-from peer.lab.harness import Proc, Procs, murmur, run_toml
+from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml
 from peer.node.latejoin import SNAPSHOT_EVERY
 from peer.node.roundline import PATTERN as ROUND_LINE
 from peer.node.roundline import parse_all
 
 """Tiny, K=2, H=5: a round takes seconds. The exchange timeout is also each state download's deadline."""
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 START = re.compile(r"^late join: fetched the weights of round (\d+) from (\d+) donor\(s\): (.*?); (.*)$")
 DONOR = re.compile(r"([0-9a-f]{16}) \(round (\d+)\)")
 HELD_OUT = re.compile(r"^late join: held-out loss of the adopted weights ([^;\s]+)")
@@ -78,7 +77,7 @@ def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None], *, preset
                                                "--out", f"{tag}-manifest.json"))  # fmt: skip
     boot = procs.start(f"{tag}-boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                              "--identity", f"{tag}-boot.key"))  # fmt: skip
-    maddr = boot.wait_for(MADDR, timeout=120).group(1)
+    maddr = boot.wait_for(MADDR_LINE, timeout=120).group(1)
     assert made.wait_exit(120) == 0, made.logs()
     run_key = made.lines[-1]
     started = {}

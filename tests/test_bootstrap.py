@@ -26,13 +26,12 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peer.config import RunConfig
-from peer.lab.harness import Procs, group_pids, murmur
+from peer.lab.harness import MADDR_LINE, Procs, group_pids, murmur
 from protocol import PROTOCOL_VERSION
 from protocol import manifest as M
 from protocol.identity import Identity
 from protocol.records import encode_manifest_record, sign_announcement, swarm_keys
 
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
 FORGE_TIMEOUT_S = 60
 
 
@@ -94,7 +93,7 @@ def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_
     signed = write_manifest(tmp_path / "manifest.json", owner_key)
     stranger = Identity.load_or_create(tmp_path / "stranger.key")
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
-    maddr, boot_id = boot.wait_for(MADDR, timeout=40).groups()
+    maddr, boot_id = boot.wait_for(MADDR_LINE, timeout=40).groups()
     owner = join(procs, "owner", maddr, "--manifest", "manifest.json", "--key", "owner.key", "--listen", "127.0.0.1:0")
     owner_id = owner.wait_for(r"^joined swarm trust as ([0-9a-f]{64})", timeout=40).group(1)
 
@@ -133,7 +132,7 @@ def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_
     again = procs.start("boot-again", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                              "--identity", "boot.key", "--addrs-file", "addrs.txt"))  # fmt: skip
     dead = procs.start("status-dead", murmur("status", "--swarm", "trust", "--initial-peers", maddr))
-    assert again.wait_for(MADDR, timeout=40).group(2) == boot_id, "peer id must survive a restart"
+    assert again.wait_for(MADDR_LINE, timeout=40).group(2) == boot_id, "peer id must survive a restart"
     assert (tmp_path / "addrs.txt").read_text().strip().endswith(f"/p2p/{boot_id}")
     assert dead.wait_exit(40) == 1
     assert "none of the --initial-peers answered" in dead.stderr_path.read_text()

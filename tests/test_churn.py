@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest_swarm import EVAL, evals_of, start_peer, start_swarm
 from conftest_wire import CLIENT_ID, RUN_ID, SERVER_ID, Wire, run, serving
-from test_daemon_faults import EVAL, evals_of, start_peer, start_swarm, wait_until
 
-from peer.lab.harness import Proc, Procs, group_pids
+from peer.lab.harness import Proc, Procs, group_pids, wait_until
 from peer.node.checkpoint import list_checkpoints
 from peer.node.roundline import parse_all
 from protocol.client import PeerClient

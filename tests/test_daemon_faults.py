@@ -21,14 +21,14 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest_swarm import JOINED, evals_of, rounds_of, start_peer, start_swarm
 
 from peer.config import RunConfig
-from peer.lab.harness import Proc, Procs, group_pids, murmur, run_toml
+from peer.lab.harness import Proc, Procs, group_pids, wait_until
 from peer.node import resume
 from peer.node.checkpoint import list_checkpoints
 from peer.node.roundline import PATTERN as ROUND_PATTERN_RE
@@ -36,59 +36,13 @@ from peer.node.roundline import parse_all
 from peer.node.trainer import Trainer
 from protocol.identity import Identity
 
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
-JOINED = r"^joined swarm faults as ([0-9a-f]{64}) slice [01]"
 PARTNER = re.compile(r"round \d+: exchanged with ([0-9a-f]{16}) ")
 PAUSE_S = 15.0
 """How long one peer stays frozen: over twice its announcement's TTL (6 s), so the others see it gone."""
-EVAL = re.compile(r"^eval round (\d+) val_loss ([\d.]+)$")
 UNIGRAM_ENTROPY = 3.252
 """Nats per byte of a model that knows only byte frequencies (the bundled corpus; see README's simulator table)."""
 VAL_TARGET = 2.9
 """Every peer's validation loss must end at or below this: well under UNIGRAM_ENTROPY."""
-
-
-def rounds_of(proc: Proc, start: int = 0) -> list[int]:
-    """Round numbers of the round lines from stdout line `start` on."""
-    return [r.round for r in parse_all(proc.lines[start:])]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: list[Proc]) -> None:
-    """Poll `condition` until true; fail with the processes' logs after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}\n" + "\n".join(p.logs() for p in procs))
-        time.sleep(0.5)
-
-
-def start_swarm(procs: Procs, preset: str = "tiny") -> tuple[str, str]:
-    """A bootstrap node and a signed run of `preset`; its multiaddr and run key."""
-    # two partners a round, whichever way four peers split over two slices (2+2 or 3+1)
-    config = run_toml("faults", preset=preset, fanout=2, exchange_timeout_s=3)
-    (procs.workdir / "run.toml").write_text(config)
-    made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
-                                        "--out", "manifest.json"))  # fmt: skip
-    boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
-    maddr = boot.wait_for(MADDR, timeout=60).group(1)
-    assert made.wait_exit(60) == 0, made.logs()
-    return maddr, made.lines[-1]
-
-
-def start_peer(procs: Procs, name: str, maddr: str, *extra: str, ident: str = "") -> Proc:
-    """`murmur run` on one core with its own home; the owner publishes the manifest, others bring `--run-key`."""
-    ident = ident or name
-    who = ["--manifest", "manifest.json", "--key", "owner.key"] if ident == "owner" else []
-    args = ["run", "--swarm", "faults", "--initial-peers", maddr, "--identity", f"{ident}.id", "--announce-ttl", "6",
-            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--listen", "127.0.0.1:0", "--device", "cpu",
-            "--eval-every", "0", *who, *extra]  # fmt: skip
-    env = {"MURMUR_HOME": str(procs.workdir / f"home-{ident}"), "OMP_NUM_THREADS": "1", "MURMUR_LOG_LEVEL": "INFO"}
-    return procs.start(name, murmur(*args), env=env)
-
-
-def evals_of(proc: Proc) -> list[tuple[int, float]]:
-    """(round, val_loss) of each `--eval-every` line: the validation loss of the peer's outer weights phi."""
-    return [(int(m[1]), float(m[2])) for line in proc.lines if (m := EVAL.match(line))]
 
 
 @pytest.mark.slow

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 
 from peer.lab.demo import demo_toml
-from peer.lab.harness import Proc, Procs, group_pids, murmur
+from peer.lab.harness import MADDR_LINE, Proc, Procs, group_pids, murmur
 from peer.node.roundline import parse_all
 
 RUN_TOML = demo_toml(slices=2, preset="micro")
 """The run `murmur demo` trains (swarm "demo", tiny, H=10, fanout 1) at K=2: the swarm a newcomer first sees is
 the one checked here, and a change to the demo's settings runs through this test too."""
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 TRAIN_S = 8.0
 """Seconds the three train together after the late join: `micro` makes about 5 rounds a second here."""
 LATE_ROUNDS = 3
@@ -60,7 +59,7 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
-    maddr = boot.wait_for(MADDR, timeout=40).group(1)
+    maddr = boot.wait_for(MADDR_LINE, timeout=40).group(1)
     assert made.wait_exit() == 0, made.logs()
     run_key = made.lines[-1]
 

@@ -16,31 +16,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from peer.lab.harness import Proc, Procs, murmur
+from peer.lab.harness import MADDR_LINE, Procs, murmur, wait_until
 from protocol.dht import _spawn_with_death_signal, start_dht
 from protocol.errors import DHTStopped
 
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
 PRINT_DEATH_SIGNAL = "import ctypes as c; s = c.c_int(); c.CDLL(None).prctl(2, c.byref(s), 0, 0, 0); print(s.value)"
 """Prints the death signal of the process running it (prctl 2 = PR_GET_PDEATHSIG)."""
 GONE_S = 20.0
 """A killed process's DHT child and p2pd must be gone within this (they take about a second)."""
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: Sequence[Proc] = ()) -> None:
-    """Poll `condition` until true; fail with the processes' logs after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}\n" + "\n".join(p.logs() for p in procs))
-        time.sleep(0.2)
 
 
 def alive(pid: int) -> bool:
@@ -91,10 +79,10 @@ def test_p2pd_is_spawned_with_a_death_signal_by_uvloop(monkeypatch: pytest.Monke
 def test_a_bootstrap_node_killed_alone_leaves_nothing_and_restarts_with_its_identity(procs: Procs) -> None:
     args = ("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key")
     boot = procs.start("boot", murmur(*args))
-    boot_id = boot.wait_for(MADDR, timeout=40).group(2)
+    boot_id = boot.wait_for(MADDR_LINE, timeout=40).group(2)
     boot.kill_alone(GONE_S)
     again = procs.start("boot-again", murmur(*args))
-    assert again.wait_for(MADDR, timeout=40).group(2) == boot_id, "a bootstrap node keeps its libp2p identity"
+    assert again.wait_for(MADDR_LINE, timeout=40).group(2) == boot_id, "a bootstrap node keeps its libp2p identity"
 
 
 RUN_TOML = """
@@ -116,7 +104,7 @@ def test_a_peer_whose_dht_process_is_killed_stops_with_a_clear_error(procs: Proc
     made = procs.run("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key", "--out", "m.json"))
     assert made.popen.returncode == 0, made.logs()
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
-    maddr = boot.wait_for(MADDR, timeout=60).group(1)
+    maddr = boot.wait_for(MADDR_LINE, timeout=60).group(1)
     peer = procs.start("owner", murmur("run", "--swarm", "lifecycle", "--initial-peers", maddr, "--identity", "o.id",
                                        "--manifest", "m.json", "--key", "owner.key", "--announce-ttl", "3",
                                        "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--client-only", "--device", "cpu",

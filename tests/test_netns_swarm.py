@@ -17,17 +17,16 @@ import subprocess
 import time
 
 import pytest
-from test_daemon_faults import wait_until
 
 import benchmarks.netns as netns_module
 from benchmarks.netns import Host, Network
-from peer.lab.harness import Proc, Procs, group_pids, murmur, run_toml
+from peer.lab.harness import Proc, Procs, group_pids, maddr_line, murmur, run_toml, wait_until
 from peer.node.roundline import RoundLine, parse_all
 
 RUN_TOML = run_toml("links", exchange_timeout_s=4)
 RATES_MBIT = (5, 20, 50, 100)
 OWNER_MBIT = 100
-MADDR = r"^(/ip4/10\.77\.0\.1/tcp/\d+/p2p/\w+)$"
+MADDR = maddr_line("10.77.0.1")
 JOINED = r"^joined swarm links as ([0-9a-f]{64}) slice [01] endpoint (10\.77\.0\.\d+:\d+)$"
 TRAIN_S = 30.0
 """How long the four peers train together once all joined; the rounds are counted over this window."""

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
 from benchmarks.adversary_peers import FUTURE_ROUND, SYBILS, counters
 from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
-from peer.lab.harness import Proc, Procs, murmur, run_toml
+from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml, wait_until
 from peer.node.roundline import RoundLine, parse_all
 
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 WARMUP_ROUNDS = 3
 """Rounds each honest peer makes before the measured phases (peers that join after it are probed first)."""
 PHASE_ROUNDS = 6
 """Rounds per honest peer measured before the flood and during it."""
+watch = partial(wait_until, fail_on_exit=True)
+"""Every wait here fails at once when a process exits: none of them should."""
 LISTED = re.compile(r"^peers: (\d+) live")
 MIN_SHARE = 0.8
 NEWCOMER_ROUNDS = 5
@@ -46,15 +47,6 @@ def _peer(procs: Procs, name: str, maddr: str, run_key: str, argv0: list[str], *
             *extra]  # fmt: skip
     env = {"MURMUR_HOME": str(procs.workdir / f"home-{name}"), "OMP_NUM_THREADS": "1", "MURMUR_LOG_LEVEL": "INFO"}
     return procs.start(name, [*argv0, *args], env=env)
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str, procs: list[Proc]) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        dead = [p.name for p in procs if p.popen.poll() is not None]
-        if dead or time.monotonic() > deadline:
-            raise AssertionError(f"{what}: dead {dead} or out of time\n" + "\n".join(p.logs() for p in procs))
-        time.sleep(0.5)
 
 
 def _most_listed(proc: Proc) -> bool:
@@ -77,7 +69,7 @@ def test_a_liar_about_rounds_and_a_flood_of_fake_peers_do_not_stop_the_swarm(pro
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip
     boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
-    maddr = boot.wait_for(MADDR, timeout=120).group(1)
+    maddr = boot.wait_for(MADDR_LINE, timeout=120).group(1)
     assert made.wait_exit(120) == 0, made.logs()
     run_key = made.lines[-1]
     honest = [_peer(procs, name, maddr, run_key, murmur("run"), "--metrics-port", "0", "--checkpoint-dir",
@@ -92,25 +84,25 @@ def test_a_liar_about_rounds_and_a_flood_of_fake_peers_do_not_stop_the_swarm(pro
     def banned_the_liar(proc: Proc) -> bool:
         return f"banned peer {liar_id}" in proc.stderr_path.read_text()
 
-    _wait(rounds_everywhere(WARMUP_ROUNDS, {}), 300, "the warm-up rounds", everyone)
+    watch(rounds_everywhere(WARMUP_ROUNDS, {}), 300, "the warm-up rounds", everyone)
     warm = {p.name: len(parse_all(p.lines)) for p in honest}
-    _wait(rounds_everywhere(PHASE_ROUNDS, warm), 300, "rounds before the flood", everyone)
+    watch(rounds_everywhere(PHASE_ROUNDS, warm), 300, "rounds before the flood", everyone)
     before = {p.name: parse_all(p.lines)[warm[p.name] :] for p in honest}
-    _wait(lambda: all(banned_the_liar(p) for p in honest), 300, "every honest peer bans the liar", everyone)
+    watch(lambda: all(banned_the_liar(p) for p in honest), 300, "every honest peer bans the liar", everyone)
 
     sybil = _peer(procs, "sybil", maddr, run_key, [sys.executable, ADVERSARY_SCRIPT, "sybil"], "--client-only")
     everyone.append(sybil)
     # the honest peers re-read the peer list every TTL/3 (5 s here) and print it when it changes; the phase starts
     # once each of them lists most of the fakes (a few of 200 stores may fail on a loaded machine)
     for proc in honest:
-        _wait(lambda p=proc: _most_listed(p), 300, f"{proc.name} lists the fakes", everyone)
+        watch(lambda p=proc: _most_listed(p), 300, f"{proc.name} lists the fakes", everyone)
     flood = {p.name: len(parse_all(p.lines)) for p in honest}
-    _wait(rounds_everywhere(PHASE_ROUNDS, flood), 300, "rounds during the flood", everyone)
+    watch(rounds_everywhere(PHASE_ROUNDS, flood), 300, "rounds during the flood", everyone)
     during = {p.name: parse_all(p.lines)[flood[p.name] :] for p in honest}
 
     newcomer = _peer(procs, "newcomer", maddr, run_key, murmur("run"))
     everyone.append(newcomer)
-    _wait(lambda: any(r.pushed_to_us > 0 for r in parse_all(newcomer.lines)), 300, "the newcomer dialled", everyone)
+    watch(lambda: any(r.pushed_to_us > 0 for r in parse_all(newcomer.lines)), 300, "the newcomer dialled", everyone)
     waited = next(i for i, r in enumerate(parse_all(newcomer.lines)) if r.pushed_to_us > 0)
 
     share_before = _share([r for lines in before.values() for r in lines])

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from peer.lab.harness import Proc, Procs, group_pids, murmur
+from peer.lab.harness import MADDR_LINE, Proc, Procs, group_pids, murmur, wait_until
 
 TTL = 6.0
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-MADDR = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$"
 
 
 def start_bootstrap(procs: Procs, name: str, *initial: str) -> tuple[Proc, str]:
@@ -27,7 +26,7 @@ def start_bootstrap(procs: Procs, name: str, *initial: str) -> tuple[Proc, str]:
     for maddr in initial:
         args += ["--initial-peers", maddr]
     node = procs.start(name, murmur(*args))
-    return node, node.wait_for(MADDR, timeout=40).group(1)
+    return node, node.wait_for(MADDR_LINE, timeout=40).group(1)
 
 
 def start_peer(procs: Procs, name: str, initial: list[str], *extra: str) -> Proc:
@@ -46,15 +45,6 @@ def status_json(procs: Procs, maddr: str, name: str) -> list[dict]:
     run = procs.run(name, murmur("status", "--swarm", "loop", "--initial-peers", maddr, "--json", "--wait", "0.5"))
     assert run.popen.returncode == 0, run.logs()
     return json.loads("\n".join(run.lines))
-
-
-def wait_until(predicate, timeout: float, what: str, procs_: list[Proc]) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(p.logs(15) for p in procs_))
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 @pytest.mark.timeout(150)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 from peer.core.data import unigram_entropy
 from peer.core.evaluation import average_weights
 from peer.lab.evaluate import corpus_for, evaluate_weights, run_from_dict
-from peer.lab.harness import Proc, Procs, run_toml
+from peer.lab.harness import MADDR_LINE, Proc, Procs, run_toml
 from peer.node import checkpoint
 from peer.node.roundline import parse_all
 from protocol.errors import DemoError
@@ -40,7 +39,6 @@ def demo_toml(slices: int, preset: str = "tiny") -> str:
     """The demo's run config: K slices, H=10, one partner a round (tests/test_daemon_swarm.py runs it too)."""
     return run_toml("demo", preset=preset, slices=slices, steps_per_round=10, fanout=1)
 """Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
-MADDR_LINE = re.compile(r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)$")
 STARTUP_S = 90.0
 STOP_GRACE_S = 45.0
 ERROR_TAIL = 15

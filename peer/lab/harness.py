@@ -9,7 +9,7 @@ are kept in files under `<workdir>/logs`, and their last lines go into every err
 
     def test_x(procs):  # the fixture (tests/conftest.py) is a Procs on the test's tmp_path
         node = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", ...))
-        maddr = node.wait_for(r"^/ip4/\\S+/p2p/\\S+$").group(0)
+        maddr = node.wait_for(MADDR_LINE).group(1)
         assert node.terminate() == 0
 
 Errors are AssertionError by default (a test's failure); the demo passes its own class, which the CLI reports.
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from protocol.logs import get_logger
@@ -33,6 +34,29 @@ log = get_logger(__name__)
 MURMUR = str(Path(sys.executable).with_name("murmur"))
 STOP_ALL_GRACE_S = 15.0
 """How long `Procs.stop_all` waits, in all, for processes to exit on SIGTERM before it kills their groups."""
+
+
+MADDR_LINE = r"^(/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))$"
+"""The line `murmur bootstrap` prints for a loopback listener: group 1 is the multiaddr, group 2 its peer id."""
+
+
+def maddr_line(host: str) -> str:
+    """MADDR_LINE for a listener on `host` (a test's own network namespace, say)."""
+    return MADDR_LINE.replace(r"127\.0\.0\.1", re.escape(host))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: Sequence[Proc] = (), *,
+               fail_on_exit: bool = False) -> float:  # fmt: skip
+    """Poll `condition` until true and return the seconds it took; fail with the processes' logs after `timeout`
+    seconds, or at once when one of `procs` exited and `fail_on_exit` (nothing it should do can come then)."""
+    began = time.monotonic()
+    while not condition():
+        exited = [p.name for p in procs if p.popen.poll() is not None] if fail_on_exit else []
+        if exited or time.monotonic() - began > timeout:
+            cause = f"{', '.join(exited)} exited" if exited else f"not within {timeout:.0f}s"
+            raise AssertionError(f"{cause}: {what}\n" + "\n".join(p.logs() for p in procs))
+        time.sleep(0.2)
+    return time.monotonic() - began
 
 
 def murmur(*args: str) -> list[str]:
