@@ -49,6 +49,7 @@ from peer.node.latejoin import (
     median_weights,
     pick_by_held_out_loss,
 )
+from peer.node.rounds import RoundView
 from protocol.client import FetchedState
 from protocol.errors import Reason, RejectedUpdate
 from protocol.identity import Identity
@@ -210,6 +211,37 @@ def test_downloads_run_concurrently_and_a_failure_moves_on_to_the_next_candidate
     assert sorted(s.sender for s in future) == ["d3", "d4", "d5"]
     # choose_donors offers more candidates than donors when asked, so failures can be replaced
     assert len(choose_donors(candidates, me="x", rng=random.Random(0), limit=6)) == 6
+
+
+@pytest.mark.timeout(20)
+def test_donor_rounds_are_judged_together_not_against_stale_announcements(monkeypatch) -> None:
+    """The CI failure of stop 24's first fresh clones: on small fast rounds the announcements lag the donors'
+    snapshots by more than MAX_ROUND_LEAD, and the first state to arrive (an honest donor 20 rounds ahead of
+    the others' announcements) was refused before the other two were in. Judged together, the three signed
+    rounds agree; a liar's far-future round is still refused."""
+    announced = {"d0": 100, "d1": 105, "d2": 110, "liar": 110}
+    snapshot = {"d0": 110, "d1": 115, "d2": 130, "liar": 2**62}
+    arrives = {"d2": 0.01, "liar": 0.01, "d0": 0.05, "d1": 0.05}  # the newest snapshot lands first
+
+    async def fake_fetch(donor: Announcement, **_kwargs: object) -> FetchedState | None:
+        await asyncio.sleep(arrives[donor.peer_id])
+        return _state(donor.peer_id, snapshot[donor.peer_id], w=[1.0])
+
+    monkeypatch.setattr(latejoin, "fetch_state_from", fake_fetch)
+    kwargs = {"identity": Identity.generate(), "run_id": "r" * 64, "shapes": {"w": (1,)}, "timeout_s": 5.0}
+
+    def fetched(names: list[str], noting: bool = True) -> list[str]:
+        view = RoundView(voters=lambda: set(names))  # the newcomer's voters: the donors it admitted
+        for name in names:
+            view.note(name, announced[name])
+        candidates = [_announcement(n, announced[n], 2.0, endpoint=f"h:{n}") for n in names]
+        states = asyncio.run(fetch_states(candidates, **kwargs, admit_round=lambda s, r: view.admit(s, r).admitted,
+                                          note_round=view.note if noting else None))  # fmt: skip
+        return sorted(state.sender for state in states)
+
+    assert fetched(["d2", "d0", "d1"], noting=False) == ["d0", "d1"]  # judged on arrival: the honest d2 refused
+    assert fetched(["d2", "d0", "d1"]) == ["d0", "d1", "d2"]
+    assert fetched(["liar", "d0", "d1", "d2"]) == ["d0", "d1", "d2"]  # refused; the next candidate took its place
 
 
 @pytest.mark.slow

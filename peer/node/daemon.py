@@ -338,7 +338,7 @@ class Daemon:
         timeout = download_deadline(self.trainer.shapes, self.run.gossip.exchange_timeout_s)
         states = await fetch_states(
             candidates, identity=self.identity, run_id=run_id, shapes=self.trainer.shapes, timeout_s=timeout,
-            admit_round=self._admit_state_round,
+            admit_round=self._admit_state_round, note_round=self.view.note,
         )
         if not states:
             print("late join: no donor delivered its state; starting from the initial weights", flush=True)

@@ -8,8 +8,10 @@ weights, not that they are honest (DESIGN.md section 5b: "A late joiner never tr
 - `choose_donors`: random live peers that accept connections and have trained, so joiners do not all hit
   one donor (each donor also caps its concurrent downloads, protocol/service.py).
 - `fetch_states`: up to MAX_DONORS states downloaded at once, each within its deadline; a failed download
-  starts the next candidate, up to MAX_CANDIDATES in all. Signature and content hash are checked by
-  `PeerClient.fetch_state`, and the wire refuses a state whose names or shapes are not the manifest's.
+  starts the next candidate, up to MAX_CANDIDATES in all. The donors' signed rounds are judged together,
+  once a batch is in (one far-future round among three is refused; an honest newer snapshot is not).
+  Signature and content hash are checked by `PeerClient.fetch_state`, and the wire refuses a state whose
+  names or shapes are not the manifest's.
 - `combine`: with 3 or more donors, the coordinate-wise (lower) median of their weights: per coordinate it
   lies between two honest values when at most one donor of three lies, however large the lie. With 2 the
   median would be their mean, which one liar steers at will; the donor whose weights have the lower held-out
@@ -77,6 +79,8 @@ def choose_donors(
 
 AdmitRound = Callable[[str, int], bool]
 """`admit_round(sender, round)`: False refuses a state whose round is beyond what the swarm agrees on."""
+NoteRound = Callable[[str, int], None]
+"""`note_round(sender, round)`: remember a donor's signed round as its claim before any state is judged."""
 
 
 async def fetch_state_from(
@@ -122,27 +126,45 @@ async def fetch_states(
     timeout_s: float,
     wanted: int = MAX_DONORS,
     admit_round: AdmitRound | None = None,
+    note_round: NoteRound | None = None,
 ) -> list[FetchedState]:
     """Up to `wanted` intact states from `candidates`, in the order they arrived.
 
     `wanted` downloads run at once, each within `timeout_s`; each failure starts the next candidate, so a
-    dead or refusing donor costs one deadline, not the late join; so does a state whose round `admit_round`
-    refuses (peer/node/rounds.py). Fewer come back only when the candidates run out. All `wanted` states are held at
-    once (the median needs them): `wanted` copies of the model.
+    dead or refusing donor costs one deadline, not the late join. Rounds are judged once a batch is in: every
+    state's signed round is first noted as its donor's claim (`note_round`), then each is judged (`admit_round`,
+    peer/node/rounds.py), so an honest donor whose snapshot is newer than the announcements is judged against
+    the other donors' rounds, not against announcements a few seconds old (on small fast rounds those lag by
+    more than the bound: a newcomer refused an honest donor that way, in CI). A refused state costs one
+    deadline too. Fewer come back only when the candidates run out. All `wanted` states are held at once (the
+    median needs them): `wanted` copies of the model.
     """
     queue = list(candidates)
+    states: list[FetchedState] = []
+    while queue and len(states) < wanted:
+        batch = await _download(queue, wanted - len(states), identity=identity, run_id=run_id, shapes=shapes,
+                                timeout_s=timeout_s)  # fmt: skip
+        if note_round is not None:
+            for state in batch:
+                note_round(state.sender, state.round)
+        states += [state for state in batch if _admitted(state, admit_round)]
+    return states
+
+
+async def _download(queue: list[Announcement], wanted: int, *, identity: Identity, run_id: str,
+                    shapes: Mapping[str, tuple[int, ...]], timeout_s: float) -> list[FetchedState]:  # fmt: skip
+    """Up to `wanted` states from the front of `queue` (popped as they start), `wanted` downloads at once."""
     running: set[asyncio.Task] = set()
     states: list[FetchedState] = []
     try:
         while queue or running:
             while queue and len(states) + len(running) < wanted:
-                donor = queue.pop(0)
                 running.add(asyncio.ensure_future(fetch_state_from(
-                    donor, identity=identity, run_id=run_id, shapes=shapes, timeout_s=timeout_s)))  # fmt: skip
+                    queue.pop(0), identity=identity, run_id=run_id, shapes=shapes, timeout_s=timeout_s)))  # fmt: skip
             if not running:
                 break
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            states += [task.result() for task in done if _admitted(task.result(), admit_round)]
+            states += [state for task in done if (state := task.result()) is not None]
     finally:
         for task in running:  # cancelled (a signal during the join): no download outlives the call
             task.cancel()
@@ -150,9 +172,9 @@ async def fetch_states(
     return states
 
 
-def _admitted(state: FetchedState | None, admit_round: AdmitRound | None) -> bool:
-    if state is None or admit_round is None or admit_round(state.sender, state.round):
-        return state is not None
+def _admitted(state: FetchedState, admit_round: AdmitRound | None) -> bool:
+    if admit_round is None or admit_round(state.sender, state.round):
+        return True
     log.warning("late join: refused the state of %s: its round %d is from the future", state.sender[:16], state.round)
     return False
 
