@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.adversary_peers import SCRIPT as ADVERSARY_SCRIPT
-from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml
+from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml, wait_until
 from peer.node.latejoin import SNAPSHOT_EVERY
 from peer.node.roundline import PATTERN as ROUND_LINE
 from peer.node.roundline import parse_all
@@ -101,12 +101,8 @@ def wait_for_snapshots(swarms: list[Donors], timeout: float) -> None:
         for name, proc in swarm.procs.items():
             left = max(1.0, deadline - time.monotonic())
             swarm.ids[name] = proc.wait_for(r"^joined swarm \S+ as ([0-9a-f]{64})", timeout=left).group(1)
-    while not all(snapshot_rounds(p) for p in everyone):
-        dead = [p.name for p in everyone if p.popen.poll() is not None]
-        if dead or time.monotonic() > deadline:
-            why = f"donors exited: {dead}" if dead else f"not every donor landed a snapshot round in {timeout}s"
-            raise AssertionError(why + "\n" + "\n".join(p.logs() for p in everyone) + "\n" + why)
-        time.sleep(1.0)
+    wait_until(lambda: all(snapshot_rounds(p) for p in everyone), max(1.0, deadline - time.monotonic()),
+               "every donor landed a snapshot round", everyone, fail_on_exit=True)  # fmt: skip
 
 
 def start_newcomer(procs: Procs, swarm: Donors, name: str = "newcomer") -> Proc:
