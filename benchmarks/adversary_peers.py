@@ -51,6 +51,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -91,6 +92,9 @@ SUB_OUTLIER_RATIO = 8.0
 (10, peer/core/robust.py) with room for the receiver's own bound being a little smaller than the attacker's estimate."""
 SYBILS = 200
 """Made-up peers `sybil` keeps announced (MURMUR_SYBILS overrides it)."""
+SYBIL_BATCH = 10
+"""Fake announcements per batched DHT store (1.1 KB each). hivemind's DHT process reads its pipe without blocking:
+a message over 16 KB, which multiprocessing writes in two pieces, kills it (BlockingIOError, measured)."""
 SYBIL_TTL_S = 600.0
 """Expiry of the fake announcements; they are stored again every half of it."""
 FLOOD_PER_S = 8.0
@@ -252,20 +256,23 @@ class SybilFlood:
             if time.monotonic() - renewed[0] < SYBIL_TTL_S / 2:
                 return
             renewed[0] = time.monotonic()
-            # the fakes live long: an attacker picks its own expiry, and re-storing 200 records every few seconds
-            # is more than a loaded DHT does (measured: ~10 stores a second on two busy cores)
+            # the fakes live long (an attacker picks its own expiry) and go out in one batched store: one call per
+            # DHT replica, as an attacker would send them (one store per fake: ~10 a second on two busy cores)
             expires = swarm_module.get_dht_time() + SYBIL_TTL_S
-            stores = []
+            values, subkeys = [], []
             for i, (fake, port) in enumerate(zip(fakes, ports)):
-                value = sign_announcement(fake, run_id=member.manifest.run_id, endpoint=f"127.0.0.1:{port}",
-                                          slice_index=i % member.num_slices, round=max(member.round, 0),
-                                          tokens_per_second=1000.0, loss=member.loss,
-                                          software_version=member.software_version,
-                                          protocol_version=swarm_module.PROTOCOL_VERSION,
-                                          expires_unix=expires)  # fmt: skip
-                stores.append(member.swarm.dht.store(member.swarm.keys.peers, value, expiration_time=expires,
-                                                     subkey=fake.peer_id, return_future=True))  # fmt: skip
-            stored = sum(1 for future in stores if future.result())
+                values.append(sign_announcement(fake, run_id=member.manifest.run_id, endpoint=f"127.0.0.1:{port}",
+                                                slice_index=i % member.num_slices, round=max(member.round, 0),
+                                                tokens_per_second=1000.0, loss=member.loss,
+                                                software_version=member.software_version,
+                                                protocol_version=swarm_module.PROTOCOL_VERSION,
+                                                expires_unix=expires))  # fmt: skip
+                subkeys.append(fake.peer_id)
+            stored = 0
+            for at in range(0, len(values), SYBIL_BATCH):  # hivemind's pipe to its DHT process drops a big message
+                batch = partial(_store_many, member.swarm.keys.peers, values[at : at + SYBIL_BATCH], expires,
+                                subkeys[at : at + SYBIL_BATCH])  # fmt: skip
+                stored += member.swarm.dht.run_coroutine(batch)
             print(f"sybil: {stored} of {len(fakes)} fake announcements stored", flush=True)
 
         swarm_module.Member.announce = flood
@@ -275,6 +282,12 @@ class SybilFlood:
             raise trainer_module.Halted
 
         trainer_module.Trainer.train_round = idle
+
+
+async def _store_many(key: str, values: list, expires: float, subkeys: list[str], _dht: object, node: object) -> int:
+    """In the DHT process: store every fake under the swarm's peers key at once; how many stores succeeded."""
+    done = await node.store_many([key] * len(values), values, expires, subkeys=subkeys)
+    return sum(1 for ok in done.values() if ok)
 
 
 def _closed_ports(count: int) -> list[int]:

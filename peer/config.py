@@ -64,7 +64,8 @@ class GossipConfig:
     exchange_timeout_s: float = 60.0
     """An exchange slower than this is skipped."""
     min_round_s: float = DEFAULT_MIN_ROUND_S
-    """The shortest round an honest peer of this run makes. Servers admit twice one push per this many seconds
+    """The shortest round an honest peer of this run makes: its rounds start at least this far apart (a faster
+    peer waits out the rest: peer/node/waits.Pacer). Servers admit twice one push per this many seconds
     from each peer (protocol/limits.py) and ban a peer over it: a run whose rounds take minutes sets it high,
     so that a flooder is cut off after a few calls instead of hundreds."""
 

@@ -53,7 +53,7 @@ from peer.node.rounds import MAX_ROUND_LEAD, STRIKES_TO_BAN, RoundView
 from peer.node.status import StatusReporter
 from peer.node.trainer import Halted, TrainedRound, Trainer
 from peer.node.trust import PartnerTrust
-from peer.node.waits import stopped_within, unless_stopped
+from peer.node.waits import Pacer, stopped_within, unless_stopped
 from peer.swarm.admission import Admission
 from peer.swarm.membership import Member, choose_partners
 from peer.swarm.reachability import Prober
@@ -102,6 +102,7 @@ class Daemon:
         self.eval_every, self.overlap = eval_every, overlap
         self.in_flight: InFlight | None = None
         self._landed_at = 0.0
+        self.pacer = Pacer(run.gossip.min_round_s)
         self.inbox = Inbox()
         self.outgoing: OutgoingUpdate | None = None
         self.admission = Admission()
@@ -197,7 +198,7 @@ class Daemon:
         this round's (no overlap) or the previous round's (overlap; this round's stay in flight).
         False when a signal ended it early (the partial round, and any exchanges in flight, are dropped)."""
         r = self.clock + 1 if self.in_flight is None else max(self.clock + 1, self.in_flight.round + 1)
-        if not await self.keep_pace(r, stop):
+        if not await self.keep_pace(r, stop) or not await self.pacer.next_round(stop):
             return False
         if self.member.slice != self.trainer.slice:
             await asyncio.to_thread(self.trainer.take_slice, self.member.slice)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 
 async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
@@ -26,3 +28,26 @@ async def unless_stopped(work: asyncio.Future, stop: asyncio.Event) -> bool:
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
     return False
+
+
+class Pacer:
+    """Starts of consecutive rounds at least `min_gap_s` apart (the run's `gossip.min_round_s`).
+
+    Servers size their per-peer rate limits on that floor (protocol/limits.py: an honest peer pushes to a server at
+    most once a round), so a peer whose rounds are faster than it would be cut off as a flooder by the whole swarm;
+    it waits out the rest of the gap instead, serving partners all the while, and spends no device time on it.
+    """
+
+    def __init__(self, min_gap_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_gap_s = min_gap_s
+        self._clock = clock
+        self._began: float | None = None
+
+    async def next_round(self, stop: asyncio.Event) -> bool:
+        """Wait until the next round may begin and mark its start; False (nothing marked) when `stop` came first."""
+        if self._began is not None:
+            rest = self._began + self.min_gap_s - self._clock()
+            if rest > 0 and await stopped_within(stop, rest):
+                return False
+        self._began = self._clock()
+        return True
