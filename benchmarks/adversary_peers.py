@@ -92,9 +92,6 @@ SUB_OUTLIER_RATIO = 8.0
 (10, peer/core/robust.py) with room for the receiver's own bound being a little smaller than the attacker's estimate."""
 SYBILS = 200
 """Made-up peers `sybil` keeps announced (MURMUR_SYBILS overrides it)."""
-SYBIL_BATCH = 10
-"""Fake announcements per batched DHT store (1.1 KB each). hivemind's DHT process reads its pipe without blocking:
-a message over 16 KB, which multiprocessing writes in two pieces, kills it (BlockingIOError, measured)."""
 SYBIL_TTL_S = 600.0
 """Expiry of the fake announcements; they are stored again every half of it."""
 FLOOD_PER_S = 8.0
@@ -257,7 +254,8 @@ class SybilFlood:
                 return
             renewed[0] = time.monotonic()
             # the fakes live long (an attacker picks its own expiry) and go out in one batched store: one call per
-            # DHT replica, as an attacker would send them (one store per fake: ~10 a second on two busy cores)
+            # DHT replica, as an attacker would send them (one store per fake: ~10 a second on two busy cores;
+            # 228 KB through hivemind's pipe to its DHT process: protocol/dht.WholeMessages)
             expires = swarm_module.get_dht_time() + SYBIL_TTL_S
             values, subkeys = [], []
             for i, (fake, port) in enumerate(zip(fakes, ports)):
@@ -268,11 +266,8 @@ class SybilFlood:
                                                 protocol_version=swarm_module.PROTOCOL_VERSION,
                                                 expires_unix=expires))  # fmt: skip
                 subkeys.append(fake.peer_id)
-            stored = 0
-            for at in range(0, len(values), SYBIL_BATCH):  # hivemind's pipe to its DHT process drops a big message
-                batch = partial(_store_many, member.swarm.keys.peers, values[at : at + SYBIL_BATCH], expires,
-                                subkeys[at : at + SYBIL_BATCH])  # fmt: skip
-                stored += member.swarm.dht.run_coroutine(batch)
+            stored = member.swarm.dht.run_coroutine(partial(_store_many, member.swarm.keys.peers, values, expires,
+                                                            subkeys))  # fmt: skip
             print(f"sybil: {stored} of {len(fakes)} fake announcements stored", flush=True)
 
         swarm_module.Member.announce = flood

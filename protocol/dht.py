@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -127,6 +128,7 @@ class TetheredDHT(DHT):
             signal.signal(sig, self._on_stop_signal)
         _spawn_with_death_signal()
         threading.Thread(target=self._watch_parent, name="dht-watch-parent", daemon=True).start()
+        self._inner_pipe = WholeMessages(self._inner_pipe)
         super().run()
 
     def _watch_parent(self) -> None:
@@ -164,6 +166,31 @@ class TetheredDHT(DHT):
             log.warning("DHT process %d: shutdown on %s failed: %r", os.getpid(), why, exc)
         finally:
             _exit_now(0)
+
+
+class WholeMessages:
+    """The DHT process's end of hivemind's command pipe, read one whole message at a time.
+
+    hivemind waits on the pipe with a uvloop reader, which makes it non-blocking, while multiprocessing writes a
+    message over 16 KB as its header and then its body. A read that woke on the header raised BlockingIOError,
+    hivemind logged it and went on mid-message, and the next read killed the DHT process with EOFError
+    (hivemind PR #660 and rl-swarm's EOFError reports; measured here with 30 KB of records in one call). Once
+    `poll` says a message has begun, the rest is on its way, so the read blocks for it.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def recv(self) -> object:
+        fd = self._connection.fileno()
+        os.set_blocking(fd, True)
+        try:
+            return self._connection.recv()
+        finally:
+            os.set_blocking(fd, False)
+
+    def __getattr__(self, name: str) -> object:  # fileno, poll, close: the connection's own
+        return getattr(self._connection, name)
 
 
 def _exit_now(code: int) -> None:

@@ -55,7 +55,8 @@ def _daemon(overlap: bool) -> Daemon:
     member = SimpleNamespace(slice=0, peers=[], rng=random.Random(0), manifest=SimpleNamespace(run_id="ab" * 32),
                              round=-1, loss=None, tokens_per_second=0.0, lookup=lambda _: None,
                              others=lambda: [])  # fmt: skip
-    run = SimpleNamespace(gossip=SimpleNamespace(fanout=2, exchange_timeout_s=1.0), codec=CodecConfig())
+    gossip = SimpleNamespace(fanout=2, exchange_timeout_s=1.0, min_round_s=0.0)  # no pacing: rounds as fast as asked
+    run = SimpleNamespace(gossip=gossip, codec=CodecConfig())
     identity = SimpleNamespace(peer_id="cd" * 32)
     return Daemon(FakeTrainer(), member, identity, run, overlap=overlap)  # type: ignore[arg-type]
 

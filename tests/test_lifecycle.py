@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,25 @@ def test_the_dht_process_honours_sigterm_and_takes_p2pd_along_even_when_killed(s
         wait_until(lambda: not alive(dht.pid) and not alive(p2pd[0]), 10, f"the DHT process and p2pd exit on {sig!r}")
         with pytest.raises(DHTStopped):  # a call to a DHT process that is gone fails instead of hanging
             dht.get("murmur/v1/lifecycle/peers")
+    finally:
+        dht.shutdown()
+
+
+async def _length(blob: bytes, _dht: object, _node: object) -> int:
+    return len(blob)
+
+
+@pytest.mark.timeout(60)
+def test_the_dht_process_takes_a_call_bigger_than_one_pipe_write() -> None:
+    """multiprocessing sends a message over 16 KB in two writes; hivemind alone could wake on the first, and died
+    a few calls later (protocol/dht.WholeMessages). Every call must be answered, and the process must live on."""
+    dht = start_dht(host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=30)
+    try:
+        for size in (20_000, 200_000):  # without the fix the first size killed it within a few calls (measured)
+            for _ in range(5):
+                calls = [dht.run_coroutine(partial(_length, bytes(size)), return_future=True) for _ in range(3)]
+                assert [call.result(timeout=20) for call in calls] == [size] * 3
+        assert dht.is_alive()
     finally:
         dht.shutdown()
 

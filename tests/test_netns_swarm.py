@@ -28,7 +28,7 @@ RATES_MBIT = (5, 20, 50, 100)
 OWNER_MBIT = 100
 MADDR = maddr_line("10.77.0.1")
 JOINED = r"^joined swarm links as ([0-9a-f]{64}) slice [01] endpoint (10\.77\.0\.\d+:\d+)$"
-TRAIN_S = 30.0
+TRAIN_S = 20.0
 """How long the four peers train together once all joined; the rounds are counted over this window."""
 
 

@@ -23,9 +23,9 @@ KEYS = {"val_loss", "train_loss", "tokens", "bytes_per_peer_per_round", "backwar
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("sim") / "sim.json"
     plot = out.with_suffix(".png")
-    # 4 peers x 3 rounds x H=8 x batch 4 x 128 tokens = 49,152 tokens per method
+    # 4 peers x 3 rounds x H=4 x batch 4 x 128 tokens = 24,576 tokens per method
     args = ["simulate", "--preset", "tiny", "--peers", "4", "--methods", "ddp,diloco,ppu,gossip-ppu",
-            "--slices", "4", "--tokens", "49152", "-H", "8", "--batch-size", "4", "--lr", "0.004",
+            "--slices", "4", "--tokens", "24576", "-H", "4", "--batch-size", "4", "--lr", "0.004",
             "--json", str(out), "--plot", str(plot)]  # fmt: skip
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -39,7 +39,7 @@ def test_json_has_the_contracted_keys(report: dict) -> None:
     assert set(report["methods"]) == {"ddp", "diloco", "ppu", "gossip-ppu"}
     for name, method in report["methods"].items():
         assert KEYS <= set(method), name
-        assert method["tokens"] == 49152
+        assert method["tokens"] == 24576
         assert isinstance(method["tokens"], int) and isinstance(method["bytes_per_peer_per_round"], int)
 
 
