@@ -174,8 +174,9 @@ class WholeMessages:
     hivemind waits on the pipe with a uvloop reader, which makes it non-blocking, while multiprocessing writes a
     message over 16 KB as its header and then its body. A read that woke on the header raised BlockingIOError,
     hivemind logged it and went on mid-message, and the next read killed the DHT process with EOFError
-    (hivemind PR #660 and rl-swarm's EOFError reports; measured here with 30 KB of records in one call). Once
-    `poll` says a message has begun, the rest is on its way, so the read blocks for it.
+    (hivemind PR #660 and rl-swarm's EOFError reports; measured here: three concurrent 20 KB calls killed it
+    within five rounds, tests/test_lifecycle.py). Once `poll` says a message has begun, the rest is on its way,
+    so the read blocks for it.
     """
 
     def __init__(self, connection: Connection) -> None:

@@ -214,7 +214,7 @@ def test_downloads_run_concurrently_and_a_failure_moves_on_to_the_next_candidate
 
 
 @pytest.mark.timeout(20)
-def test_donor_rounds_are_judged_together_not_against_stale_announcements(monkeypatch) -> None:
+def test_donor_rounds_are_judged_together_not_against_stale_announcements(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CI failure of stop 24's first fresh clones: on small fast rounds the announcements lag the donors'
     snapshots by more than MAX_ROUND_LEAD, and the first state to arrive (an honest donor 20 rounds ahead of
     the others' announcements) was refused before the other two were in. Judged together, the three signed
