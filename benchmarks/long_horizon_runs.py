@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from peer.core.data import load_corpus
-from peer.core.inner import InnerConfig, SliceOptimizer
+from peer.core.inner import InnerConfig, SliceOptimizer, _Owned
 from peer.core.model import PRESETS
 from peer.core.outer import CoordinateMean, OuterConfig, gossip_step
 from peer.core.slices import (
@@ -196,6 +197,19 @@ class RestSignOptimizer(SliceOptimizer):
             self.masks[o.name] = mask
         self.slice_bytes = sum(r.numel(shapes[n]) * 12 for n, r in layout.items())
         self.rest_bytes = max((int((~m).sum()) * 4 for m in self.masks.values()), default=0)
+
+    def _adam_directions(self) -> Iterator[tuple[_Owned, torch.Tensor, torch.Tensor]]:
+        """Count one step and advance every gradient's AdamW moments; yields (owned, gradient, the
+        bias-corrected Adam direction), which `step` mixes with the sign step coordinate by coordinate."""
+        beta1, beta2 = self.config.betas
+        self.steps += 1
+        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        for o, grad in self._grads():
+            if o.exp_avg is None:
+                o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+            o.exp_avg.lerp_(grad, 1 - beta1)
+            o.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            yield o, grad, (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
 
     @torch.no_grad()
     def step(self, lr: float) -> None:

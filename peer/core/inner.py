@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adamw import adamw
 
 from peer.core.model import Transformer
 from peer.core.slices import Region, SliceLayout, trains_input_embedding
@@ -225,38 +226,37 @@ class SliceOptimizer:
         grads = [g for _, g in self._grads()]
         if not grads:
             return 0.0
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)
         if max_norm > 0:
-            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(scale)
         return float(norm)
-
-    def _adam_directions(self) -> Iterator[tuple[_Owned, torch.Tensor, torch.Tensor]]:
-        """Count one step and advance every owned gradient's AdamW moments; yields (owned, gradient, the
-        bias-corrected Adam direction). `step` applies it; diagnostics (benchmarks/long_horizon_runs.py) reuse it."""
-        beta1, beta2 = self.config.betas
-        self.steps += 1
-        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
-        for o, grad in self._grads():
-            if o.exp_avg is None:
-                o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
-            o.exp_avg.lerp_(grad, 1 - beta1)
-            o.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            yield o, grad, (o.exp_avg / bias1) / ((o.exp_avg_sq / bias2).sqrt_().add_(1e-8))
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
-        for o, _, update in self._adam_directions():
-            if o.compact:
-                current = o.region.extract(o.param.data)
-                self._apply(current, update, lr, decay=o.param.ndim >= 2)
-                o.region.scatter_(o.param.data, current)
-            else:
-                self._apply(o.param.data, update, lr, decay=o.param.ndim >= 2)
-
-    def _apply(self, weights: torch.Tensor, update: torch.Tensor, lr: float, *, decay: bool) -> None:
-        if decay and self.config.weight_decay:
-            weights.mul_(1 - lr * self.config.weight_decay)
-        weights.add_(update.to(weights.dtype), alpha=-lr)
+        """One AdamW step over the owned coordinates, by torch's own implementation (foreach; fused on
+        CUDA): compact parts are packed, stepped and written back, whole parameters stepped in place.
+        Matrices decay, norms and biases do not. Bias correction counts this optimiser's steps."""
+        self.steps += 1
+        beta1, beta2 = self.config.betas
+        for decay in (True, False):
+            owned = [(o, g) for o, g in self._grads() if (o.param.ndim >= 2) == decay]
+            if not owned:
+                continue
+            params = [o.region.extract(o.param.data) if o.compact else o.param.data for o, _ in owned]
+            for o, grad in owned:
+                if o.exp_avg is None:
+                    o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+            fused = params[0].is_cuda
+            # the steps so far; adamw counts this one in place (on the device when fused, as it requires)
+            counts = [torch.tensor(float(self.steps - 1), device=p.device if fused else "cpu") for p in params]
+            adamw(params, [g for _, g in owned], [o.exp_avg for o, _ in owned], [o.exp_avg_sq for o, _ in owned],
+                  [], counts, foreach=not fused, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+                  weight_decay=self.config.weight_decay if decay else 0.0, eps=1e-8, maximize=False)  # fmt: skip
+            for (o, _), packed in zip(owned, params):
+                if o.compact:
+                    o.region.scatter_(o.param.data, packed)
 
     def state_bytes(self) -> int:
         """Bytes of gradient buffers and AdamW moments this optimiser holds (or will, after a step)."""
