@@ -251,27 +251,24 @@ class Clock:
         return self.now
 
 
+LINE_12 = "round 12 | slice 1/4 | loss 3.250 | 0 tok/s | partners 2 | peers 7 | sent 1.5 KiB recv 3.0 MiB | rejected 3"
+
+
 @pytest.mark.timeout(10)
-def test_status_line_on_a_tty_rewrites_in_place() -> None:
-    m, clock, stream = known_state(), Clock(), FakeTTY()
-    status = StatusLine(m, stream, clock=clock, window_s=10)
-    assert status.is_tty
-    first = status.update()
-    assert first == (
-        "round 12 | slice 1/4 | loss 3.250 | 0 tok/s | partners 2 | peers 7 | sent 1.5 KiB recv 3.0 MiB | rejected 3"
-    )
-    clock.now += 2
-    m.add_tokens(3000)
-    second = status.update()
-    assert "| 1.5k tok/s |" in second
-    assert stream.getvalue() == "\r\x1b[2K" + first + "\r\x1b[2K" + second
-    status.close()
-    assert stream.getvalue().endswith(second + "\n")
+def test_status_line_formats_a_snapshot_and_logs_nothing_while_drawn(caplog: pytest.LogCaptureFixture) -> None:
+    m, clock = known_state(), Clock()
+    status = StatusLine(m, clock=clock, window_s=10, logger=logging.getLogger("test.drawn"))
+    with caplog.at_level(logging.INFO, logger="test.drawn"):
+        assert status.update(drawn=True) == LINE_12
+        clock.now += 2
+        m.add_tokens(3000)
+        assert "| 1.5k tok/s |" in status.update(drawn=True)
+    assert not [r for r in caplog.records if r.name == "test.drawn"]
 
 
 @pytest.mark.timeout(10)
 def test_tokens_per_second_uses_a_sliding_window() -> None:
-    status = StatusLine(Metrics(), io.StringIO(), is_tty=False, window_s=10)
+    status = StatusLine(Metrics(), window_s=10)
     assert status.tokens_per_second(0, 0) == 0
     assert status.tokens_per_second(5, 50_000) == 10_000
     # base: the newest sample at least window_s old (t=5), so the rate covers just over the window
@@ -281,10 +278,9 @@ def test_tokens_per_second_uses_a_sliding_window() -> None:
 
 @pytest.mark.timeout(10)
 def test_status_line_off_a_tty_logs_plain_lines_at_most_every_n_seconds(caplog: pytest.LogCaptureFixture) -> None:
-    m, clock, stream = known_state(), Clock(), io.StringIO()
+    m, clock = known_state(), Clock()
     logger = logging.getLogger("test.status")
-    status = StatusLine(m, stream, clock=clock, log_every_s=30, logger=logger)
-    assert not status.is_tty
+    status = StatusLine(m, clock=clock, log_every_s=30, logger=logger)
     with caplog.at_level(logging.INFO, logger="test.status"):
         for _ in range(7):  # every 10 s for 60 s: logged at 0, 30 and 60
             status.update()
@@ -292,9 +288,6 @@ def test_status_line_off_a_tty_logs_plain_lines_at_most_every_n_seconds(caplog: 
     lines = [r.getMessage() for r in caplog.records if r.name == "test.status"]
     assert len(lines) == 3
     assert all("\r" not in line and "\x1b" not in line and line.startswith("round 12 |") for line in lines)
-    assert stream.getvalue() == ""
-    status.close()
-    assert stream.getvalue() == ""
 
 
 @pytest.mark.timeout(10)
@@ -303,42 +296,55 @@ def test_human_bytes() -> None:
     assert [human_bytes(n) for n in sizes] == ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 GiB"]
 
 
+def _screen(text: str) -> list[str]:
+    """The rows a terminal shows for `text`: a \\r returns to column 0 and what follows overwrites the row
+    (tqdm clears a row with spaces); trailing blanks stripped."""
+    rows = []
+    for row in text.split("\n"):
+        shown = ""
+        for part in row.split("\r"):
+            shown = part + shown[len(part) :]
+        rows.append(shown.rstrip())
+    return rows
+
+
 @pytest.mark.timeout(20)
-def test_status_reporter_redraws_on_a_tty_and_keeps_other_output_off_the_line() -> None:
+def test_status_reporter_draws_on_a_tty_and_keeps_round_lines_and_logs_above_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stdout and stderr are one terminal, as for a volunteer: the round line, a log record and the status
+    line each end up on their own row, the status last, and the last status stays after the stop."""
     from peer.node.status import StatusReporter
 
-    m, tty, out = known_state(), FakeTTY(), io.StringIO()
-    root = logging.getLogger("murmur")
-    handler = logging.StreamHandler(tty)
-    root.addHandler(handler)
-    reporter = StatusReporter(m, tty, out=out, every_s=0.05)
-    erase = "\r\x1b[2K"
+    term = FakeTTY()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    murmur = logging.getLogger("murmur")
+    handler = logging.StreamHandler(sys.stderr)  # what configure_logging installs
+    monkeypatch.setattr(murmur, "handlers", [handler])
+    monkeypatch.setattr(murmur, "propagate", False)
+    m = known_state()
+    reporter = StatusReporter(m, every_s=0.05)
 
     async def main() -> None:
         reporter.start()
-        await asyncio.sleep(0.5)  # ~10 redraws on the timer alone
-        assert tty.getvalue().count(erase + "round 12 |") >= 4
+        await until(lambda: term.getvalue().count("round 12 |") >= 4, timeout=10)  # redrawn on the timer
         m.set_round(13)
-        before = len(tty.getvalue())
         reporter.emit("round 13 loss 2.5000 tok/s 100 slice 1 exchanged 2/2")
-        # the round line goes to stdout whole; the status line was erased first and is redrawn at once
-        assert out.getvalue() == "round 13 loss 2.5000 tok/s 100 slice 1 exchanged 2/2\n"
-        assert tty.getvalue()[before:].startswith(erase + erase + "round 13 |")
         logging.getLogger("murmur.peer.node.daemon").warning("exchange failed")
-        assert tty.getvalue().endswith(erase + "exchange failed\n")  # at column 0, not after the status
-        await asyncio.sleep(0.2)
-        assert tty.getvalue().rstrip("\n").rsplit("\n", 1)[-1].startswith(erase + "round 13 |")  # back under it
+        assert murmur.handlers != [handler]  # redirected through tqdm while drawn
+        shown = _screen(term.getvalue())
+        assert shown[-3:] == ["round 13 loss 2.5000 tok/s 100 slice 1 exchanged 2/2", "exchange failed",
+                              shown[-1]] and shown[-1].startswith("round 13 | slice 1/4")  # fmt: skip
         await reporter.aclose()
         await reporter.aclose()
 
-    try:
-        asyncio.run(main())
-    finally:
-        root.removeHandler(handler)
-    assert tty.getvalue().endswith("\n") and not handler.filters
-    settled = len(tty.getvalue())
+    asyncio.run(main())
+    assert murmur.handlers == [handler]
+    assert term.getvalue().endswith("\n") and _screen(term.getvalue())[-2].startswith("round 13 | slice 1/4")
+    settled = len(term.getvalue())
     time.sleep(0.2)
-    assert len(tty.getvalue()) == settled  # stopped redrawing
+    assert len(term.getvalue()) == settled  # stopped redrawing
 
 
 @pytest.mark.timeout(20)
@@ -363,22 +369,3 @@ def test_status_reporter_off_a_tty_prints_round_lines_plainly_and_logs_status_no
     assert err.getvalue() == ""
     logged = [r.getMessage() for r in caplog.records if r.name == "test.rep"]
     assert len(logged) == 1 and logged[0].startswith("round 12 | slice 1/4 | loss 3.250")
-
-
-@pytest.mark.timeout(20)
-def test_status_reporter_erases_the_line_before_any_print_to_a_terminal_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
-    from peer.node.status import StatusReporter
-
-    tty, stdout = FakeTTY(), FakeTTY()
-    monkeypatch.setattr(sys, "stdout", stdout)
-    reporter = StatusReporter(known_state(), tty, every_s=60)
-
-    async def main() -> None:
-        reporter.start()
-        assert tty.getvalue().endswith("| rejected 3")
-        print("peers: 2 live, slice coverage [1, 1], mine 0")  # a print that does not go through emit
-        assert tty.getvalue().endswith("| rejected 3\r\x1b[2K")
-        await reporter.aclose()
-
-    asyncio.run(main())
-    assert sys.stdout is stdout and stdout.getvalue() == "peers: 2 live, slice coverage [1, 1], mine 0\n"

@@ -86,7 +86,7 @@ async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], go
 
 async def _train(daemon: Daemon, opts: DaemonOptions, stop: asyncio.Event, halt: threading.Event,
                  saver: resume.Checkpointer | None) -> None:  # fmt: skip
-    refresher = asyncio.create_task(refresh_until(stop, daemon.member))
+    refresher = asyncio.create_task(refresh_until(stop, daemon.member, daemon.reporter.emit))
     admitter = asyncio.create_task(daemon.admission_loop(stop))
 
     def stop_if_failed(task: asyncio.Task) -> None:

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
 
 from protocol.errors import SetupError
 from protocol.logs import get_logger
@@ -319,34 +318,28 @@ def human_rate(rate: float) -> str:
 class StatusLine:
     """One line a volunteer can read at a glance, from a `Metrics` snapshot.
 
-    On a TTY the line is rewritten in place (carriage return + clear-to-end-of-line) at every
-    `update()`; otherwise (logs to a file, Docker) it becomes a plain INFO log line at most every
-    `log_every_s` seconds, so logs stay readable. Tokens/s is measured over the last `window_s`
-    seconds of `update()` calls. Stream, TTY-ness, clock and logger are injectable for tests.
+    `update()` formats it, with tokens/s measured over the last `window_s` seconds of calls. Where it is
+    not drawn on a terminal (logs to a file, Docker) it also becomes a plain INFO log line at most every
+    `log_every_s` seconds, so logs stay readable; drawing it is `StatusReporter`'s (peer/node/status.py).
+    Clock and logger are injectable for tests.
     """
 
     def __init__(
         self,
         metrics: Metrics,
-        stream: TextIO,
         *,
-        is_tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         window_s: float = 30.0,
         log_every_s: float = 30.0,
         logger: logging.Logger | None = None,
     ) -> None:
         self.metrics = metrics
-        self.stream = stream
-        self.is_tty = stream.isatty() if is_tty is None else is_tty
         self.clock = clock
         self.window_s = window_s
         self.log_every_s = log_every_s
         self.logger = logger or log
         self._samples: deque[tuple[float, int]] = deque()
         self._last_logged: float | None = None
-        self.drawn = False
-        """True while a line is on the terminal without its newline (whoever erases it resets this)."""
 
     def tokens_per_second(self, now: float, tokens: int) -> float:
         """Record (now, tokens) and return the rate over the sliding window (0 until two samples)."""
@@ -367,23 +360,12 @@ class StatusLine:
             f" | rejected {s.rejected_total}"
         )
 
-    def update(self) -> str:
-        """Take a snapshot, show it (TTY) or log it (if due); returns the formatted line."""
+    def update(self, *, drawn: bool = False) -> str:
+        """Take a snapshot and return the formatted line; unless it is `drawn` on a terminal, log it if due."""
         now = self.clock()
         snap = self.metrics.snapshot()
         line = self.format(snap, self.tokens_per_second(now, snap.tokens))
-        if self.is_tty:
-            self.stream.write("\r\x1b[2K" + line)
-            self.stream.flush()
-            self.drawn = True
-        elif self._last_logged is None or now - self._last_logged >= self.log_every_s:
+        if not drawn and (self._last_logged is None or now - self._last_logged >= self.log_every_s):
             self.logger.info("%s", line)
             self._last_logged = now
         return line
-
-    def close(self) -> None:
-        """End the in-place line with a newline so what follows starts on its own line."""
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False

@@ -139,9 +139,14 @@ async def check_endpoint(member: Member, server: PeerServer, opts: JoinOptions) 
     return server
 
 
-async def refresh_until(stop: asyncio.Event, member: Member) -> None:
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def refresh_until(stop: asyncio.Event, member: Member, say: Callable[[str], None] = _say) -> None:
     """Refresh every TTL/3, on a fixed beat (a slow refresh does not push the next one back, or the announcement
-    could expire between two); print a line to stdout whenever the live set or this peer's slice changes."""
+    could expire between two); `say` a line (stdout; the daemon's status reporter) whenever the live set or
+    this peer's slice changes."""
     every = member.swarm.config.refresh_every_s
     shown: tuple = ()
     loop = asyncio.get_running_loop()
@@ -162,7 +167,7 @@ async def refresh_until(stop: asyncio.Event, member: Member) -> None:
         state = (tuple(p.peer_id for p in member.peers), member.slice)
         if state != shown:
             shown = state
-            print(f"peers: {len(member.peers)} live, slice coverage {coverage}, mine {member.slice}", flush=True)
+            say(f"peers: {len(member.peers)} live, slice coverage {coverage}, mine {member.slice}")
 
 
 @dataclass(frozen=True, slots=True)
