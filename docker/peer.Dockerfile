@@ -21,8 +21,10 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first: torch built for CUDA 12.8, then the rest of pyproject.toml's dependencies.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+# Dependencies first: torch (a CUDA build), then the rest of pyproject.toml's dependencies.
+# PyPI's Linux x86_64 torch wheel is its CUDA build and brings its CUDA libraries as pip packages, so only
+# the host's NVIDIA driver is needed; download.pytorch.org's cu128 index publishes no 2.13.0.
+RUN pip install torch==2.13.0
 COPY pyproject.toml ./
 RUN mkdir peer protocol bootstrap \
  && touch README.md peer/__init__.py protocol/__init__.py bootstrap/__init__.py \
