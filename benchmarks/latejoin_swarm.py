@@ -67,12 +67,14 @@ def _env(procs: Procs, tag: str, name: str) -> dict[str, str]:
             "MURMUR_LOG_LEVEL": "INFO"}  # fmt: skip
 
 
-def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None], *, preset: str = "tiny") -> Donors:
-    """A bootstrap node, a signed run, and one `murmur run` per donor name (the first publishes the manifest).
+def start_donors(procs: Procs, tag: str, kinds: dict[str, str | None], *, preset: str = "tiny",
+                 min_round_s: float | None = None) -> Donors:  # fmt: skip
+    """A bootstrap node, a signed run (rounds at least `min_round_s` apart), and one `murmur run` per donor name
+    (the first publishes the manifest).
 
     Identity files are `<name>.id` in the work dir, shared by swarms of other tags: a baseline and an attacked
     swarm then train on the same data streams."""
-    (procs.workdir / f"{tag}.toml").write_text(run_toml(tag, preset=preset))
+    (procs.workdir / f"{tag}.toml").write_text(run_toml(tag, preset=preset, min_round_s=min_round_s))
     made = procs.start(f"{tag}-create", murmur("create-run", "--config", f"{tag}.toml", "--key", f"{tag}-owner.key",
                                                "--out", f"{tag}-manifest.json"))  # fmt: skip
     boot = procs.start(f"{tag}-boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",

@@ -20,10 +20,10 @@ def rounds_of(proc: Proc, start: int = 0) -> list[int]:
     return [r.round for r in parse_all(proc.lines[start:])]
 
 
-def start_swarm(procs: Procs, preset: str = "tiny") -> tuple[str, str]:
-    """A bootstrap node and a signed run of `preset`; its multiaddr and run key."""
+def start_swarm(procs: Procs, preset: str = "tiny", min_round_s: float | None = None) -> tuple[str, str]:
+    """A bootstrap node and a signed run of `preset`, rounds at least `min_round_s` apart; its multiaddr, run key."""
     # two partners a round, whichever way four peers split over two slices (2+2 or 3+1)
-    config = run_toml("faults", preset=preset, fanout=2, exchange_timeout_s=3)
+    config = run_toml("faults", preset=preset, fanout=2, exchange_timeout_s=3, min_round_s=min_round_s)
     (procs.workdir / "run.toml").write_text(config)
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key",
                                         "--out", "manifest.json"))  # fmt: skip

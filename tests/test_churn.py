@@ -240,7 +240,7 @@ def churn_flags(ident: str) -> tuple[str, ...]:
 def test_the_swarm_trains_through_sigkills_and_joins(procs: Procs) -> None:
     rng = random.Random(CHURN_SEED)
     started = time.monotonic()
-    maddr, run_key = start_swarm(procs, preset="micro")
+    maddr, run_key = start_swarm(procs, preset="micro", min_round_s=1.0)
 
     def start(ident: str, name: str = "") -> Proc:
         key = () if ident == "owner" else ("--run-key", run_key)

@@ -249,7 +249,7 @@ def test_donor_rounds_are_judged_together_not_against_stale_announcements(monkey
 def test_a_newcomer_is_not_poisoned_by_one_lying_donor_of_three(procs: Procs) -> None:
     began = time.monotonic()
     donors = {"donor1": None, "donor2": None, "donor3": "poisoned-donor"}
-    swarm = start_donors(procs, "latejoin", donors, preset="micro")
+    swarm = start_donors(procs, "latejoin", donors, preset="micro", min_round_s=0.5)
     wait_for_snapshots([swarm], timeout=360)
     newcomer = start_newcomer(procs, swarm)
     join = late_join_of(newcomer, timeout=180)
