@@ -35,9 +35,10 @@ from peer.node.roundline import parse_all
 from protocol.errors import DemoError
 
 
-def demo_toml(slices: int, preset: str = "tiny") -> str:
-    """The demo's run config: K slices, H=10, one partner a round (tests/test_daemon_swarm.py runs it too)."""
-    return run_toml("demo", preset=preset, slices=slices, steps_per_round=10, fanout=1)
+def demo_toml(slices: int, preset: str = "tiny", min_round_s: float | None = None) -> str:
+    """The demo's run config: K slices, H=10, one partner a round (tests/test_daemon_swarm.py runs it too, on
+    `micro` with rounds paced by `min_round_s`, so that the processes it starts mid-test get CPU)."""
+    return run_toml("demo", preset=preset, slices=slices, steps_per_round=10, fanout=1, min_round_s=min_round_s)
 """Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
 STARTUP_S = 90.0
 STOP_GRACE_S = 45.0
