@@ -240,14 +240,15 @@ class SliceOptimizer:
         Matrices decay, norms and biases do not. Bias correction counts this optimiser's steps."""
         self.steps += 1
         beta1, beta2 = self.config.betas
-        for decay in (True, False):
-            owned = [(o, g) for o, g in self._grads() if (o.param.ndim >= 2) == decay]
+        groups: dict[bool, list[tuple[_Owned, torch.Tensor]]] = {True: [], False: []}  # decays -> (owned, grad)
+        for o, grad in self._grads():
+            if o.exp_avg is None:
+                o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
+            groups[o.param.ndim >= 2].append((o, grad))
+        for decay, owned in groups.items():
             if not owned:
                 continue
             params = [o.region.extract(o.param.data) if o.compact else o.param.data for o, _ in owned]
-            for o, grad in owned:
-                if o.exp_avg is None:
-                    o.exp_avg, o.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
             fused = params[0].is_cuda
             # the steps so far; adamw counts this one in place (on the device when fused, as it requires)
             counts = [torch.tensor(float(self.steps - 1), device=p.device if fused else "cpu") for p in params]

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from peer.node.metrics import Metrics, StatusLine
-from protocol.logs import ROOT
+from protocol.logs import ROOT, get_logger
+
+log = get_logger(__name__)
 
 REDRAW_S = 1.0
 """How often the line is redrawn between rounds (the tokens/s window and peer counts move meanwhile)."""
@@ -70,7 +72,7 @@ class StatusReporter:
             if self._bar is not None:
                 self._bar.set_description_str(text)
         except (OSError, ValueError) as exc:  # a closed or broken terminal must not stop training
-            logging.getLogger(f"{ROOT}.peer.node.status").debug("status line not drawn: %r", exc)
+            log.debug("status line not drawn: %r", exc)
 
     def emit(self, text: str) -> None:
         """Print `text` on stdout as its own line (the round and eval lines), above the status line."""
