@@ -100,9 +100,12 @@ def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[t
 
     The halves are laid out so that rotation is two contiguous multiplies: broadcasting a
     (T, hs/2) table against a chunked view runs an order of magnitude slower on CPU.
+    Made on the CPU whatever the default device (the model moves them with its buffers): a model built on the meta
+    device for its shapes alone then imports no more of torch (its meta `arange` imports torch._dynamo).
     """
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=cpu), inv_freq)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
@@ -153,6 +156,16 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+class Embedding(nn.Embedding):
+    """`nn.Embedding` that leaves a weight on the meta device (`slices.parameter_shapes`) uninitialised: there are
+    no values there to draw, and torch's meta `normal_` imports torch._dynamo, ~1.5 CPU-seconds of every peer's
+    start-up. On a real device it draws exactly what `nn.Embedding` draws (the random stream is unchanged)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -174,9 +187,9 @@ class Transformer(nn.Module):
         self.config = config
         self.detach_input_embedding = False
         """Set by a slice that trains the (tied) embedding only as the output head: no backward below."""
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
-            self.pos_embed = nn.Embedding(config.seq_len, config.d_model)
+            self.pos_embed = Embedding(config.seq_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         if not config.tie_embeddings:
@@ -189,6 +202,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2*n_layers)."""
         std = self.config.init_std
+        if self.embed.weight.is_meta:  # shapes only (see Embedding)
+            return
         for name, p in self.named_parameters():
             if p.ndim < 2:
                 nn.init.ones_(p)
