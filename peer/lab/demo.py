@@ -9,7 +9,8 @@ stops them with SIGTERM (each checkpoints and exits 0), reads every checkpoint b
 Every child runs in its own session (peer/lab/harness.py, as in the tests), so its DHT helper processes
 (p2pd) are in its process group; the `finally` of `run_demo` sends SIGTERM to every group still alive, then
 SIGKILL after a grace period, so an error or Ctrl-C leaves nothing running. Paths handed to children are
-absolute (a `pgrep -f` for the output directory finds every one of them).
+absolute (a `pgrep -f` for the output directory finds every one of them): the demo execs each command, where the
+tests fork theirs from a server that imported murmur once (peer/lab/forkserver.py).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def train_for(peers: list[Proc], seconds: float, progress_every: float) -> None:
 def run_demo(opts: DemoOptions) -> DemoReport:
     """Start, train, stop and evaluate the demo swarm; every child is gone when this returns or raises."""
     out = opts.out.resolve()
-    procs = Procs(out, error=DemoError, tail=ERROR_TAIL)
+    procs = Procs(out, error=DemoError, tail=ERROR_TAIL, fork=False)  # each child exec'd: the volunteer's command
     started = time.monotonic()
     try:
         run_id, run_key = create_run(out, opts.slices)

@@ -7,6 +7,10 @@ what the tests exercise. Every process starts in its own session (process group)
 to every group, so nothing is left running even when a step failed. Logs (stdout and stderr of each process)
 are kept in files under `<workdir>/logs`, and their last lines go into every error raised here.
 
+The tests and benchmarks start `murmur` commands and Python scripts through a fork server (peer/lab/forkserver.py):
+each is still its own process, session and group, but begins after torch, hivemind and murmur were imported once,
+about 1.5 CPU-seconds to a joined peer instead of 5.8. The demo execs its commands (`Procs(fork=False)`).
+
     def test_x(procs):  # the fixture (tests/conftest.py) is a Procs on the test's tmp_path
         node = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", ...))
         maddr = node.wait_for(MADDR_LINE).group(1)
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from peer.lab import forkserver
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -77,6 +82,11 @@ def run_toml(swarm: str, *, preset: str = "tiny", slices: int = 2, steps_per_rou
             f"exchange_timeout_s = {exchange_timeout_s!r}\n{pacing}")
 
 
+def forkable(argv: list[str]) -> bool:
+    """Whether the fork server (peer/lab/forkserver.py) can start `argv`: a `murmur` command or a Python script."""
+    return argv[0] == MURMUR or (argv[0] == sys.executable and len(argv) > 1 and argv[1].endswith(".py"))
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live processes of process group `pgid` (zombies excluded)."""
     found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
@@ -96,7 +106,7 @@ class Proc:
     a file. Its failures raise `error`, with the last `tail` lines of each log."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str], cwd: Path,
-                 error: type[Exception] = AssertionError, tail: int = 60) -> None:  # fmt: skip
+                 error: type[Exception] = AssertionError, tail: int = 60, fork: bool = True) -> None:  # fmt: skip
         self.name = name
         self.argv = argv
         self.lines: list[str] = []
@@ -104,9 +114,14 @@ class Proc:
         self.stderr_path = log_dir / f"{name}.err"
         self._error, self._tail = error, tail
         self._cond = threading.Condition()
-        with open(self.stderr_path, "w") as err:  # the child writes to its own copy of the descriptor
-            self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env,
-                                          cwd=cwd, start_new_session=True)  # fmt: skip
+        server = forkserver.shared_server() if fork and forkable(argv) else None
+        self.popen: subprocess.Popen[str] | forkserver.ForkedPopen
+        if server is not None:
+            self.popen = server.spawn(argv, env, cwd, self.stderr_path)
+        else:
+            with open(self.stderr_path, "w") as err:  # the child writes to its own copy of the descriptor
+                self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                                              env=env, cwd=cwd, start_new_session=True)  # fmt: skip
         self.pgid = self.popen.pid
         self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
         self._reader.start()
@@ -218,10 +233,13 @@ class Proc:
 class Procs:
     """The processes of one test, demo or benchmark run, started in `workdir`; `stop_all()` always leaves
     nothing running. `error` and `tail` are what their failures raise and how many log lines they quote (a test
-    wants much of the logs in its failure; the demo shows a user a short tail, as its own DemoError)."""
+    wants much of the logs in its failure; the demo shows a user a short tail, as its own DemoError). `fork`: start
+    `murmur` commands and Python scripts through the fork server (peer/lab/forkserver.py), others always exec'd."""
 
-    def __init__(self, workdir: Path, error: type[Exception] = AssertionError, tail: int = 60) -> None:
+    def __init__(self, workdir: Path, error: type[Exception] = AssertionError, tail: int = 60,
+                 fork: bool = True) -> None:  # fmt: skip
         self.workdir = workdir
+        self.fork = fork
         self.log_dir = workdir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._error, self._tail = error, tail
@@ -231,7 +249,7 @@ class Procs:
         """`argv` started in the work dir, with this environment plus `env` (and unbuffered Python output, so
         its lines arrive as they are printed)."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = Proc(name, argv, self.log_dir, full_env, self.workdir, self._error, self._tail)
+        proc = Proc(name, argv, self.log_dir, full_env, self.workdir, self._error, self._tail, self.fork)
         self.all.append(proc)
         return proc
 
