@@ -8,17 +8,17 @@ patched here, never in production code: pushes go through `PeerClient.exchange`,
 `reply_for` callback the daemon hands to `PeerServer`, and both seal headers with `seal_update`. Its own outer
 step stays honest, so it keeps sending attacks instead of collapsing on its own poison.
 
-Kinds (what each should meet at an honest receiver):
+Every kind that attacks with what it sends dials every peer it knows each round, never another adversary of its swarm
+(`dial_everyone`). Kinds (what each should meet at an honest receiver):
 - `scaled`  every tensor x1e4: finite and well-formed, so it passes the wire; the outer step rejects it as
             an outlier (over 10x the clipping bound; a smaller excess would be clipped)
 - `nan`     NaN and Inf in every tensor: the wire refuses it (non_finite) and bans the sender
 - `shape`   every tensor one row short: the wire refuses the header (wrong_shape) and bans the sender
 - `replay`  after its first update, re-sends that same signed update forever: refused as a replay
 - `badkey`  signs with a key that is not its announced one: refused (bad_signature)
-- `flood`   dials every peer it knows each round (not `fanout` random ones), and after FLOOD_TRAIN_ROUNDS
-            rounds stops training and pushes FLOOD_PER_S duplicates a second to the peers it has dialled,
-            FLOOD_AT_ONCE at a time (`Flooder`): refused over the per-peer limit (RESOURCE_EXHAUSTED,
-            over_limit), then banned
+- `flood`   after FLOOD_TRAIN_ROUNDS rounds stops training and pushes FLOOD_PER_S duplicates a second to the
+            peers it has dialled, FLOOD_AT_ONCE at a time (`Flooder`): refused over the per-peer limit
+            (RESOURCE_EXHAUSTED, over_limit), then banned
 - `poisoned-donor`  serves late joiners (FetchState) its phi plus Gaussian noise of std POISON_STD, labelled
             POISON_ROUNDS_AHEAD rounds ahead (under the round ceiling), validly signed by its own key; its gossip
             stays honest. A joiner
@@ -345,13 +345,6 @@ class Flooder:
             self.latest = update
             return await exchange(client, update)
 
-        def everyone(peers: list, **kwargs: object) -> list:
-            """Every peer it may dial: with `fanout` random ones, all its partners were adversaries in about
-            one run in three, and the honest peers (whose counters the tests read) never saw the flood."""
-            return choose_partners(peers, **{**kwargs, "fanout": len(peers)})
-
-        choose_partners = daemon_module.choose_partners
-        daemon_module.choose_partners = everyone
         client_module.PeerClient.connect = staticmethod(recording_connect)
         client_module.PeerClient.exchange = recording_exchange
         train_round = trainer_module.Trainer.train_round
@@ -372,10 +365,9 @@ class Flooder:
         """Flood the peers it has dialled, FLOOD_AT_ONCE at a time in random order, each until it bans us (or
         FLOOD_TARGET_S), then the next one not flooded yet in this pass; then another pass, forever.
 
-        Not one at a time: the first targets are often other adversaries (6 of the 9 others in the test), and
-        the honest peers met the flood minutes in. Not all at once: 9 floods of full-size pushes starve this
-        process's own event loop, each target then sees fewer calls than the per-peer bucket refills, and the
-        limit is reached late or never (seen: 159 s)."""
+        Not one at a time: each target takes ~10 s to ban us, and a pass over a big swarm took minutes. Not all at
+        once: 9 floods of full-size pushes starve this process's own event loop, each target then sees fewer calls
+        than the per-peer bucket refills, and the limit is reached late or never (seen: 159 s)."""
         rng = random.Random()
         done: set[str] = set()
         floods: dict[str, asyncio.Task] = {}
@@ -429,8 +421,34 @@ class Flooder:
         return banned.is_set()
 
 
+ALLIES_ENV = "MURMUR_ADVERSARY_ALLIES"
+"""Comma-separated peer ids of the other adversaries in the swarm: whom an adversary never dials."""
+DIALS_EVERYONE = ("scaled", "nan", "shape", "replay", "badkey", "flood", "future-round", "sub-outlier")
+"""Kinds whose attack is what they send: each pushes to every peer it knows each round (`dial_everyone`)."""
+
+
+def dial_everyone() -> None:
+    """Each round, dial every peer this process knows, not `fanout` random ones, except its allies (ALLIES_ENV).
+
+    An attacker picks its own partners, and the strongest picks all of them: every honest peer meets the attack
+    from the attacker's first rounds on, so when an attack lands no longer depends on whom the honest peers draw.
+    With `fanout` random partners the last of seven attacks landed anywhere from 30 to 150 s into the test run
+    (the honest peers drew adversaries among 10 others); and without the allies, the flood's first targets were
+    often other adversaries, whose counters nobody reads."""
+    allies = set(filter(None, os.environ.get(ALLIES_ENV, "").split(",")))
+    choose_partners = daemon_module.choose_partners
+
+    def everyone(peers: list, **kwargs: object) -> list:
+        targets = [p for p in peers if p.peer_id not in allies]
+        return choose_partners(targets, **{**kwargs, "fanout": len(targets)})
+
+    daemon_module.choose_partners = everyone
+
+
 def install(kind: str) -> None:
     """Patch this process for `kind` (one of KINDS)."""
+    if kind in DIALS_EVERYONE:
+        dial_everyone()
     if kind == "scaled":
         patch_outgoing(scaled)
     elif kind == "nan":
@@ -542,9 +560,15 @@ def _start_peers(procs: Procs, tag: str, maddr: str, run_key: str, kinds: list[s
 
     honest = [procs.start(f"{tag}-{n}", murmur("run", *args(n, f"{n}.id")), env=env(n)) for n in HONEST]
     # the adversaries start with the honest peers (not after them), so their attacks land early in the run;
-    # everyone waits up to 30 s for the owner's manifest to appear in the DHT
+    # everyone waits up to 30 s for the owner's manifest to appear in the DHT. Their keys are made here, so that
+    # each knows its allies (`dial_everyone`) from its first round.
+    allies = []
+    for kind in kinds:
+        ident = Identity.generate()
+        ident.save(procs.workdir / f"{tag}-adv-{kind}.id")
+        allies.append(ident.peer_id)
     adversaries = [procs.start(f"{tag}-adv-{k}", [sys.executable, SCRIPT, k, *args(k, f"{tag}-adv-{k}.id")],
-                               env=env(f"adv-{k}")) for k in kinds]  # fmt: skip
+                               env={**env(f"adv-{k}"), ALLIES_ENV: ",".join(allies)}) for k in kinds]  # fmt: skip
     return Swarm(tag, honest, adversaries)
 
 
