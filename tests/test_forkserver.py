@@ -82,3 +82,12 @@ def test_without_the_fork_server_processes_are_execd(tmp_path: Path) -> None:
         assert seen["pid"] == seen["sid"]
     finally:
         procs.stop_all()
+
+
+def test_the_server_starts_murmur_and_scripts_also_inside_a_network_namespace() -> None:
+    script = [sys.executable, "bench.py", "--x"]
+    assert forkserver.forkable(murmur("run", "--swarm", "s")) == (None, murmur("run", "--swarm", "s"))
+    assert forkserver.forkable(script) == (None, script)
+    assert forkserver.forkable(["ip", "netns", "exec", "ns1", *murmur("bootstrap")]) == ("ns1", murmur("bootstrap"))
+    for other in (["python3", "-c", "pass"], [sys.executable, "-c", "pass"], ["ip", "netns", "exec", "ns1", "ls"]):
+        assert forkserver.forkable(other) is None, other

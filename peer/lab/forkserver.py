@@ -25,6 +25,7 @@ off: every process is then exec'd as before.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import runpy
@@ -48,6 +49,20 @@ PRELOAD = ("torch", "hivemind", "grpc.aio", "uvloop", "peer.cli.main", "peer.nod
 MESSAGE_BYTES = 1 << 20
 REAP_EVERY_S = 0.05
 ENABLE_ENV = "MURMUR_FORK_SERVER"
+CLONE_NEWNET = 0x40000000
+MURMUR = str(Path(sys.executable).with_name("murmur"))
+"""The `murmur` console script beside this interpreter: what the harness starts for a `murmur` command."""
+
+
+def forkable(argv: list[str]) -> tuple[str | None, list[str]] | None:
+    """(network namespace or None, the command) when the server can start `argv`: a `murmur` command or `python
+    SCRIPT ...`, either alone or behind `ip netns exec NAME`; None for anything else (it is exec'd)."""
+    netns = None
+    if argv[:3] == ["ip", "netns", "exec"] and len(argv) > 4:
+        netns, argv = argv[3], argv[4:]
+    if argv[0] == MURMUR or (argv[0] == sys.executable and len(argv) > 1 and argv[1].endswith(".py")):
+        return netns, argv
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ the server side
@@ -55,6 +70,15 @@ ENABLE_ENV = "MURMUR_FORK_SERVER"
 
 def serve(control: socket.socket) -> None:
     """Fork a child for each request on `control`; report each child's exit; return when `control` closes."""
+    try:
+        _serve(control)
+    except (ConnectionError, BrokenPipeError):
+        pass  # the harness is gone; its children are its to stop (they are in sessions of their own)
+
+
+def _serve(control: socket.socket) -> None:
+    children: dict[int, int] = {}
+    """pid -> the id of the request that started it: exits are reported by request id, never by a reusable pid."""
     while True:
         ready, _, _ = select.select([control], [], [], REAP_EVERY_S)
         if ready:
@@ -68,6 +92,7 @@ def serve(control: socket.socket) -> None:
                 _run_child(request, stdout_fd=fds[0], stderr_fd=fds[1])  # never returns
             for fd in fds:
                 os.close(fd)
+            children[pid] = request["id"]
             control.send(json.dumps({"id": request["id"], "pid": pid}).encode())
         while True:
             try:
@@ -76,7 +101,8 @@ def serve(control: socket.socket) -> None:
                 break
             if pid == 0:
                 break
-            control.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+            code = os.waitstatus_to_exitcode(status)
+            control.send(json.dumps({"exited": children.pop(pid), "code": code}).encode())
 
 
 def _run_child(request: dict, *, stdout_fd: int, stderr_fd: int) -> None:
@@ -88,6 +114,8 @@ def _run_child(request: dict, *, stdout_fd: int, stderr_fd: int) -> None:
         for fd, target in ((null, 0), (stdout_fd, 1), (stderr_fd, 2)):
             os.dup2(fd, target)
             os.close(fd)
+        if request.get("netns"):
+            enter_netns(request["netns"])
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -109,6 +137,18 @@ def _run_child(request: dict, *, stdout_fd: int, stderr_fd: int) -> None:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGINT)
             os._exit(code)
+
+
+def enter_netns(name: str) -> None:
+    """Move this (single-threaded) process into network namespace `name`, as `ip netns exec NAME` does for the
+    network (threads and processes it starts later are in it too); its mounts stay the server's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -149,8 +189,9 @@ class ForkedPopen:
     """What the harness uses of `subprocess.Popen`, for a child of the fork server: pid, args, stdout (text, line
     by line), poll, wait, send_signal and returncode (negative: the signal that ended it)."""
 
-    def __init__(self, server: ForkServer, pid: int, argv: list[str], stdout: IO[str]) -> None:
+    def __init__(self, server: ForkServer, request_id: int, pid: int, argv: list[str], stdout: IO[str]) -> None:
         self._server = server
+        self._request_id = request_id
         self.pid = pid
         self.args = argv
         self.stdout = stdout
@@ -158,12 +199,12 @@ class ForkedPopen:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._server.exit_code(self.pid, timeout=0)
+            self.returncode = self._server.exit_code(self._request_id, timeout=0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            self.returncode = self._server.exit_code(self.pid, timeout=timeout)
+            self.returncode = self._server.exit_code(self._request_id, timeout=timeout)
             if self.returncode is None:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
         return self.returncode
@@ -194,24 +235,27 @@ class ForkServer:
         theirs.close()
         self._control = ours
         self._cond = threading.Condition()
-        self._started: dict[int, int] = {}
-        self._exited: dict[int, int] = {}
+        self._started: dict[int, int] = {}  # request id -> pid
+        self._exited: dict[int, int] = {}  # request id -> exit code
         self._next_id = 0
         self._send = threading.Lock()
+        self._closing = False
         if json.loads(ours.recv(MESSAGE_BYTES) or b"{}").get("ready") is not True:
             raise RuntimeError(f"the fork server did not start (exit code {self.process.wait()})")
         self.alive = True
         threading.Thread(target=self._listen, name="forkserver", daemon=True).start()
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, stderr_path: Path) -> ForkedPopen:
-        """Fork `argv` (a `murmur` command or `python SCRIPT ...`) in `cwd` with exactly `env`."""
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, stderr_path: Path,
+              netns: str | None = None) -> ForkedPopen:  # fmt: skip
+        """Fork `argv` (a `murmur` command or `python SCRIPT ...`) in `cwd` with exactly `env`, inside network
+        namespace `netns` if given; `argv` is what `ForkedPopen.args` says."""
         read_fd, write_fd = os.pipe()
         err_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             with self._send:
                 self._next_id += 1
                 request_id = self._next_id
-                request = {"id": request_id, "argv": argv, "env": env, "cwd": str(cwd)}
+                request = {"id": request_id, "argv": argv, "env": env, "cwd": str(cwd), "netns": netns}
                 socket.send_fds(self._control, [json.dumps(request).encode()], [write_fd, err_fd])
         finally:
             os.close(write_fd)
@@ -222,13 +266,14 @@ class ForkServer:
             if request_id not in self._started:
                 raise RuntimeError("the fork server exited")
             pid = self._started.pop(request_id)
-        return ForkedPopen(self, pid, argv, os.fdopen(read_fd, "r", buffering=1))
+        return ForkedPopen(self, request_id, pid, argv, os.fdopen(read_fd, "r", buffering=1))
 
-    def exit_code(self, pid: int, timeout: float | None) -> int | None:
-        """The child's exit code once it ended, else None after `timeout` seconds (0: do not wait)."""
+    def exit_code(self, request_id: int, timeout: float | None) -> int | None:
+        """The exit code of the child `request_id` started once it ended, else None after `timeout` seconds (0: do
+        not wait)."""
         with self._cond:
-            self._cond.wait_for(lambda: pid in self._exited or not self.alive, timeout=timeout)
-            return self._exited.get(pid)
+            self._cond.wait_for(lambda: request_id in self._exited or not self.alive, timeout=timeout)
+            return self._exited.get(request_id)
 
     def _listen(self) -> None:
         try:
@@ -245,9 +290,15 @@ class ForkServer:
         with self._cond:
             self.alive = False
             self._cond.notify_all()
-        log.warning("the fork server stopped (exit code %s); later processes are exec'd", self.process.poll())
+        if not self._closing:
+            log.warning("the fork server stopped (exit code %s); later processes are exec'd", self.process.poll())
 
     def close(self) -> None:
+        self._closing = True
+        try:
+            self._control.shutdown(socket.SHUT_RDWR)  # wakes the listener (a close alone would not) and the server
+        except OSError:
+            pass
         self._control.close()
         try:
             self.process.wait(10)

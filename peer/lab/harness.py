@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from protocol.logs import get_logger
 
 log = get_logger(__name__)
 
-MURMUR = str(Path(sys.executable).with_name("murmur"))
+MURMUR = forkserver.MURMUR
 STOP_ALL_GRACE_S = 15.0
 """How long `Procs.stop_all` waits, in all, for processes to exit on SIGTERM before it kills their groups."""
 
@@ -82,11 +81,6 @@ def run_toml(swarm: str, *, preset: str = "tiny", slices: int = 2, steps_per_rou
             f"exchange_timeout_s = {exchange_timeout_s!r}\n{pacing}")
 
 
-def forkable(argv: list[str]) -> bool:
-    """Whether the fork server (peer/lab/forkserver.py) can start `argv`: a `murmur` command or a Python script."""
-    return argv[0] == MURMUR or (argv[0] == sys.executable and len(argv) > 1 and argv[1].endswith(".py"))
-
-
 def group_pids(pgid: int) -> list[int]:
     """Live processes of process group `pgid` (zombies excluded)."""
     found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
@@ -114,10 +108,12 @@ class Proc:
         self.stderr_path = log_dir / f"{name}.err"
         self._error, self._tail = error, tail
         self._cond = threading.Condition()
-        server = forkserver.shared_server() if fork and forkable(argv) else None
+        plan = forkserver.forkable(argv) if fork else None
+        server = forkserver.shared_server() if plan is not None else None
         self.popen: subprocess.Popen[str] | forkserver.ForkedPopen
-        if server is not None:
-            self.popen = server.spawn(argv, env, cwd, self.stderr_path)
+        if server is not None and plan is not None:
+            netns, command = plan
+            self.popen = server.spawn(command, env, cwd, self.stderr_path, netns=netns)
         else:
             with open(self.stderr_path, "w") as err:  # the child writes to its own copy of the descriptor
                 self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
