@@ -23,9 +23,8 @@ simulate: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# a file's tests run in one worker, one after the other (module fixtures, the netns subnet); files share the cores
 test: lint
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
