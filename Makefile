@@ -23,8 +23,9 @@ simulate: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# a file's tests run in one worker, one after the other (module fixtures, the netns subnet); files share the cores
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

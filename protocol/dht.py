@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.subprocess
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -79,14 +80,26 @@ class TetheredDHT(DHT):
         # set before hivemind's __init__, which forks at once when start=True
         self._tether_parent = os.getpid()
         self._stopping = False
+        # Garbage of this process (a closed event loop's thread pool, say) is collected here, where its threads
+        # live: collected in the child instead, its finaliser joined a thread that does not exist there, and the
+        # DHT process spun on one core before it ever started (seen in tests/test_lifecycle.py after test_limits)
+        gc.collect()
+        self._start_wait_s = start_wait_s(float(kwargs.get("startup_timeout", 15.0)))  # type: ignore[arg-type]
         super().__init__(*args, **kwargs)
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
-        """hivemind's start-up wait (no timeout there); raises DHTStopped if the DHT process exits first."""
+        """hivemind's start-up wait, bounded by `start_wait_s` (hivemind's own has no bound: a DHT process that
+        hangs before p2pd starts kept its parent waiting forever); raises DHTStopped if the DHT process exits
+        first, TimeoutError (after stopping it) if it is not up in time."""
         if timeout is not None:
             super().wait_until_ready(timeout)
-        else:
-            self._result(self._ready)
+            return
+        try:
+            self._result(self._ready, deadline=time.monotonic() + self._start_wait_s)
+        except _StartTimeout:
+            self.kill()
+            self.join(STOP_GRACE_S)
+            raise TimeoutError(f"the DHT process was not up after {self._start_wait_s:.0f}s and was stopped") from None
 
     def get(self, key: DHTKey, latest: bool = False, return_future: bool = False, **kwargs: object) -> object:
         """hivemind's `DHT.get`; raises DHTStopped if the DHT process exits before it answers."""
@@ -104,8 +117,9 @@ class TetheredDHT(DHT):
         future = super().run_coroutine(coro, return_future=True)
         return future if return_future else self._result(future)
 
-    def _result(self, future: MPFuture) -> object:
-        """Parent: the future's result, checking every PARENT_POLL_S that the child still lives to give it."""
+    def _result(self, future: MPFuture, deadline: float | None = None) -> object:
+        """Parent: the future's result, checking every PARENT_POLL_S that the child still lives to give it (and,
+        with a `deadline` on the monotonic clock, raising _StartTimeout once it passed)."""
         while True:
             try:
                 return future.result(timeout=PARENT_POLL_S)
@@ -114,6 +128,8 @@ class TetheredDHT(DHT):
                     raise
             if not self.is_alive():
                 break
+            if deadline is not None and time.monotonic() > deadline:
+                raise _StartTimeout
         try:  # an answer sent just before the child exited may still be on its way
             return future.result(timeout=1.0)
         except FutureTimeout:
@@ -244,6 +260,16 @@ def _spawn_with_death_signal() -> None:
     asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
 
 
+class _StartTimeout(Exception):
+    """The DHT process was not up by the start-up deadline."""
+
+
+def start_wait_s(startup_timeout_s: float) -> float:
+    """How long a parent waits for its DHT process to come up: p2pd's own start-up timeout twice (the node then
+    dials its initial peers) and 10 s more."""
+    return 2 * startup_timeout_s + 10.0
+
+
 def _start_hint(detail: str, timeout_s: float) -> str:
     if "failed to connect to bootstrap peers" in detail:
         return (
@@ -254,6 +280,8 @@ def _start_hint(detail: str, timeout_s: float) -> str:
         return f"p2pd did not start within {timeout_s:.0f}s; raise --dht-start-timeout on a slow machine"
     if "multiaddr" in detail:
         return "a multiaddr is malformed; they look like /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."
+    if "was not up after" in detail:
+        return "the DHT process hung while starting; run with MURMUR_LOG_LEVEL=DEBUG and report its log"
     if "address already in use" in detail.lower():
         return "the --host-maddrs port is taken by another process; pick another port or use tcp/0"
     return "see the p2pd message above"

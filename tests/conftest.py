@@ -10,9 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.netns import Network, unavailable
 from peer.lab.harness import Procs
+
+torch.set_num_threads(1)
+"""In-process tests use one thread: `make test` runs files side by side (pytest-xdist) on cores that the process
+tests' peers also want, and OpenMP threads that wait for a busy core spin. The peers set their own
+(`OMP_NUM_THREADS=1` in the tests' environments)."""
 
 
 @pytest.fixture

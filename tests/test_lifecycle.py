@@ -19,12 +19,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import hivemind.dht.dht as hivemind_dht
 import pytest
 import uvloop
 
 from peer.lab.harness import MADDR_LINE, Procs, murmur, wait_until
-from protocol.dht import _spawn_with_death_signal, start_dht
-from protocol.errors import DHTStopped
+from protocol.dht import _spawn_with_death_signal, start_dht, start_wait_s
+from protocol.errors import DHTStartError, DHTStopped
 
 PRINT_DEATH_SIGNAL = "import ctypes as c; s = c.c_int(); c.CDLL(None).prctl(2, c.byref(s), 0, 0, 0); print(s.value)"
 """Prints the death signal of the process running it (prctl 2 = PR_GET_PDEATHSIG)."""
@@ -57,6 +58,21 @@ def test_the_dht_process_honours_sigterm_and_takes_p2pd_along_even_when_killed(s
             dht.get("murmur/v1/lifecycle/peers")
     finally:
         dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_dht_process_that_hangs_while_starting_is_stopped_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hivemind waits for its DHT process without a bound; a child stuck before p2pd starts (one spun on a
+    finaliser inherited through fork, protocol/dht.py) kept `murmur run` waiting forever. Now it is stopped."""
+
+    async def hang(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(hivemind_dht.DHTNode, "create", hang)  # the fork inherits it: the child hangs
+    with pytest.raises(DHTStartError, match=r"not up after 12s.*\n.*hung while starting") as failed:
+        start_dht(host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=1)
+    assert start_wait_s(1) == 12
+    print(f"\n{failed.value}")
 
 
 async def _length(blob: bytes, _dht: object, _node: object) -> int:
