@@ -9,7 +9,7 @@ patched here, never in production code: pushes go through `PeerClient.exchange`,
 step stays honest, so it keeps sending attacks instead of collapsing on its own poison.
 
 No kind dials another adversary of its swarm, and those refused before any outer step dial every peer they know
-each round (`dial_everyone`). Kinds (what each should meet at an honest receiver):
+each round (`choose_honest_partners`). Kinds (what each should meet at an honest receiver):
 - `scaled`  every tensor x1e4: finite and well-formed, so it passes the wire; the outer step rejects it as
             an outlier (over 10x the clipping bound; a smaller excess would be clipped)
 - `nan`     NaN and Inf in every tensor: the wire refuses it (non_finite) and bans the sender
@@ -424,10 +424,10 @@ class Flooder:
 ALLIES_ENV = "MURMUR_ADVERSARY_ALLIES"
 """Comma-separated peer ids of the other adversaries in the swarm: whom an adversary never dials."""
 DIALS_EVERYONE = ("scaled", "nan", "shape", "replay", "badkey", "flood", "future-round")
-"""Kinds refused before any outer step: each pushes to every peer it knows each round (`dial_everyone`)."""
+"""Kinds refused before any outer step: each pushes to every peer it knows each round (`choose_honest_partners`)."""
 
 
-def dial_everyone(everyone: bool = True) -> None:
+def choose_honest_partners(everyone: bool) -> None:
     """Each round, dial every peer this process knows (or `fanout` random ones when not `everyone`), never its
     allies (ALLIES_ENV).
 
@@ -450,7 +450,7 @@ def dial_everyone(everyone: bool = True) -> None:
 
 def install(kind: str) -> None:
     """Patch this process for `kind` (one of KINDS)."""
-    dial_everyone(kind in DIALS_EVERYONE)
+    choose_honest_partners(everyone=kind in DIALS_EVERYONE)
     if kind == "scaled":
         patch_outgoing(scaled)
     elif kind == "nan":
@@ -563,7 +563,7 @@ def _start_peers(procs: Procs, tag: str, maddr: str, run_key: str, kinds: list[s
     honest = [procs.start(f"{tag}-{n}", murmur("run", *args(n, f"{n}.id")), env=env(n)) for n in HONEST]
     # the adversaries start with the honest peers (not after them), so their attacks land early in the run;
     # everyone waits up to 30 s for the owner's manifest to appear in the DHT. Their keys are made here, so that
-    # each knows its allies (`dial_everyone`) from its first round.
+    # each knows its allies (`choose_honest_partners`) from its first round.
     allies = []
     for kind in kinds:
         ident = Identity.generate()

@@ -6,8 +6,8 @@ without the adversaries, trained at the same time for the same rounds.
 
 For CI both swarms run at once on the `micro` preset (19 processes share two cores: on `tiny` each round took ~9 s
 and the test 172 s; on `micro` 70 s), and all seven adversaries share one swarm. The adversaries that are refused
-outright dial every honest peer each round (benchmarks/adversary_peers.py `dial_everyone`), so every attack lands
-within the first rounds (5-14 s) and the test takes 40-65 s, where it took 106-163 s when they landed by chance.
+outright dial every honest peer each round (benchmarks/adversary_peers.py `choose_honest_partners`), so every
+attack lands within the first rounds (5-14 s) and the test takes 40-65 s, where it took 106-163 s by chance.
 At 8 rounds `micro` sits near the corpus's unigram entropy (3.25 nats), so the loss check catches an attack that
 wrecks the weights, not one that only slows learning a little; the counters are what prove each attack was refused.
 `python -m benchmarks.adversaries` runs each adversary alone against its own baseline, on `tiny`, and prints the

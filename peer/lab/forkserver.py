@@ -155,11 +155,10 @@ def _exit_code(argv: list[str]) -> int:
     """Run `argv`, `murmur ARGS` (the console script pip wrote, which calls the click entry point) or `python
     SCRIPT ARGS`, as `__main__`; its exit code as the interpreter would make it (SystemExit's code; 1 for an
     exception, printed)."""
-    script = argv[0] if Path(argv[0]).name == "murmur" else argv[1]
+    sys.argv = list(argv if Path(argv[0]).name == "murmur" else argv[1:])  # what the script's own argv would be
     try:
-        sys.argv = list(argv[argv.index(script) :])
-        sys.path[0] = str(Path(script).resolve().parent)
-        runpy.run_path(script, run_name="__main__")
+        sys.path[0] = str(Path(sys.argv[0]).resolve().parent)
+        runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0
@@ -187,7 +186,8 @@ def main() -> None:
 
 class ForkedPopen:
     """What the harness uses of `subprocess.Popen`, for a child of the fork server: pid, args, stdout (text, line
-    by line), poll, wait, send_signal and returncode (negative: the signal that ended it)."""
+    by line), poll, wait, send_signal and returncode (negative: the signal that ended it); the harness signals
+    through send_signal only."""
 
     def __init__(self, server: ForkServer, request_id: int, pid: int, argv: list[str], stdout: IO[str]) -> None:
         self._server = server
@@ -215,12 +215,6 @@ class ForkedPopen:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 class ForkServer:
