@@ -2,10 +2,13 @@
 
 `procs`: a `Procs` (peer/lab/harness.py) on the test's tmp_path, every process stopped at teardown.
 `netns`: a network of namespaces (benchmarks/netns.py) for one test, skipped where namespaces cannot be made.
+
+The run starts with the files that take longest (`longest_files_first`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,28 @@ torch.set_num_threads(1)
 """In-process tests use one thread: `make test` runs files side by side (pytest-xdist) on cores that the process
 tests' peers also want, and OpenMP threads that wait for a busy core spin. The peers set their own
 (`OMP_NUM_THREADS=1` in the tests' environments)."""
+
+UNMEASURED_SLOW_S = 30.0
+"""The cost of a `slow` mark without its seconds."""
+
+
+def longest_files_first(items: list[pytest.Item]) -> None:
+    """Orders `items` by the seconds of their file's `slow(seconds)` marks, most first; stable, so a file's tests and
+    files of equal cost keep the collection's order.
+
+    `make test` hands whole files to its workers (pytest-xdist `--dist loadfile`) in this order
+    (`--no-loadscope-reorder`; xdist's own reorder puts files with many tests first, which here are the quick ones).
+    Longest first, a worker that picks up a 50 s swarm test does so at the start, beside the others, and the
+    run's tail is made of short files, instead of one worker finishing a long file alone on an idle machine."""
+    cost: Counter[Path] = Counter()
+    for item in items:
+        if (mark := item.get_closest_marker("slow")) is not None:
+            cost[item.path] += float(mark.args[0]) if mark.args else UNMEASURED_SLOW_S
+    items.sort(key=lambda item: -cost[item.path])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    longest_files_first(items)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def resumed_from(procs: Procs, maddr: str, run_key: str, last_round: int) -> Non
     assert again.terminate(timeout=30) == 0, again.logs()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(21)
 @pytest.mark.timeout(400)
 def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text(RUN_TOML)

@@ -244,7 +244,7 @@ def test_donor_rounds_are_judged_together_not_against_stale_announcements(monkey
     assert fetched(["liar", "d0", "d1", "d2"]) == ["d0", "d1", "d2"]  # refused; the next candidate took its place
 
 
-@pytest.mark.slow
+@pytest.mark.slow(8)
 @pytest.mark.timeout(600)
 def test_a_newcomer_is_not_poisoned_by_one_lying_donor_of_three(procs: Procs) -> None:
     began = time.monotonic()

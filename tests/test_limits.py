@@ -215,6 +215,7 @@ def test_a_flood_in_an_honest_peers_name_never_gets_it_banned() -> None:
     assert [o.code for o in honest] == [S.OK, S.OK] and server.bans.banned() == []
 
 
+@pytest.mark.slow(12)  # two floods that wait out the exchange timeout (6 s)
 @pytest.mark.timeout(120)
 def test_a_flood_of_concurrent_pushes_keeps_payload_memory_under_the_cap() -> None:
     """16 authenticated peers push ~1 MiB each at once and stall before finishing: with a cap of three

@@ -408,7 +408,7 @@ def test_tls_pin_mismatch_fails() -> None:
     assert run(scenario).peer_id == SERVER_ID.peer_id
 
 
-@pytest.mark.slow
+@pytest.mark.slow(4)
 @pytest.mark.timeout(120)
 def test_50m_parameter_int8_exchange_wire_bytes_within_10_percent_of_payload() -> None:
     shapes = {"delta/w0": (4096, 4096), "delta/w1": (4096, 4096), "delta/w2": (4096, 4096), "delta/b": (128, 1024)}

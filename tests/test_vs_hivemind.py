@@ -29,7 +29,7 @@ def events(lines: list[str]) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(7)
 @pytest.mark.timeout(420)  # ~60 s on an idle 2-core machine; DHT starts take minutes under heavy load
 def test_two_hivemind_peers_make_global_steps_and_learn(procs: Procs) -> None:
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the processes run in the test's tmp dir
