@@ -2,12 +2,17 @@
 
 `procs`: a `Procs` (peer/lab/harness.py) on the test's tmp_path, every process stopped at teardown.
 `netns`: a network of namespaces (benchmarks/netns.py) for one test, skipped where namespaces cannot be made.
+`murmur_home`: each test's own data directory (MURMUR_HOME), used by every test.
 
 The run starts with the files that take longest (`longest_files_first`).
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +27,11 @@ torch.set_num_threads(1)
 """In-process tests use one thread: `make test` runs files side by side (pytest-xdist) on cores that the process
 tests' peers also want, and OpenMP threads that wait for a busy core spin. The peers set their own
 (`OMP_NUM_THREADS=1` in the tests' environments)."""
+
+os.environ["MURMUR_HOME"] = tempfile.mkdtemp(prefix="murmur-tests-home-")
+atexit.register(shutil.rmtree, os.environ["MURMUR_HOME"], ignore_errors=True)
+"""Never the user's own data directory (identities, pinned run keys, default checkpoints); each test has its own
+(`murmur_home`), this one serves what runs outside a test (module fixtures)."""
 
 UNMEASURED_SLOW_S = 30.0
 """The cost of a `slow` mark without its seconds."""
@@ -44,6 +54,15 @@ def longest_files_first(items: list[pytest.Item]) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     longest_files_first(items)
+
+
+@pytest.fixture(autouse=True)
+def murmur_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's data directory, for it and every process it starts that is not given another: a run key
+    pinned by one test's peers must not meet the next test's swarm of the same name with another owner."""
+    home = tmp_path_factory.mktemp("murmur-home")
+    monkeypatch.setenv("MURMUR_HOME", str(home))
+    return home
 
 
 @pytest.fixture
