@@ -6,6 +6,9 @@ the announced endpoint with murmur's own client (TLS pinned to the announced fin
 Info; the reply is that Info, with `health` "ok" when the endpoint answered as the announcing peer, or
 "unreachable: <why>" otherwise. Only signed announcements are dialled, and only their own endpoint, so a
 bootstrap node cannot be used to probe arbitrary hosts on behalf of strangers beyond one Info call.
+
+Before that, a peer that was not told its public address asks (`OBSERVED_ADDRESS_HANDLER`) which IP its libp2p
+connection comes from, as a STUN server would tell it, and announces that IP with its own port.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import asyncio
 
 from hivemind.p2p import P2P, P2PContext
+from hivemind.utils.multiaddr import Multiaddr
 
 from protocol._generated import murmur_pb2 as pb
 from protocol.client import PeerClient
 from protocol.errors import InvalidRecord, MurmurError
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.records import ANNOUNCEMENT_TAG, REACHABILITY_HANDLER, verify_announcement
+from protocol.records import ANNOUNCEMENT_TAG, OBSERVED_ADDRESS_HANDLER, REACHABILITY_HANDLER, verify_announcement
 
 log = get_logger(__name__)
 
@@ -61,10 +65,38 @@ async def dial_announced(
     )
 
 
+def ip_of(maddr: Multiaddr) -> str:
+    """The IP of a connection's multiaddr ('' for one without, such as a relayed circuit)."""
+    for protocol in ("ip4", "ip6"):
+        try:
+            return str(maddr.value_for_protocol(protocol))
+        except Exception:  # multiaddr raises ProtocolLookupError and friends for an absent protocol
+            continue
+    return ""
+
+
+async def observed_host(p2p: P2P, context: P2PContext) -> pb.ObservedAddress:
+    """The IP that the caller's connection to this node comes from (never raises: '' when unknown)."""
+    try:
+        peers = await p2p.list_peers()
+    except Exception as exc:  # the daemon's errors: the caller then goes client-only, it does not fail
+        log.info("observed address: cannot list connections (%r)", exc)
+        return pb.ObservedAddress()
+    for info in peers:
+        if info.peer_id == context.remote_id:
+            hosts = [host for host in map(ip_of, info.addrs) if host]
+            return pb.ObservedAddress(host=hosts[0] if hosts else "")
+    return pb.ObservedAddress()
+
+
 async def serve_reachability(p2p: P2P, identity: Identity) -> None:
-    """Register the reachability handler on `p2p` (a replica of the DHT's P2P)."""
+    """Register the reachability and observed-address handlers on `p2p` (a replica of the DHT's P2P)."""
 
     async def handler(request: pb.SignedAnnouncement, context: P2PContext) -> pb.InfoReply:
         return await dial_announced(request, identity)
 
+    async def observed(request: pb.InfoRequest, context: P2PContext) -> pb.ObservedAddress:
+        return await observed_host(p2p, context)
+
     await p2p.add_protobuf_handler(REACHABILITY_HANDLER, handler, pb.SignedAnnouncement)
+    await p2p.add_protobuf_handler(OBSERVED_ADDRESS_HANDLER, observed, pb.InfoRequest)

@@ -223,7 +223,8 @@ def trusted_key_for(swarm: str, run_key: bytes | None, pins: PinStore) -> bytes 
 
 
 def accept_owner(swarm: str, signed: SignedRunManifest, run_key: bytes | None, pins: PinStore) -> None:
-    """Apply the trust rule to a manifest whose signature already checks; pin on first use.
+    """Apply the trust rule to a manifest whose signature already checks; pin on first use, and pin a --run-key
+    (it overrides an older pin).
 
     Raises UntrustedOwner naming `--run-key` when the pinned key differs from the signer's.
     """
@@ -232,6 +233,9 @@ def accept_owner(swarm: str, signed: SignedRunManifest, run_key: bytes | None, p
             raise UntrustedOwner(
                 f"swarm {swarm!r}: manifest signed by {signed.owner_key_hex}, not by the --run-key you gave"
             )
+        if pins.get(swarm) != signed.owner_key_hex:  # given once, then pinned: the next join needs no --run-key
+            pins.pin(swarm, signed.owner_key_hex)
+            log.info("swarm %r: owner %s pinned in %s", swarm, signed.owner_key_hex, pins.path)
         return
     pinned = pins.get(swarm)
     if pinned is None:

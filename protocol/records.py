@@ -56,6 +56,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # libp2p protocol on which bootstrap nodes (and later peers) dial an announced endpoint on request:
 # request SignedAnnouncement, reply InfoReply (what the endpoint answered; health "ok" or why not).
 REACHABILITY_HANDLER = "murmur.v1.reachability"
+# libp2p protocol on which bootstrap nodes tell a caller the IP its connection comes from:
+# request InfoRequest, reply ObservedAddress.
+OBSERVED_ADDRESS_HANDLER = "murmur.v1.observed_address"
 
 
 def check_swarm_name(name: str) -> str:

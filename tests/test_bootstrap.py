@@ -26,7 +26,7 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peer.config import RunConfig
-from peer.lab.harness import MADDR_LINE, Procs, group_pids, murmur
+from peer.lab.harness import MADDR_LINE, Procs, group_pids, member, murmur
 from protocol import PROTOCOL_VERSION
 from protocol import manifest as M
 from protocol.identity import Identity
@@ -46,8 +46,8 @@ def join(procs: Procs, name: str, maddr: str, *extra: str, pins: dict | None = N
     if pins is not None:
         home.mkdir()
         (home / "pins.json").write_text(json.dumps(pins))
-    args = ["join", "--swarm", "trust", "--initial-peers", maddr, "--identity", f"{name}.id", "--announce-ttl", "6"]
-    return procs.start(name, murmur(*args, *extra), env={"MURMUR_HOME": str(home)})
+    args = ["--swarm", "trust", "--initial-peers", maddr, "--identity", f"{name}.id", "--announce-ttl", "6"]
+    return procs.start(name, member(*args, *extra), env={"MURMUR_HOME": str(home)})
 
 
 def forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger_path: Path, tmp_path: Path) -> list[bool]:
@@ -101,8 +101,8 @@ def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_
     wrong_key = join(procs, "wrongkey", maddr, "--run-key", stranger.public_key.hex(), "--client-only")
     pinned = join(procs, "pinned", maddr, "--client-only", pins={"trust": stranger.public_key.hex()})
     closed = join(procs, "closed", maddr, "--listen", "127.0.0.1:0", "--announce", "127.0.0.1:1")
-    waiting = procs.start("waiting", murmur("join", "--swarm", "nobody", "--initial-peers", maddr,
-                                            "--identity", "w.id", "--client-only"))  # fmt: skip
+    waiting = procs.start("waiting", member("--swarm", "nobody", "--initial-peers", maddr, "--identity", "w.id",
+                                            "--client-only"))  # fmt: skip
     stored = forge(maddr, owner_id, signed.owner_key_hex, tmp_path / "stranger.key", tmp_path)
     assert stored == [True, False, False, False], "honest nodes must store valid records and refuse forged ones"
 

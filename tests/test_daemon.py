@@ -211,9 +211,9 @@ def test_run_command_is_registered_and_refuses_bad_flag_combinations() -> None:
     runner = CliRunner()
     assert "run" in runner.invoke(main, ["--help"]).output
     base = ["run", "--swarm", "loop", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX", "--identity", "p.key"]
-    neither = runner.invoke(main, base)
-    assert neither.exit_code == 2 and "--listen" in neither.output and "--client-only" in neither.output
     both = runner.invoke(main, [*base, "--listen", "127.0.0.1:0", "--client-only"])
-    assert both.exit_code == 2
+    assert both.exit_code == 2 and "not both" in both.output
+    contradicting = runner.invoke(main, [*base, "--client-only", "--no-checkpoints", "--checkpoint-dir", "c"])
+    assert contradicting.exit_code == 2 and "contradict" in contradicting.output
     wildcard = runner.invoke(main, [*base, "--listen", "0.0.0.0:7000"])
     assert wildcard.exit_code == 2 and "--announce" in wildcard.output

@@ -14,7 +14,6 @@ from peer.swarm import membership as swarm_module
 from peer.swarm.join import refresh_until
 from peer.swarm.membership import (
     Member,
-    Reachability,
     Swarm,
     SwarmConfig,
     choose_partners,
@@ -22,6 +21,7 @@ from peer.swarm.membership import (
     rebalance,
     slice_counts,
 )
+from peer.swarm.reachability import Reachability
 from protocol.identity import Identity
 from protocol.records import Announcement
 
@@ -125,9 +125,12 @@ def test_cli_create_run_prints_the_run_key_last_and_usage_errors_exit_2(tmp_path
     assert signed.manifest.slices.num_slices == 3 and signed.run_id in made.output
     bad = runner.invoke(main, ["status", "--swarm", "Bad Name", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm"])
     assert bad.exit_code == 2 and "invalid swarm name" in bad.output
-    neither = runner.invoke(main, ["join", "--swarm", "cli", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
-                                   "--identity", "p.key"])  # fmt: skip
-    assert neither.exit_code == 2 and "--client-only" in neither.output
+    both = runner.invoke(main, ["run", "--swarm", "cli", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
+                                "--identity", "p.key", "--listen", "127.0.0.1:0", "--client-only"])  # fmt: skip
+    assert both.exit_code == 2 and "not both" in both.output
+    announce_alone = runner.invoke(main, ["join", "--swarm", "cli", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
+                                          "--identity", "p.key", "--announce", "203.0.113.7:7000"])  # fmt: skip
+    assert announce_alone.exit_code == 2 and "--announce IP:PORT goes with --listen" in announce_alone.output
 
 
 # ------------------------------------------------------------------- churn: expiry and re-balancing

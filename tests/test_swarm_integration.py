@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.lab.harness import MADDR_LINE, Proc, Procs, group_pids, murmur, wait_until
+from peer.lab.harness import MADDR_LINE, Proc, Procs, group_pids, member, murmur, wait_until
 
 TTL = 6.0
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -30,11 +30,11 @@ def start_bootstrap(procs: Procs, name: str, *initial: str) -> tuple[Proc, str]:
 
 
 def start_peer(procs: Procs, name: str, initial: list[str], *extra: str) -> Proc:
-    args = ["join", "--swarm", "loop", "--identity", f"{name}.id", "--listen", "127.0.0.1:0",
-            "--announce-ttl", str(TTL), *extra]  # fmt: skip
+    args = ["--swarm", "loop", "--identity", f"{name}.id", "--listen", "127.0.0.1:0", "--announce-ttl", str(TTL),
+            *extra]  # fmt: skip
     for maddr in initial:
         args += ["--initial-peers", maddr]
-    return procs.start(name, murmur(*args), env={"MURMUR_HOME": str(procs.workdir / f"home-{name}")})
+    return procs.start(name, member(*args), env={"MURMUR_HOME": str(procs.workdir / f"home-{name}")})
 
 
 def live_counts(proc: Proc) -> list[int]:

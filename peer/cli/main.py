@@ -19,9 +19,10 @@ def main() -> None:
     configure_logging()
 
 
-for command in (simulate.simulate, simulate.slices, swarm.bootstrap, swarm.create_run, swarm.status, swarm.join,
-                run.run, demo.demo, demo.evaluate):
+for command in (simulate.simulate, simulate.slices, swarm.bootstrap, swarm.create_run, swarm.status, run.run,
+                demo.demo, demo.evaluate):
     main.add_command(command)
+main.add_command(run.run, name="join")  # joining is training: `murmur join` is `murmur run` by another name
 
 if __name__ == "__main__":
     main()

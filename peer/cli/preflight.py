@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.errors import ManifestError, SetupError
-from protocol.manifest import PinStore, SignedRunManifest
+from protocol.manifest import PinStore, SignedRunManifest, murmur_home
 from protocol.ports import check_listenable
 
 if TYPE_CHECKING:
@@ -78,11 +78,11 @@ def _can_write_in(directory: Path, flag: str, named: Path) -> None:
 
 
 def check_join(opts: JoinOptions) -> SignedRunManifest | None:
-    """`murmur join`'s inputs (and `murmur run`'s shared ones); returns the checked --manifest, if given."""
+    """The membership inputs of `murmur run` (and of the tests' member); returns the checked --manifest, if given."""
     from peer.swarm.join import read_manifest_file
 
     writable_file(opts.identity, "--identity")
-    if opts.run_key is None and opts.owner_key is None:  # a first join pins the owner's key
+    if opts.owner_key is None:  # a join pins the owner's key (the first seen, or --run-key)
         writable_file(PinStore(opts.pins_path).path, "--pins", replaced=True)
     if opts.listen is not None:
         check_listenable(opts.listen[0], opts.listen[1], "--listen")
@@ -96,6 +96,8 @@ def check_run(opts: DaemonOptions) -> None:
     signed = check_join(opts.join)
     if opts.checkpoint_dir is not None:
         usable_directory(opts.checkpoint_dir, "--checkpoint-dir")
+    elif opts.checkpoints_by_default:
+        usable_directory(murmur_home() / "checkpoints", "--checkpoint-dir (default)")
     if opts.data is not None:
         existing_path(Path(opts.data), "--data")
     elif signed is not None:

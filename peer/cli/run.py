@@ -100,7 +100,9 @@ def _typed(param: click.Option, key: str, value: object, path: Path) -> object:
 @click.option("--device", default="auto", show_default=True, callback=_device,
               help="auto (CUDA when there is one), cpu, cuda or cuda:INDEX.")  # fmt: skip
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to save this peer's state (on exit and every --checkpoint-every rounds).")  # fmt: skip
+              help="Where to save this peer's state (on exit and every --checkpoint-every rounds). [default: "
+                   "DATA/checkpoints/SWARM/PEER; DATA: $MURMUR_HOME, else ~/.local/share/murmur]")  # fmt: skip
+@click.option("--no-checkpoints", is_flag=True, help="Save nothing: a crash loses this peer's work.")
 @click.option("--checkpoint-every", type=click.IntRange(0), default=10, show_default=True,
               help="Also save every N rounds, so a killed peer loses at most N (0: only on exit).")  # fmt: skip
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
@@ -126,11 +128,18 @@ def run(**options: object) -> None:
     """Join a swarm by name and train it: H local steps on this peer's slice, then swap updates with
     random partners, until SIGTERM or Ctrl-C (exit 0).
 
+    The first time, give the run owner's key (--run-key); it is pinned for the next times. The identity and the
+    checkpoints live in the data directory unless told otherwise; without --listen or --client-only the peer
+    serves on any port at the address a bootstrap node sees, and goes client-only when that is not reachable.
+    It prints each choice.
+
     \b
     Example:
+      murmur run --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... --run-key 23ad4316...
+      murmur run --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz...
       murmur run --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... \\
-                 --run-key 23ad4316... --identity peer.key --listen 0.0.0.0:7000 --announce 198.51.100.4:7000
-      murmur run --config peer.toml --device cuda:1
+                 --identity gpu1.key --listen 0.0.0.0:7000 --announce 198.51.100.4:7000 --device cuda:1
+      murmur run --config peer.toml
     """
     from peer.cli.preflight import check_run
     from peer.node.lifecycle import DaemonOptions, run_daemon
@@ -141,12 +150,15 @@ def run(**options: object) -> None:
     try:
         opts = DaemonOptions(
             join=JoinOptions.from_cli(options), device=str(options["device"]),
-            checkpoint_dir=options["checkpoint_dir"], checkpoint_every=int(options["checkpoint_every"]),
+            checkpoint_dir=options["checkpoint_dir"], checkpoints_by_default=not options["no_checkpoints"],
+            checkpoint_every=int(options["checkpoint_every"]),
             metrics_port=options["metrics_port"],
             metrics_host=str(options["metrics_host"]), data=options["data"],
             batch_size=options["batch_size"], grad_accum=options["grad_accum"], max_rounds=int(options["max_rounds"]),
             eval_every=int(options["eval_every"]), overlap=bool(options["overlap"]),
         )  # fmt: skip
+        if options["no_checkpoints"] and options["checkpoint_dir"]:
+            raise ValueError("--no-checkpoints and --checkpoint-dir contradict each other")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     import uvloop

@@ -1,4 +1,4 @@
-"""`murmur bootstrap`, `create-run`, `status` and `join`: the swarm commands.
+"""`murmur bootstrap`, `create-run` and `status`, and the membership flags of `murmur run`: the swarm commands.
 
 Thin click commands over bootstrap/node.py, protocol/manifest.py and peer/swarm/membership.py. Heavy imports
 (hivemind, torch) happen inside the commands so `murmur --help` stays fast. User errors exit 1 with a
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 
-from peer import __version__
 from peer.config import RUN_METHODS
 from protocol.errors import MurmurError
 
@@ -184,12 +183,15 @@ def membership_options(command: Callable) -> Callable:
             help="The run owner's key, with --manifest.",
         ),
         click.option(
-            "--identity", type=click.Path(dir_okay=False, path_type=Path), required=True,
-            help="This peer's Ed25519 key (created if missing): who it is in the swarm. Its DHT id is new each start.",
-        ),
-        click.option("--listen", help="host:port of this peer's gRPC service, e.g. 0.0.0.0:7000 (port 0: any)."),
+            "--identity", type=click.Path(dir_okay=False, path_type=Path),
+            help="This peer's Ed25519 key (created if missing): who it is in the swarm; one running peer each. "
+                 "[default: DATA/identity.key; DATA: $MURMUR_HOME, else ~/.local/share/murmur]",
+        ),  # fmt: skip
+        click.option("--listen", help="host:port of this peer's gRPC service, e.g. 0.0.0.0:7000 (port 0: any). "
+                                      "[default: any port, at the address a bootstrap node sees]"),  # fmt: skip
         click.option("--announce", help="host:port others dial, when it differs from --listen (port forward)."),
-        click.option("--client-only", is_flag=True, help="Accept no connections; dial every exchange yourself (NAT)."),
+        click.option("--client-only", is_flag=True,
+                     help="Accept no connections; dial every exchange yourself. [default: if unreachable]"),
         click.option(
             "--host-maddrs", multiple=True, callback=_maddrs, default=("/ip4/0.0.0.0/tcp/0",), show_default=True
         ),
@@ -203,32 +205,3 @@ def membership_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
-
-
-@click.command()
-@membership_options
-def join(**options: object) -> None:
-    """Join a swarm by name: verify its manifest, pick a slice, announce and refresh until SIGTERM.
-
-    This is the membership half of `murmur run` (no training yet): it serves Info on --listen, asks a
-    bootstrap node to dial that endpoint from outside, and keeps its announcement fresh.
-
-    \b
-    Example:
-      murmur join --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... \\
-                  --identity peer.key --listen 0.0.0.0:7000 --announce 198.51.100.4:7000
-    """
-    from peer.cli.preflight import check_join
-    from peer.swarm.join import JoinOptions, run_join
-
-    try:
-        opts = JoinOptions.from_cli(options)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    import uvloop
-
-    try:
-        check_join(opts)  # paths, the port, a --manifest file, before the DHT starts
-        uvloop.run(run_join(opts, software_version=__version__))
-    except (MurmurError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc

@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, procs: 
 def murmur(*args: str) -> list[str]:
     """The argv of the installed `murmur` entry point with `args`."""
     return [MURMUR, *args]
+
+
+MEMBER_SCRIPT = str(Path(__file__).resolve().parent.parent / "cli" / "member.py")
+"""peer/cli/member.py: a swarm member that trains nothing (named by path: the lab does not import the CLI)."""
+
+
+def member(*args: str) -> list[str]:
+    """The argv of a membership-only swarm member with `murmur run`'s membership flags `args`."""
+    return [sys.executable, MEMBER_SCRIPT, *args]
 
 
 def run_toml(swarm: str, *, preset: str = "tiny", slices: int = 2, steps_per_round: int = 5, batch_size: int = 4,

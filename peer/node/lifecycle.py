@@ -22,11 +22,12 @@ from peer.node.daemon import Daemon
 from peer.node.gossip import STALE_ROUNDS
 from peer.node.rounds import lower_median
 from peer.node.trainer import Trainer
-from peer.swarm.join import Joined, JoinOptions, enter, joined, refresh_until
+from peer.swarm.join import Joined, JoinOptions, enter, joined, own_endpoint, refresh_until
 from peer.swarm.membership import Member
 from protocol.errors import JoinInterrupted
 from protocol.identity import Identity
 from protocol.logs import get_logger
+from protocol.manifest import murmur_home
 from protocol.service import PeerServer, ServerConfig
 
 log = get_logger(__name__)
@@ -39,6 +40,8 @@ class DaemonOptions:
     join: JoinOptions
     device: str = "auto"
     checkpoint_dir: Path | None = None
+    checkpoints_by_default: bool = False
+    """Without `checkpoint_dir`, save in the data directory, by swarm and peer (`murmur run`'s default)."""
     checkpoint_every: int = 10
     """Also save every this many rounds (0: only on exit); a SIGKILL leaves no chance to save on exit."""
     metrics_port: int | None = None
@@ -56,6 +59,14 @@ class DaemonOptions:
     """Validation loss of phi every this many rounds (0: never)."""
     overlap: bool = True
     """Exchange round r while round r+1 trains; partners' terms land a round late (see the module docstring)."""
+
+
+def checkpoint_directory(opts: DaemonOptions, peer_id: str) -> Path | None:
+    """Where this peer saves: --checkpoint-dir, else (by default) DATA/checkpoints/SWARM/PEER, one folder per
+    identity so that two peers of one volunteer never resume each other's state; None when switched off."""
+    if opts.checkpoint_dir is not None or not opts.checkpoints_by_default:
+        return opts.checkpoint_dir
+    return murmur_home() / "checkpoints" / opts.join.swarm / peer_id[:16]
 
 
 async def _resume_or_late_join(daemon: Daemon, directory: Path | None) -> None:
@@ -143,6 +154,7 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
         Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size,
         grad_accum=opts.grad_accum,
     )  # fmt: skip
+    directory = checkpoint_directory(opts, identity.peer_id)
     member = Member(session.swarm, identity, signed, endpoint="", software_version=software_version)
     daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every, overlap=opts.overlap)
     server: PeerServer | None = None
@@ -152,16 +164,16 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
             await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
             print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
         if j.listen is not None:
-            server = await _serve(daemon, identity, j.listen, run.gossip)
-            member.endpoint = j.announce or f"{j.listen[0]}:{server.port}"
+            server = await own_endpoint(member, await _serve(daemon, identity, j.listen, run.gossip), j)
         # slice, donors and partners are chosen among peers that answered at their endpoint (peer/swarm/admission.py)
         member.counted = daemon.admission.admitted
         member.peers = await asyncio.to_thread(session.swarm.live_peers, signed.run_id)
         await daemon.prober.admit_now()
         server = daemon.server = await enter(member, server, j)
-        await _resume_or_late_join(daemon, opts.checkpoint_dir)
-        if opts.checkpoint_dir is not None:
-            saver = resume.Checkpointer(directory=opts.checkpoint_dir, every=opts.checkpoint_every,
+        await _resume_or_late_join(daemon, directory)
+        if directory is not None:
+            print(f"checkpoints in {directory}, every {opts.checkpoint_every} rounds and at the end", flush=True)
+            saver = resume.Checkpointer(directory=directory, every=opts.checkpoint_every,
                                         run_id=daemon.policy.run_id, peer_id=identity.peer_id,
                                         version=software_version)  # fmt: skip
         daemon.reporter.start()

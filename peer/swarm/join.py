@@ -1,16 +1,20 @@
-"""The one join sequence, shared by `murmur join` (membership only) and `murmur run` (peer/node/daemon.py).
+"""The one join sequence, shared by `murmur run` (peer/node/lifecycle.py) and the membership-only member of the
+tests (peer/cli/member.py).
 
-Order of a join: identity -> DHT (with a clear error if it cannot start) -> manifest (publish with the
-owner key, or fetch and verify against --run-key / the pin) -> RunConfig from it (`joined`) -> PeerService
-on --listen (unless --client-only) -> slice (least covered) and first announcement -> reachability test by
-a bootstrap node (unreachable: say which port to open and continue client-only) (`enter`) -> the caller's
-work (`murmur join`: refresh every TTL/3) until SIGTERM/SIGINT -> stop the server, then the DHT; return
-normally (exit code 0). `swarm_view` is the read-only variant for commands that only look (status, eval).
+Order of a join: identity (default: the data directory's) -> DHT (with a clear error if it cannot start) -> the
+identity's lock (one running peer per identity) -> manifest (publish with the owner key, or fetch and verify
+against --run-key, pinned from then on, or the pin) -> RunConfig from it (`joined`) -> PeerService on --listen
+(unless --client-only; neither: on any port, announcing the IP a bootstrap node sees, `own_endpoint`) -> slice
+(least covered) and first announcement -> reachability test by a bootstrap node (unreachable: say which port to
+open and continue client-only) (`enter`) -> the caller's work until SIGTERM/SIGINT -> stop the server, then the
+DHT; return normally (exit code 0). `swarm_view` is the read-only variant for commands that only look.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,12 +25,13 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 
 from peer.config import RunConfig
-from peer.swarm.membership import Member, Swarm, SwarmConfig, check_reachability, slice_counts
+from peer.swarm.membership import Member, Swarm, SwarmConfig, slice_counts
+from peer.swarm.reachability import check_reachability, observe_host
 from protocol.dht import TetheredDHT, start_dht
-from protocol.errors import JoinInterrupted, ManifestError
+from protocol.errors import JoinInterrupted, ManifestError, SetupError
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.manifest import PinStore, SignedRunManifest, accept_owner, load_json, parse_run_key
+from protocol.manifest import PinStore, SignedRunManifest, accept_owner, load_json, murmur_home, parse_run_key
 from protocol.records import check_swarm_name
 from protocol.service import PeerServer, PeerStatus, ServerConfig
 from protocol.updates import ReceivedUpdate, WirePolicy
@@ -34,9 +39,18 @@ from protocol.updates import ReceivedUpdate, WirePolicy
 log = get_logger(__name__)
 
 
+ANY_INTERFACE = ("0.0.0.0", 0)
+"""Where a peer told neither --listen nor --client-only serves: every interface, any free port."""
+
+
+def default_identity() -> Path:
+    """The identity of a volunteer who names none: one per user, in the data directory (protocol.manifest)."""
+    return murmur_home() / "identity.key"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JoinOptions:
-    """What `murmur join` was told; `from_cli` checks the combinations."""
+    """What `murmur run` was told about joining; `from_cli` checks the combinations."""
 
     swarm: str
     initial_peers: tuple[str, ...]
@@ -46,7 +60,10 @@ class JoinOptions:
     manifest_path: Path | None = None
     owner_key: Path | None = None
     listen: tuple[str, int] | None = None
+    """None: client-only."""
     announce: str | None = None
+    observe: bool = False
+    """Announce the IP a bootstrap node sees this peer at (neither --listen nor --client-only was given)."""
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     announce_ttl_s: float = 60.0
     dht_start_timeout_s: float = 60.0
@@ -56,11 +73,13 @@ class JoinOptions:
     def from_cli(cls, o: dict) -> JoinOptions:
         """Build from the click options; ValueError names the flag that is wrong."""
         check_swarm_name(o["swarm"])
-        if bool(o["listen"]) == bool(o["client_only"]):
-            raise ValueError("give either --listen HOST:PORT (peers can dial you) or --client-only (behind NAT)")
+        if o["listen"] and o["client_only"]:
+            raise ValueError("give --listen HOST:PORT (peers can dial you) or --client-only (behind NAT), not both")
+        if o["announce"] and not o["listen"]:
+            raise ValueError("--announce IP:PORT goes with --listen HOST:PORT (where the forwarded port arrives)")
         if o["owner_key"] and not o["manifest_path"]:
             raise ValueError("--key (the owner's key) goes with --manifest")
-        listen = None
+        listen = None if o["client_only"] else ANY_INTERFACE
         if o["listen"]:
             host, _, port = o["listen"].rpartition(":")
             if not host or not port.isdigit():
@@ -71,12 +90,13 @@ class JoinOptions:
         return cls(
             swarm=o["swarm"],
             initial_peers=tuple(o["initial_peers"]),
-            identity=o["identity"],
+            identity=o["identity"] or default_identity(),
             run_key=parse_run_key(o["run_key"]) if o["run_key"] else None,
             manifest_path=o["manifest_path"],
             owner_key=o["owner_key"],
             listen=listen,
             announce=o["announce"],
+            observe=not o["listen"] and not o["client_only"],
             host_maddrs=tuple(o["host_maddrs"]),
             announce_ttl_s=o["announce_ttl"],
             dht_start_timeout_s=o["dht_start_timeout"],
@@ -122,6 +142,26 @@ async def _serve(identity: Identity, member: Member, opts: JoinOptions) -> PeerS
         config=ServerConfig(host=opts.listen[0], port=opts.listen[1]),
     )
     await server.start()
+    return server
+
+
+async def own_endpoint(member: Member, server: PeerServer, opts: JoinOptions) -> PeerServer | None:
+    """Set the endpoint `member` announces: --announce, else --listen's, else (neither --listen nor --client-only)
+    the IP a bootstrap node sees this peer at, with the port `server` took. When no node can tell, the peer goes
+    client-only (the server is stopped; None is returned), as it does when the endpoint proves unreachable."""
+    assert opts.listen is not None
+    if opts.announce or not opts.observe:
+        member.endpoint = opts.announce or f"{opts.listen[0]}:{server.port}"
+        return server
+    host, via = await observe_host(member.swarm.dht, opts.initial_peers)
+    if not host:
+        print(f"endpoint: no bootstrap node could tell this peer its address ({via}); continuing client-only",
+              flush=True)  # fmt: skip
+        await server.stop()
+        return None
+    member.endpoint = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
+    print(f"endpoint: {via} sees this peer at {host}; serving on port {server.port} (--listen and --announce choose)",
+          flush=True)  # fmt: skip
     return server
 
 
@@ -204,25 +244,60 @@ async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    created = not opts.identity.exists()
     identity = Identity.load_or_create(opts.identity)
+    print(f"identity {opts.identity} ({'new' if created else 'kept'}): peer {identity.peer_id[:16]}", flush=True)
     dht = await asyncio.to_thread(
         start_dht, initial_peers=opts.initial_peers, host_maddrs=opts.host_maddrs,
         startup_timeout_s=opts.dht_start_timeout_s,
     )  # fmt: skip
     try:
-        config = SwarmConfig(swarm=opts.swarm, initial_peers=opts.initial_peers, announce_ttl_s=opts.announce_ttl_s)
-        swarm = Swarm(dht, config)
-        print(f"DHT up; looking for swarm {opts.swarm} via {len(opts.initial_peers)} initial peer(s)", flush=True)
-        signed = await asyncio.to_thread(obtain_manifest, swarm, opts, halt)
-        try:
-            run = RunConfig.from_manifest(signed.manifest)
-        except ValueError as exc:
-            raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
-        print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
-              f"{run.method}{detail(run)}", flush=True)  # fmt: skip
-        yield Joined(identity, swarm, signed, run, stop, halt)
+        with identity_lock(opts.identity, opts.swarm):  # after the DHT's fork: its process must not hold the lock
+            yield await _verified_run(dht, identity, opts, software_version, detail, stop, halt)
     finally:
         await asyncio.to_thread(dht.shutdown)
+
+
+async def _verified_run(dht: TetheredDHT, identity: Identity, opts: JoinOptions, software_version: str,
+                        detail: Callable[[RunConfig], str], stop: asyncio.Event,
+                        halt: threading.Event) -> Joined:  # fmt: skip
+    """The swarm on `dht`, its manifest (published or fetched, verified) and the run config it holds."""
+    config = SwarmConfig(swarm=opts.swarm, initial_peers=opts.initial_peers, announce_ttl_s=opts.announce_ttl_s)
+    swarm = Swarm(dht, config)
+    print(f"DHT up; looking for swarm {opts.swarm} via {len(opts.initial_peers)} initial peer(s)", flush=True)
+    signed = await asyncio.to_thread(obtain_manifest, swarm, opts, halt)
+    try:
+        run = RunConfig.from_manifest(signed.manifest)
+    except ValueError as exc:
+        raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
+    print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
+          f"{run.method}{detail(run)}", flush=True)  # fmt: skip
+    return Joined(identity, swarm, signed, run, stop, halt)
+
+
+@contextmanager
+def identity_lock(path: Path, swarm: str) -> Iterator[None]:
+    """One running peer per identity in a swarm: two would announce under one peer id and take each other's
+    partners (in two swarms, one identity is two peers). An advisory lock on `path`.SWARM.lock (the kernel drops it
+    when the process dies, however it dies, so a restart right after a SIGKILL is not refused); SetupError names
+    the other process's pid."""
+    lock_path = path.with_name(f"{path.name}.{swarm}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SetupError(f"--identity {path}: cannot open its lock file {lock_path} ({exc.strerror or exc})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SetupError(f"--identity {path} is in use by another murmur peer in swarm {swarm} (pid {holder}); "
+                             "give this one its own --identity FILE") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 async def enter(member: Member, server: PeerServer | None, opts: JoinOptions) -> PeerServer | None:
@@ -258,8 +333,7 @@ async def run_join(opts: JoinOptions, *, software_version: str) -> None:
             server: PeerServer | None = None
             try:
                 if opts.listen is not None:
-                    server = await _serve(session.identity, member, opts)
-                    member.endpoint = opts.announce or f"{opts.listen[0]}:{server.port}"
+                    server = await own_endpoint(member, await _serve(session.identity, member, opts), opts)
                 server = await enter(member, server, opts)
                 await refresh_until(session.stop, member)
             finally:

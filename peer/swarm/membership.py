@@ -13,7 +13,6 @@ peers.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import threading
@@ -22,12 +21,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from hivemind.dht import DHT
-from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
-from hivemind.utils.multiaddr import Multiaddr
 
 from protocol import PROTOCOL_VERSION
-from protocol._generated import murmur_pb2 as pb
 from protocol.dht import refresh_routing
 from protocol.errors import InvalidRecord, JoinInterrupted, ManifestError, UntrustedOwner
 from protocol.identity import Identity
@@ -35,8 +31,6 @@ from protocol.logs import get_logger
 from protocol.manifest import PinStore, SignedRunManifest, accept_owner, parse_signed
 from protocol.manifest import trusted_key_for as _trusted_key_for
 from protocol.records import (
-    ANNOUNCEMENT_TAG,
-    REACHABILITY_HANDLER,
     Announcement,
     encode_manifest_record,
     manifest_record_signer,
@@ -311,53 +305,3 @@ class Member:
     def lookup(self, peer_id: str) -> bytes | None:
         """The public key of a live peer (for the wire's `WirePolicy.lookup`)."""
         return next((p.public_key for p in self.peers if p.peer_id == peer_id), None)
-
-
-@dataclass(frozen=True, slots=True)
-class Reachability:
-    """The outside view of this peer's endpoint: whether `via` (a bootstrap node) reached it, and why not."""
-
-    reachable: bool | None
-    """None when no bootstrap node answered, so nothing is known."""
-    via: str
-    detail: str
-
-    def advice(self, endpoint: str) -> str:
-        """One line for the volunteer: what happened and exactly what to do about it."""
-        if self.reachable:
-            return f"reachability: OK, {self.via} reached {endpoint} from outside"
-        port = endpoint.rpartition(":")[2]
-        if self.reachable is None:
-            return (
-                f"reachability: could not test {endpoint} ({self.detail}); if peers never reach you, use --client-only"
-            )
-        return (
-            f"reachability: {self.via} could NOT reach {endpoint} ({self.detail}). Open TCP port {port} to this "
-            f"machine (router port forward and firewall), pass --announce PUBLIC_IP:{port} if your public address "
-            "differs, or run with --client-only (you then dial all exchanges yourself)"
-        )
-
-
-async def check_reachability(
-    dht: DHT, initial_peers: Sequence[str], announcement: bytes, timeout_s: float = 15.0
-) -> Reachability:
-    """Ask a bootstrap node (from `initial_peers`, in random order) to dial our signed, announced endpoint.
-
-    This is a third-party dial: the node opens a TLS connection to the endpoint, pins the fingerprint
-    and calls Info, then says whether this peer answered. It proves the endpoint is reachable from
-    that node's network position (on the open internet: from outside this peer's NAT).
-    """
-    p2p = await dht.replicate_p2p()
-    request = pb.SignedAnnouncement.FromString(announcement[len(ANNOUNCEMENT_TAG) :])
-    errors = []
-    for maddr in random.sample(list(initial_peers), len(initial_peers)):
-        try:
-            node = PeerID.from_base58(Multiaddr(maddr)["p2p"])
-            reply = await asyncio.wait_for(
-                p2p.call_protobuf_handler(node, REACHABILITY_HANDLER, request, pb.InfoReply), timeout_s
-            )
-        except Exception as exc:  # hivemind raises P2PHandlerError, P2PDaemonError, timeouts...: try the next node
-            errors.append(f"{maddr}: {exc!r}")
-            continue
-        return Reachability(reply.health == "ok", via=maddr, detail=reply.health)
-    return Reachability(None, via="", detail="; ".join(errors) or "no --initial-peers to ask")

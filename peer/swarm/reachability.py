@@ -1,4 +1,9 @@
-"""The probes behind admission (peer/swarm/admission.py): an Info call at an announced endpoint, in the background.
+"""Reachability from outside: this peer's own endpoint as a bootstrap node sees it, and probes of other peers.
+
+`observe_host` asks a bootstrap node which IP this peer's connection comes from (what a peer announces when it
+was not told), and `check_reachability` has one dial the endpoint announced; `murmur run` goes client-only when
+that fails. The probes behind admission (peer/swarm/admission.py) are an Info call at each announced endpoint,
+in the background.
 
 `Admission` is bookkeeping (who answered, who waits out a failure); this module makes the calls. A probe dials
 the endpoint over TLS pinned to the certificate the signed announcement names, asks Info, and admits the peer
@@ -12,15 +17,93 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from hivemind.dht import DHT
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from peer.swarm.admission import PROBE_TIMEOUT_S, PROBES_AT_ONCE, Admission
+from protocol import PROTOCOL_MAJOR
+from protocol._generated import murmur_pb2 as pb
 from protocol.client import PeerClient
 from protocol.errors import MurmurError
 from protocol.identity import Identity
 from protocol.logs import get_logger
-from protocol.records import Announcement
+from protocol.records import ANNOUNCEMENT_TAG, OBSERVED_ADDRESS_HANDLER, REACHABILITY_HANDLER, Announcement
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reachability:
+    """The outside view of this peer's endpoint: whether `via` (a bootstrap node) reached it, and why not."""
+
+    reachable: bool | None
+    """None when no bootstrap node answered, so nothing is known."""
+    via: str
+    detail: str
+
+    def advice(self, endpoint: str) -> str:
+        """One line for the volunteer: what happened and exactly what to do about it."""
+        if self.reachable:
+            return f"reachability: OK, {self.via} reached {endpoint} from outside"
+        port = endpoint.rpartition(":")[2]
+        if self.reachable is None:
+            return (
+                f"reachability: could not test {endpoint} ({self.detail}); if peers never reach you, use --client-only"
+            )
+        return (
+            f"reachability: {self.via} could NOT reach {endpoint} ({self.detail}). Open TCP port {port} to this "
+            f"machine (router port forward and firewall), pass --announce PUBLIC_IP:{port} if your public address "
+            "differs, or run with --client-only (you then dial all exchanges yourself)"
+        )
+
+
+async def check_reachability(
+    dht: DHT, initial_peers: Sequence[str], announcement: bytes, timeout_s: float = 15.0
+) -> Reachability:
+    """Ask a bootstrap node (from `initial_peers`, in random order) to dial our signed, announced endpoint.
+
+    This is a third-party dial: the node opens a TLS connection to the endpoint, pins the fingerprint
+    and calls Info, then says whether this peer answered. It proves the endpoint is reachable from
+    that node's network position (on the open internet: from outside this peer's NAT).
+    """
+    p2p = await dht.replicate_p2p()
+    request = pb.SignedAnnouncement.FromString(announcement[len(ANNOUNCEMENT_TAG) :])
+    errors = []
+    for maddr in random.sample(list(initial_peers), len(initial_peers)):
+        try:
+            node = PeerID.from_base58(Multiaddr(maddr)["p2p"])
+            reply = await asyncio.wait_for(
+                p2p.call_protobuf_handler(node, REACHABILITY_HANDLER, request, pb.InfoReply), timeout_s
+            )
+        except Exception as exc:  # hivemind raises P2PHandlerError, P2PDaemonError, timeouts...: try the next node
+            errors.append(f"{maddr}: {exc!r}")
+            continue
+        return Reachability(reply.health == "ok", via=maddr, detail=reply.health)
+    return Reachability(None, via="", detail="; ".join(errors) or "no --initial-peers to ask")
+
+
+async def observe_host(dht: DHT, initial_peers: Sequence[str], timeout_s: float = 15.0) -> tuple[str, str]:
+    """The IP a bootstrap node (from `initial_peers`, in random order) sees this peer's connection come from, and
+    the node that said so; ('', why not) when none could tell (unreachable nodes, an older node, a relay)."""
+    p2p = await dht.replicate_p2p()
+    errors = []
+    for maddr in random.sample(list(initial_peers), len(initial_peers)):
+        try:
+            node = PeerID.from_base58(Multiaddr(maddr)["p2p"])
+            request = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR)
+            reply = await asyncio.wait_for(
+                p2p.call_protobuf_handler(node, OBSERVED_ADDRESS_HANDLER, request, pb.ObservedAddress), timeout_s
+            )
+        except Exception as exc:  # hivemind raises P2PHandlerError, P2PDaemonError, timeouts...: try the next node
+            errors.append(f"{maddr}: {exc!r}")
+            continue
+        if reply.host:
+            return reply.host, maddr
+        errors.append(f"{maddr}: it sees no IP for this connection")
+    return "", "; ".join(errors) or "no --initial-peers to ask"
 
 
 class Prober:

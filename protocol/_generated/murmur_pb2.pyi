@@ -293,3 +293,9 @@ class InfoReply(_message.Message):
     health: str
     peer_id: str
     def __init__(self, protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., slice: _Optional[int] = ..., health: _Optional[str] = ..., peer_id: _Optional[str] = ...) -> None: ...
+
+class ObservedAddress(_message.Message):
+    __slots__ = ("host",)
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    def __init__(self, host: _Optional[str] = ...) -> None: ...
