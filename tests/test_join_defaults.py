@@ -59,18 +59,21 @@ def test_checkpoints_default_to_the_data_directory_by_swarm_and_peer(home: Path)
     assert checkpoint_directory(DaemonOptions(join=join), peer_id) is None  # --no-checkpoints, and the library
 
 
-def test_one_identity_runs_one_peer_per_swarm_and_is_free_again_when_it_stops(tmp_path: Path) -> None:
-    key = tmp_path / "identity.key"
-    Identity.generate().save(key)
-    with identity_lock(key, "demo"):
-        held = rf"--identity {key} is in use by another murmur peer in swarm demo \(pid {os.getpid()}\)"
-        with pytest.raises(SetupError, match=held):
-            with identity_lock(key, "demo"):
+def test_one_identity_runs_one_peer_per_swarm_and_is_free_again_when_it_stops(home: Path, tmp_path: Path) -> None:
+    key, copy = tmp_path / "identity.key", tmp_path / "copy.key"
+    identity = Identity.generate()
+    identity.save(key)
+    with identity_lock(key, identity.peer_id, "demo"):
+        held = rf"--identity {copy} is in use by another murmur peer in swarm demo \(pid {os.getpid()}\)"
+        with pytest.raises(SetupError, match=held):  # a copy of the key is the same peer
+            with identity_lock(copy, identity.peer_id, "demo"):
                 pass
-        with identity_lock(key, "another"):  # in another swarm it is another peer
+        with identity_lock(key, identity.peer_id, "another"):  # in another swarm it is another peer
             pass
-    with identity_lock(key, "demo"):  # released on the way out (and by the kernel when a process dies)
+    with identity_lock(key, identity.peer_id, "demo"):  # released on the way out (and when a process dies)
         pass
+    assert sorted(p.name for p in (home / "locks").iterdir()) == [f"another-{identity.peer_id[:16]}.lock",
+                                                                  f"demo-{identity.peer_id[:16]}.lock"]  # fmt: skip
 
 
 class FakeServer:

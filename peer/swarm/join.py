@@ -252,7 +252,7 @@ async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[
         startup_timeout_s=opts.dht_start_timeout_s,
     )  # fmt: skip
     try:
-        with identity_lock(opts.identity, opts.swarm):  # after the DHT's fork: its process must not hold the lock
+        with identity_lock(opts.identity, identity.peer_id, opts.swarm):  # after the DHT's fork: not its to hold
             yield await _verified_run(dht, identity, opts, software_version, detail, stop, halt)
     finally:
         await asyncio.to_thread(dht.shutdown)
@@ -276,16 +276,17 @@ async def _verified_run(dht: TetheredDHT, identity: Identity, opts: JoinOptions,
 
 
 @contextmanager
-def identity_lock(path: Path, swarm: str) -> Iterator[None]:
+def identity_lock(path: Path, peer_id: str, swarm: str) -> Iterator[None]:
     """One running peer per identity in a swarm: two would announce under one peer id and take each other's
-    partners (in two swarms, one identity is two peers). An advisory lock on `path`.SWARM.lock (the kernel drops it
-    when the process dies, however it dies, so a restart right after a SIGKILL is not refused); SetupError names
-    the other process's pid."""
-    lock_path = path.with_name(f"{path.name}.{swarm}.lock")
+    partners (in two swarms, one identity is two peers). An advisory lock on DATA/locks/SWARM-PEER.lock, by peer id
+    so that a copy of the key file counts too; the kernel drops it when the process dies, however it dies, so a
+    restart right after a SIGKILL is not refused. SetupError names the other process's pid."""
+    lock_path = murmur_home() / "locks" / f"{swarm}-{peer_id[:16]}.lock"
     try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise SetupError(f"--identity {path}: cannot open its lock file {lock_path} ({exc.strerror or exc})") from exc
+        raise SetupError(f"cannot open the lock file {lock_path} of --identity {path} ({exc.strerror or exc})") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
