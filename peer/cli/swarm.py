@@ -173,7 +173,7 @@ def membership_options(command: Callable) -> Callable:
     options = [
         click.option("--swarm", required=True, help="Swarm name, e.g. tinystories-124m."),
         click.option("--initial-peers", multiple=True, callback=_maddrs, required=True, help=_MADDR_HELP),
-        click.option("--run-key", help="Trust only manifests signed by this owner key (64 hex); overrides a pin."),
+        click.option("--run-key", help="Trust only manifests signed by this owner key (64 hex); pinned for next time."),
         click.option(
             "--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="A manifest file to publish (the owner does this; --key proves ownership).",
