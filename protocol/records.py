@@ -103,6 +103,9 @@ class Announcement:
     software_version: str
     protocol_version: str
     expires_unix: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    """Payload bytes since the peer started (0 from a peer that does not say)."""
 
     @property
     def client_only(self) -> bool:
@@ -124,6 +127,8 @@ class Announcement:
             "run_id": self.run_id,
             "tls_fingerprint": self.tls_fingerprint,
             "expires_unix": self.expires_unix,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
         }
 
 
@@ -139,6 +144,8 @@ def sign_announcement(
     software_version: str,
     protocol_version: str,
     expires_unix: float,
+    bytes_sent: int = 0,
+    bytes_received: int = 0,
 ) -> bytes:
     """The DHT value announcing `identity`: tag + SignedAnnouncement, signed by the identity."""
     message = pb.PeerAnnouncement(
@@ -156,6 +163,8 @@ def sign_announcement(
         software_version=software_version,
         protocol_version=protocol_version,
         expires_unix=math.ceil(expires_unix),
+        bytes_sent=bytes_sent,
+        bytes_received=bytes_received,
     )
     body = message.SerializeToString(deterministic=True)
     signed = pb.SignedAnnouncement(announcement=body, signature=identity.sign(ANNOUNCEMENT_TAG + body))
@@ -269,6 +278,8 @@ def _check_announcement(value: bytes) -> Announcement:
         software_version=ann.software_version,
         protocol_version=ann.protocol_version,
         expires_unix=float(ann.expires_unix),
+        bytes_sent=ann.bytes_sent,
+        bytes_received=ann.bytes_received,
     )
 
 

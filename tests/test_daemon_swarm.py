@@ -1,8 +1,8 @@
 """`murmur run` with real processes on loopback: a bootstrap node, the owner and two volunteers (one
 client-only, joining late) train the demo's run config on the `micro` preset together, exchange updates over
 gRPC, their loss falls, the late joiner starts from a live peer's weights and is at the others' loss level
-within a few rounds, `murmur status` sees their rounds rise, and SIGTERM stops every process with exit code 0
-and nothing left running.
+within a few rounds, `murmur status` (once, and live with a plot) sees their rounds rise, and SIGTERM stops every
+process with exit code 0 and nothing left running.
 """
 
 from __future__ import annotations
@@ -54,6 +54,17 @@ def resumed_from(procs: Procs, maddr: str, run_key: str, last_round: int) -> Non
     assert again.terminate(timeout=30) == 0, again.logs()
 
 
+def watched(watching: Proc, owner: Proc, plot: Path) -> None:
+    """`murmur status --watch` printed a table a second while the swarm trained, the owner's round rose between
+    them, the plot of the swarm's loss is there, and SIGTERM ends the watch with exit code 0."""
+    assert watching.terminate(timeout=30) == 0, watching.logs()
+    owner_id = owner.wait_for(r"^joined swarm demo as ([0-9a-f]{64})")[1]
+    rounds = [int(line.split()[3]) for line in watching.lines if line.startswith(owner_id[:16])]
+    assert sum(line.startswith("swarm demo: ") for line in watching.lines) >= 3, watching.logs()
+    assert len(rounds) >= 3 and rounds[-1] > rounds[0], watching.logs()
+    assert plot.read_bytes()[:4] == b"\x89PNG", plot
+
+
 @pytest.mark.slow(21)
 @pytest.mark.timeout(400)
 def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Path) -> None:
@@ -77,7 +88,10 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     started = {"owner": t0, "peer1": t0, "peer2": time.monotonic()}
     assert fetched >= 5
     peers = [owner, peer1, peer2]
+    watching = procs.start("watch", murmur("status", "--swarm", "demo", "--initial-peers", maddr, "--watch",
+                                           "--every", "1", "--wait", "0.5", "--plot", "swarm-loss.png"))  # fmt: skip
     time.sleep(TRAIN_S)
+    watched(watching, owner, tmp_path / "swarm-loss.png")
     listed = json.loads("\n".join(procs.run("status", murmur("status", "--swarm", "demo", "--initial-peers", maddr,
                                                              "--json", "--wait", "0.5")).lines))  # fmt: skip
     assert len(listed) == 3 and all(p["round"] > 0 and p["loss"] is not None for p in listed), listed

@@ -121,51 +121,53 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
 @click.option("--swarm", required=True, help="Swarm name, e.g. tinystories-124m.")
 @click.option("--initial-peers", multiple=True, callback=_maddrs, required=True, help=_MADDR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of live peers instead of a table.")
+@click.option("--watch", is_flag=True, help="Show the table again every --every seconds, until Ctrl-C or SIGTERM.")
+@click.option("--every", type=click.FloatRange(1), default=5.0, show_default=True, help="Seconds between reads.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --watch: each peer's loss over time, as a PNG rewritten after every read.")  # fmt: skip
 @click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True)
 @click.option("--wait", type=click.FloatRange(0), default=2.0, show_default=True,
               help="Seconds to let the DHT settle before reading.")  # fmt: skip
-def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, dht_start_timeout: float, wait: float) -> None:
-    """List the live peers of a swarm (verified announcements only).
+def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, watch: bool, every: float, plot: Path | None,
+           dht_start_timeout: float, wait: float) -> None:  # fmt: skip
+    """List the live peers of a swarm (verified announcements only): slice, round, loss, tokens/s, bytes.
 
     \b
     Example:
       murmur status --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... --json
+      murmur status --swarm tinystories-124m --initial-peers /ip4/203.0.113.7/tcp/31337/p2p/QmXyz... \\
+                    --watch --plot swarm-loss.png
     """
     import time
 
+    from peer.cli import watch as live
+    from peer.cli.preflight import writable_file
     from peer.swarm.join import swarm_view
-    from protocol.errors import DHTStartError
     from protocol.records import check_swarm_name
 
     try:
         check_swarm_name(swarm)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--swarm") from exc
-
+    if plot is not None and not watch:
+        raise click.UsageError("--plot draws the loss over time: it goes with --watch")
+    if watch and as_json:
+        raise click.UsageError("--watch shows a table; --json prints one reading")
     try:
+        if plot is not None:
+            writable_file(plot, "--plot", replaced=True)
         with swarm_view(swarm, initial_peers, timeout_s=dht_start_timeout) as view:
             time.sleep(wait)
+            if watch:
+                live.watch(view.live_peers, swarm, every=every, plot=plot, say=click.echo)
+                return
             peers = view.live_peers()
-    except (DHTStartError, ValueError) as exc:
+    except (MurmurError, ValueError) as exc:  # DHTStartError, DHTStopped, SetupError (a --plot path)
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps([p.to_json() for p in peers], indent=2))
         return
-    click.echo(_table(swarm, [p.to_json() for p in peers]))
-
-
-def _table(swarm: str, rows: list[dict]) -> str:
-    """A readable table of live peers, one line each."""
-    if not rows:
-        return f"swarm {swarm}: no live peers"
-    head = f"{'peer':<16}  {'endpoint':<21}  {'slice':>5}  {'round':>6}  {'tok/s':>9}  {'loss':>7}  version"
-    lines = [f"swarm {swarm}: {len(rows)} live peer(s)", head]
-    for r in rows:
-        loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
-        endpoint = r["endpoint"] or "(client-only)"
-        lines.append(f"{r['peer_id'][:16]}  {endpoint:<21}  {r['slice']:>5}  {r['round']:>6}  "
-                     f"{r['tokens_per_s']:>9.1f}  {loss:>7}  {r['version']}")  # fmt: skip
-    return "\n".join(lines)
+    click.echo(live.format_table(swarm, [p.to_json() for p in peers]))
 
 
 def membership_options(command: Callable) -> Callable:

@@ -273,6 +273,8 @@ class Daemon:
         self.metrics.add_clipped(clipping.clipped)
         self.member.round, self.member.loss = r, trained.loss
         self.member.tokens_per_second = trained.tokens / seconds
+        shown = self.metrics.snapshot()
+        self.member.bytes_sent, self.member.bytes_received = shown.bytes_sent, shown.bytes_received
         line = RoundLine(round=r, loss=trained.loss, tokens_per_s=trained.tokens / seconds, slice=trained.update.slice,
                          exchanged=ok, partners=partners, mixed=len(updates), pushed_to_us=self.pushed_to_us,
                          stale_dropped=self.inbox.dropped_stale, seconds=seconds)  # fmt: skip

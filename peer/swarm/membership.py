@@ -253,6 +253,7 @@ class Member:
         self.round = 0
         self.tokens_per_second = 0.0
         self.loss = math.nan
+        self.bytes_sent = self.bytes_received = 0
         self.peers: list[Announcement] = []
         self.counted: Callable[[list[Announcement]], list[Announcement]] = lambda peers: peers
         """Which announcements count for slice coverage: the daemon counts only peers that answered at their
@@ -295,6 +296,8 @@ class Member:
             software_version=self.software_version,
             protocol_version=PROTOCOL_VERSION,
             expires_unix=expires_unix,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
         )
 
     def announce(self) -> None:

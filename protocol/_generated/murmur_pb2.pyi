@@ -157,7 +157,7 @@ class SignedManifest(_message.Message):
     def __init__(self, manifest: _Optional[bytes] = ..., owner_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PeerAnnouncement(_message.Message):
-    __slots__ = ("peer_id", "public_key", "run_id", "endpoint", "tls_fingerprint", "tls_binding", "tls_certificate", "slice", "round", "tokens_per_second", "software_version", "protocol_version", "expires_unix", "loss")
+    __slots__ = ("peer_id", "public_key", "run_id", "endpoint", "tls_fingerprint", "tls_binding", "tls_certificate", "slice", "round", "tokens_per_second", "software_version", "protocol_version", "expires_unix", "loss", "bytes_sent", "bytes_received")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class PeerAnnouncement(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     public_key: bytes
     run_id: str
@@ -186,7 +188,9 @@ class PeerAnnouncement(_message.Message):
     protocol_version: str
     expires_unix: int
     loss: float
-    def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., run_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., tls_fingerprint: _Optional[str] = ..., tls_binding: _Optional[bytes] = ..., tls_certificate: _Optional[bytes] = ..., slice: _Optional[int] = ..., round: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., software_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., expires_unix: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    bytes_sent: int
+    bytes_received: int
+    def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., run_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., tls_fingerprint: _Optional[str] = ..., tls_binding: _Optional[bytes] = ..., tls_certificate: _Optional[bytes] = ..., slice: _Optional[int] = ..., round: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., software_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., expires_unix: _Optional[int] = ..., loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class SignedAnnouncement(_message.Message):
     __slots__ = ("announcement", "signature")
