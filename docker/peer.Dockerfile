@@ -1,7 +1,9 @@
 # murmur peer: trains on one NVIDIA GPU. Build from the repository root:
 #   docker build -f docker/peer.Dockerfile -t murmur-peer .
 # Run (needs the NVIDIA container toolkit):
-#   docker run --gpus all -p 7000:7000 -v murmur-peer:/data murmur-peer --swarm NAME --initial-peers MADDR ...
+#   docker run --gpus all -v murmur-peer:/data murmur-peer --swarm NAME --initial-peers MADDR --run-key KEY
+# Identity, pinned run key and checkpoints live in /data (MURMUR_HOME). Without a published port the peer is
+# client-only; with one: -p 7000:7000 ... --listen 0.0.0.0:7000 --announce PUBLIC_IP:7000
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV PYTHONUNBUFFERED=1 \
