@@ -151,10 +151,11 @@ def test_an_address_over_its_calls_is_refused_until_its_bucket_refills_and_nobod
 
     flood, pushed, later, server = run(scenario)
     assert [o.code for o in flood] == [S.OK] * 5 + [S.RESOURCE_EXHAUSTED] * 3
-    assert {o.reason for o in flood[5:]} == {"over_limit"} and (pushed.code, pushed.reason) == (
-        S.RESOURCE_EXHAUSTED,
-        "over_limit",
-    )
+    assert {o.reason for o in flood[5:]} == {"over_limit"}
+    # The push is refused when its call starts, before the server reads its first frame, so that frame's write can
+    # race the refusal: grpc.aio then reports a local INTERNAL instead of the server's status (grpc/grpc#36066;
+    # seen once in a fresh clone's `make test` under load). The server's count below is what proves the refusal.
+    assert (pushed.code, pushed.reason) == (S.RESOURCE_EXHAUSTED, "over_limit") or pushed.write_raced, pushed
     assert later.code is S.OK, later.details
     assert server.rejections == {Reason.OVER_LIMIT: 4} and server.bans.banned() == []
     assert [u.round for u in wire.received] == [2]
