@@ -24,9 +24,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # A file's tests run in one worker, one after the other (module fixtures, the netns subnet); files run side by side,
-# the longest first (tests/conftest.py), on one worker more than the cores: process tests spend part of their time
-# waiting on rounds and timeouts (on 2 cores: 2 workers 243 s with 72 s of idle CPU, 3 workers 224 s, 4 workers 231 s)
-TEST_WORKERS ?= $(shell expr $$(nproc) + 1)
+# the longest first (tests/conftest.py), one worker per core. On 2 cores 3 workers were faster (224 s against
+# 243 s), but the contention made timing-sensitive process tests fail in 3 of 6 fresh clones: one per core.
+TEST_WORKERS ?= $(shell nproc)
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -146,6 +146,10 @@ def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_o
     end = {rate: len(p.lines) for rate, p in peers.items()}
     sent = {rate: tuple(b - a for a, b in zip(sent0[rate], netns.link_bytes(host))) for rate, host in hosts.items()}
     window = {rate: rounds_between(p, start[rate], end[rate]) for rate, p in peers.items()}
+    # that every peer, the slowest link's included, mixes a partner's update is waited for (bounded), not expected
+    # within the window: on a loaded machine the 5 Mbit/s peer's exchanges can all time out for 20 s
+    wait_until(lambda: all(sum(r.mixed for r in parse_all(p.lines)) >= 1 for p in everyone), 120,
+               "every peer mixed a partner's update", everyone)  # fmt: skip
     every = {rate: parse_all(p.lines) for rate, p in peers.items()}
 
     for proc in peers.values():
@@ -161,7 +165,7 @@ def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_o
     for rate in RATES_MBIT:
         rounds = window[rate]
         assert len(rounds) >= 3, (rate, summary)
-        assert sum(r.mixed for r in rounds) >= 1, (rate, summary)
+        assert sum(r.mixed for r in every[rate]) >= 1, (rate, summary)
         losses = [r.loss for r in every[rate]]
         # from its own first round, or, for a peer that joined late (from the swarm's weights), from the owner's
         late = any(line.startswith("late join: fetched") for line in peers[rate].lines)
