@@ -102,11 +102,14 @@ def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
 
 
 def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
-    """`murmur eval --swarm` on the running demo swarm, as soon as a peer has served a snapshot (round >= 5).
-    The demo trains until the test's Ctrl-C, not for a fixed time: a timed demo raced the eval on a loaded
-    machine (its peers had stopped before the eval's download: 'connection refused')."""
+    """`murmur eval --swarm` on the running demo swarm, once every peer serves a snapshot of round 5 or later (a
+    peer serves its weights every SNAPSHOT_EVERY = 5 rounds, so one at round 1-4 still serves round 0: waiting for
+    one peer only let the eval pick a slower one on a loaded machine). The demo trains until the test's Ctrl-C,
+    not for a fixed time: a timed demo raced the eval on a loaded machine (its peers had stopped before the eval's
+    download: 'connection refused')."""
     run_key = wait_for_line(log, r"run key ([0-9a-f]{64})$", demo, 60)[1]
-    wait_for_line(log, r"peer\d +round +(?:[5-9]|[1-9]\d|\d{3,}) ", demo, 90)  # round >= 5
+    for name in ("peer0", "peer1"):
+        wait_for_line(log, rf"{name} +round +(?:[5-9]|[1-9]\d|\d{{3,}}) ", demo, 90)  # round >= 5
     maddr = (out / "boot.addrs").read_text().split()[0]
     argv = [sys.executable, "-m", "peer.cli.main", "eval", "--swarm", "demo", "--initial-peers", maddr,
             "--run-key", run_key, "--batches", "2", "--json"]  # fmt: skip
