@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.message import Message
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
@@ -60,6 +61,22 @@ class Reachability:
         )
 
 
+async def _ask_bootstrap_nodes(dht: DHT, initial_peers: Sequence[str], handler: str, request: Message,
+                               reply_type: type[Message], errors: list[str], timeout_s: float,
+                               ) -> AsyncIterator[tuple[str, Message]]:  # fmt: skip
+    """(node, reply) from each of `initial_peers` in random order that answers `request` on libp2p `handler`;
+    a node that does not answer adds its error to `errors`. The caller stops at the first reply it can use."""
+    p2p = await dht.replicate_p2p()
+    for maddr in random.sample(list(initial_peers), len(initial_peers)):
+        try:
+            node = PeerID.from_base58(Multiaddr(maddr)["p2p"])
+            reply = await asyncio.wait_for(p2p.call_protobuf_handler(node, handler, request, reply_type), timeout_s)
+        except Exception as exc:  # hivemind raises P2PHandlerError, P2PDaemonError, timeouts...: try the next node
+            errors.append(f"{maddr}: {exc!r}")
+            continue
+        yield maddr, reply
+
+
 async def check_reachability(
     dht: DHT, initial_peers: Sequence[str], announcement: bytes, timeout_s: float = 15.0
 ) -> Reachability:
@@ -69,18 +86,10 @@ async def check_reachability(
     and calls Info, then says whether this peer answered. It proves the endpoint is reachable from
     that node's network position (on the open internet: from outside this peer's NAT).
     """
-    p2p = await dht.replicate_p2p()
     request = pb.SignedAnnouncement.FromString(announcement[len(ANNOUNCEMENT_TAG) :])
-    errors = []
-    for maddr in random.sample(list(initial_peers), len(initial_peers)):
-        try:
-            node = PeerID.from_base58(Multiaddr(maddr)["p2p"])
-            reply = await asyncio.wait_for(
-                p2p.call_protobuf_handler(node, REACHABILITY_HANDLER, request, pb.InfoReply), timeout_s
-            )
-        except Exception as exc:  # hivemind raises P2PHandlerError, P2PDaemonError, timeouts...: try the next node
-            errors.append(f"{maddr}: {exc!r}")
-            continue
+    errors: list[str] = []
+    async for maddr, reply in _ask_bootstrap_nodes(dht, initial_peers, REACHABILITY_HANDLER, request, pb.InfoReply,
+                                                   errors, timeout_s):  # fmt: skip
         return Reachability(reply.health == "ok", via=maddr, detail=reply.health)
     return Reachability(None, via="", detail="; ".join(errors) or "no --initial-peers to ask")
 
@@ -88,18 +97,10 @@ async def check_reachability(
 async def observe_host(dht: DHT, initial_peers: Sequence[str], timeout_s: float = 15.0) -> tuple[str, str]:
     """The IP a bootstrap node (from `initial_peers`, in random order) sees this peer's connection come from, and
     the node that said so; ('', why not) when none could tell (unreachable nodes, an older node, a relay)."""
-    p2p = await dht.replicate_p2p()
-    errors = []
-    for maddr in random.sample(list(initial_peers), len(initial_peers)):
-        try:
-            node = PeerID.from_base58(Multiaddr(maddr)["p2p"])
-            request = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR)
-            reply = await asyncio.wait_for(
-                p2p.call_protobuf_handler(node, OBSERVED_ADDRESS_HANDLER, request, pb.ObservedAddress), timeout_s
-            )
-        except Exception as exc:  # hivemind raises P2PHandlerError, P2PDaemonError, timeouts...: try the next node
-            errors.append(f"{maddr}: {exc!r}")
-            continue
+    request = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR)
+    errors: list[str] = []
+    async for maddr, reply in _ask_bootstrap_nodes(dht, initial_peers, OBSERVED_ADDRESS_HANDLER, request,
+                                                   pb.ObservedAddress, errors, timeout_s):  # fmt: skip
         if reply.host:
             return reply.host, maddr
         errors.append(f"{maddr}: it sees no IP for this connection")
