@@ -55,6 +55,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from peer.core.robust import AUTO_FACTOR, AUTO_QUANTILE, PHI_FACTOR, quantile, rms
 from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml
@@ -497,12 +498,9 @@ banned on a loaded machine, because a server there handles fewer of one peer's c
 (its 32 concurrent RPCs are full, and the rest are refused by grpc before any of our checks)."""
 METRICS_AT = r"^metrics at (http://\S+/metrics)$"
 EVAL_LINE = re.compile(r"^eval round (\d+) val_loss ([\d.]+)$")
-SAMPLE = re.compile(
-    r'^(murmur_rejected_updates_total|murmur_clipped_updates_total|murmur_peers_live|murmur_peers_admitted)'
-    r'(?:\{reason="([^"]*)"\})? (\S+)$'
-)
-NAMES = {"murmur_clipped_updates_total": "clipped", "murmur_peers_live": "peers_live",
-         "murmur_peers_admitted": "peers_admitted"}  # fmt: skip
+COUNTED = {"murmur_clipped_updates": "clipped", "murmur_live_peers": "peers_live",
+           "murmur_admitted_peers": "peers_admitted"}  # fmt: skip
+"""Metric families (as the parser names them) -> counter keys; murmur_rejected_updates becomes rejected:<reason>."""
 HONEST = ("owner", "peer1", "peer2", "peer3")
 
 
@@ -595,9 +593,12 @@ def counters(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=20) as response:
         text = response.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if m := SAMPLE.match(line):
-            out[NAMES.get(m[1], f"rejected:{m[2]}")] = float(m[3])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "murmur_rejected_updates" and sample.name.endswith("_total"):
+                out[f"rejected:{sample.labels['reason']}"] = sample.value
+            elif family.name in COUNTED and not sample.name.endswith("_created"):
+                out[COUNTED[family.name]] = sample.value
     return out
 
 

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
-from hivemind.dht import DHT, DHTNode
-from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
 
+from bootstrap.metrics import BootstrapMetrics, DHTStats, dht_stats
 from bootstrap.reachability import serve_reachability
 from protocol.dht import refresh_routing, start_dht
-from protocol.errors import InvalidRecord
 from protocol.files import atomic_write
 from protocol.identity import Identity
 from protocol.logs import configure_logging, get_logger
-from protocol.records import verify_announcement
 
 log = get_logger(__name__)
 
@@ -50,21 +48,12 @@ class BootstrapConfig:
     startup_timeout_s: float = 60.0
     refresh_every_s: float = 60.0
     activity_every_s: float = 30.0
-
-
-async def _stored_activity(_dht: DHT, node: DHTNode) -> dict[str, int]:
-    """Inside the DHT process: live, verified announcements this node stores, counted per run id."""
-    runs: Counter[str] = Counter()
-    for _key, stored in node.protocol.storage.items():
-        if not isinstance(stored.value, DictionaryDHTValue):
-            continue
-        for subkey, (value_bytes, _expiry) in stored.value.items():
-            try:
-                ann = verify_announcement(node.protocol.serializer.loads(value_bytes), subkey=subkey)
-            except InvalidRecord:
-                continue  # manifests, and anything stale or odd, are not peers
-            runs[ann.run_id[:12]] += 1
-    return dict(runs)
+    sample_every_s: float = 10.0
+    """How often the DHT's numbers are read for /metrics."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at http://metrics_host:metrics_port/metrics (0: any free port); None: don't."""
+    version: str = ""
 
 
 def read_addrs_files(paths: tuple[Path, ...]) -> list[str]:
@@ -86,6 +75,8 @@ class BootstrapNode:
         self.dht: DHT | None = None
         self.maddrs: list[str] = []
         self.known: list[str] = []
+        self.metrics = BootstrapMetrics(version=config.version)
+        self.p2p: P2P | None = None
 
     def known_peers(self) -> list[str]:
         """The other bootstrap nodes: flags plus addrs files (re-read each call), without ourselves."""
@@ -112,8 +103,12 @@ class BootstrapNode:
             atomic_write(cfg.addrs_file, "".join(f"{m}\n" for m in self.maddrs).encode())
         for maddr in self.maddrs:
             print(maddr, flush=True)
-        p2p = await self.dht.replicate_p2p()
-        await serve_reachability(p2p, Identity.generate())
+        self.p2p = p2p = await self.dht.replicate_p2p()
+        self.metrics.peer_id = str(p2p.peer_id)
+        await serve_reachability(p2p, Identity.generate(), on_request=self.metrics.count_request)
+        if cfg.metrics_port is not None:
+            await self.metrics.http.serve(cfg.metrics_host, cfg.metrics_port)
+            print(f"metrics at http://{cfg.metrics_host}:{self.metrics.http.port}/metrics", flush=True)
         log.info("bootstrap node up: %s (peers join with --initial-peers %s)", self.maddrs[0], self.maddrs[0])
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -121,16 +116,19 @@ class BootstrapNode:
         loop = asyncio.get_running_loop()
         try:
             await self.start()
-            next_refresh = next_activity = loop.time()
+            next_refresh = next_activity = next_sample = loop.time()
             while not stop.is_set():
                 now = loop.time()
                 if now >= next_refresh:
                     next_refresh = now + self.config.refresh_every_s
                     size = await loop.run_in_executor(None, refresh_routing, self.dht, self.known_peers())
                     log.debug("routing table refreshed: %d nodes", size)
-                if now >= next_activity:
-                    next_activity = now + self.config.activity_every_s
-                    await self._log_activity()
+                if now >= next_sample:
+                    next_sample = now + self.config.sample_every_s
+                    stats = await self._sample()
+                    if now >= next_activity:
+                        next_activity = now + self.config.activity_every_s
+                        self._log_activity(stats)
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
                 except asyncio.TimeoutError:
@@ -138,15 +136,22 @@ class BootstrapNode:
         finally:
             await self.shutdown()
 
-    async def _log_activity(self) -> None:
-        assert self.dht is not None
-        runs = await self.dht.run_coroutine(_stored_activity, return_future=True)
-        if runs:
-            summary = ", ".join(f"run {run}…: {n} peer(s)" for run, n in sorted(runs.items()))
+    async def _sample(self) -> DHTStats:
+        """Read the DHT process's numbers (and the connected peers) into the metrics."""
+        assert self.dht is not None and self.p2p is not None
+        stats = await self.dht.run_coroutine(dht_stats, return_future=True)
+        self.metrics.update(stats, len(await self.p2p.list_peers()))
+        return stats
+
+    @staticmethod
+    def _log_activity(stats: DHTStats) -> None:
+        if stats.announced:
+            summary = ", ".join(f"run {run}…: {n} peer(s)" for run, n in sorted(stats.announced.items()))
             log.info("swarm activity stored here: %s", summary)
 
     async def shutdown(self) -> None:
         """Stop the DHT and its p2pd (idempotent)."""
+        await self.metrics.http.close()
         if self.dht is not None:
             dht, self.dht = self.dht, None
             await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)

@@ -14,6 +14,7 @@ connection comes from, as a STUN server would tell it, and announces that IP wit
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.utils.multiaddr import Multiaddr
@@ -89,13 +90,16 @@ async def observed_host(p2p: P2P, context: P2PContext) -> pb.ObservedAddress:
     return pb.ObservedAddress()
 
 
-async def serve_reachability(p2p: P2P, identity: Identity) -> None:
-    """Register the reachability and observed-address handlers on `p2p` (a replica of the DHT's P2P)."""
+async def serve_reachability(p2p: P2P, identity: Identity, on_request: Callable[[str], None] = lambda _: None) -> None:
+    """Register the reachability and observed-address handlers on `p2p` (a replica of the DHT's P2P);
+    each request calls `on_request` with its handler's name (the node's metrics count them)."""
 
     async def handler(request: pb.SignedAnnouncement, context: P2PContext) -> pb.InfoReply:
+        on_request("reachability")
         return await dial_announced(request, identity)
 
     async def observed(request: pb.InfoRequest, context: P2PContext) -> pb.ObservedAddress:
+        on_request("observed_address")
         return await observed_host(p2p, context)
 
     await p2p.add_protobuf_handler(REACHABILITY_HANDLER, handler, pb.SignedAnnouncement)

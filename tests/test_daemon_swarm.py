@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from peer.lab.demo import demo_toml
 from peer.lab.harness import MADDR_LINE, Proc, Procs, group_pids, murmur, wait_until
@@ -101,9 +102,12 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     assert len(listed) == 3 and all(p["round"] > 0 and p["loss"] is not None for p in listed), listed
     metrics_url = owner.wait_for(r"^metrics at (http://\S+)").group(1)
     scraped = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    values = dict(line.split(" ", 1) for line in scraped.splitlines() if line and not line.startswith("#"))
-    assert float(values["murmur_round"]) > 10 and float(values["murmur_bytes_sent_total"]) > 0, scraped
-    assert float(values["murmur_peers_live"]) == 3 and float(values["murmur_loss"]) < 3.5, scraped
+    values = {s.name: s for f in text_string_to_metric_families(scraped) for s in f.samples}
+    assert values["murmur_round"].value > 10 and values["murmur_sent_bytes_total"].value > 0, scraped
+    assert values["murmur_live_peers"].value == 3 and values["murmur_train_loss"].value < 3.5, scraped
+    assert values["murmur_round"].labels == {"swarm": "demo", "run": listed[0]["run_id"][:16]}, scraped
+    assert values["murmur_peer_info"].labels["peer"] in {p["peer_id"] for p in listed}, scraped
+    assert values["murmur_round_duration_seconds_count"].value > 10, scraped
 
     for proc in (peer1, owner, peer2):
         pgid = proc.pgid

@@ -5,58 +5,69 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import sys
 import threading
 import time
 
 import pytest
 from conftest_wire import until
+from prometheus_client import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
-from peer.node.metrics import Metrics, StatusLine, human_bytes
+from peer.node.metrics import Metrics, PeerInfo, StatusLine, human_bytes
 
-EXPECTED = """\
+RUN = "ab" * 8
+LABELS = f'run="{RUN}",swarm="demo"'
+EXPECTED_MURMUR = f"""\
+# HELP murmur_peer_info Who this peer is: swarm, run, peer id, slice, version, device.
+# TYPE murmur_peer_info gauge
+murmur_peer_info{{device="cpu",peer="{"cd" * 32}",run="{RUN}",slice="1",slices="4",swarm="demo",version="0.1.0"}} 1.0
 # HELP murmur_round Outer round this peer is in.
 # TYPE murmur_round gauge
-murmur_round 12
-# HELP murmur_slice Index of the parameter slice this peer trains.
-# TYPE murmur_slice gauge
-murmur_slice 1
-# HELP murmur_loss Mean inner loss of the last round (nats per token).
-# TYPE murmur_loss gauge
-murmur_loss 3.25
-# HELP murmur_tokens_total Tokens trained on since the process started.
-# TYPE murmur_tokens_total counter
-murmur_tokens_total 4096
-# HELP murmur_bytes_sent_total Payload bytes sent to partners.
-# TYPE murmur_bytes_sent_total counter
-murmur_bytes_sent_total 1536
-# HELP murmur_bytes_received_total Payload bytes received from partners.
-# TYPE murmur_bytes_received_total counter
-murmur_bytes_received_total 3145728
-# HELP murmur_rejected_updates_total Partner updates rejected, by reason.
-# TYPE murmur_rejected_updates_total counter
-murmur_rejected_updates_total{reason="a\\\\b \\"q\\"\\nnl"} 1
-murmur_rejected_updates_total{reason="nonfinite"} 2
-# HELP murmur_peers_live Live peers seen in the swarm.
-# TYPE murmur_peers_live gauge
-murmur_peers_live 7
-# HELP murmur_peers_admitted Live peers that answered at their endpoint or exchanged with this one.
-# TYPE murmur_peers_admitted gauge
-murmur_peers_admitted 5
-# HELP murmur_partners_reached Partners exchanged with in the last round.
-# TYPE murmur_partners_reached gauge
-murmur_partners_reached 2
+murmur_round{{{LABELS}}} 12.0
+# HELP murmur_train_loss Mean inner loss of the last round (nats per token).
+# TYPE murmur_train_loss gauge
+murmur_train_loss{{{LABELS}}} 3.25
+# HELP murmur_validation_loss Loss of the outer weights on held-out data at the last evaluation (nats per token).
+# TYPE murmur_validation_loss gauge
+murmur_validation_loss{{{LABELS}}} 3.5
+# HELP murmur_live_peers Live peers announced in the swarm, this one included.
+# TYPE murmur_live_peers gauge
+murmur_live_peers{{{LABELS}}} 7.0
+# HELP murmur_admitted_peers Live peers that answered at their endpoint or exchanged with this one.
+# TYPE murmur_admitted_peers gauge
+murmur_admitted_peers{{{LABELS}}} 5.0
+# HELP murmur_round_partners Partners exchanged with in the last round.
+# TYPE murmur_round_partners gauge
+murmur_round_partners{{{LABELS}}} 2.0
+# HELP murmur_trained_tokens_total Tokens trained on since the process started.
+# TYPE murmur_trained_tokens_total counter
+murmur_trained_tokens_total{{{LABELS}}} 4096.0
+# HELP murmur_sent_bytes_total Update payload bytes sent to partners.
+# TYPE murmur_sent_bytes_total counter
+murmur_sent_bytes_total{{{LABELS}}} 1536.0
+# HELP murmur_received_bytes_total Update payload bytes received from partners.
+# TYPE murmur_received_bytes_total counter
+murmur_received_bytes_total{{{LABELS}}} 3.145728e+06
 # HELP murmur_clipped_updates_total Partner terms scaled down to the clipping bound (peer/core/robust.py).
 # TYPE murmur_clipped_updates_total counter
-murmur_clipped_updates_total 3
+murmur_clipped_updates_total{{{LABELS}}} 3.0
+# HELP murmur_rejected_updates_total Partner updates rejected, by reason.
+# TYPE murmur_rejected_updates_total counter
+murmur_rejected_updates_total{{reason="a\\\\b \\"q\\"\\nnl",{LABELS}}} 1.0
+murmur_rejected_updates_total{{reason="nonfinite",{LABELS}}} 2.0
 """
+"""The murmur families of `known_state()`, exactly: the order, the names, the labels, the escaping."""
 
 
 def known_state() -> Metrics:
     m = Metrics()
+    m.identify(PeerInfo(swarm="demo", run=RUN, peer="cd" * 32, version="0.1.0", device="cpu"))
     m.set_round(12)
     m.set_slice(1, 4)
     m.set_loss(3.25)
+    m.set_validation_loss(3.5)
     m.add_tokens(4000)
     m.add_tokens(96)
     m.add_bytes_sent(1536)
@@ -71,16 +82,60 @@ def known_state() -> Metrics:
     return m
 
 
+def murmur_part(text: str) -> str:
+    """The lines of the custom murmur families (before the library's process metrics)."""
+    return text[: text.index("# HELP process_")]
+
+
+def families(text: str) -> dict[str, Metric]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
 @pytest.mark.timeout(10)
 def test_render_matches_the_exposition_format_exactly() -> None:
-    assert known_state().render() == EXPECTED
+    assert murmur_part(known_state().render()) == EXPECTED_MURMUR
 
 
 @pytest.mark.timeout(10)
-def test_fresh_metrics_render_nan_loss_and_no_rejection_samples() -> None:
-    text = Metrics().render()
-    assert "murmur_loss NaN\n" in text
-    assert "# TYPE murmur_rejected_updates_total counter\n# HELP murmur_peers_live" in text
+def test_names_follow_prometheus_conventions_and_every_murmur_series_names_its_swarm_and_run() -> None:
+    m = known_state()
+    m.observe_round(1.2)
+    asyncio.run(m.timed_exchange(asyncio.sleep(0, result=False)))
+    parsed = families(m.render())
+    for name, family in parsed.items():
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), name
+        assert not name.endswith(("_seconds_total", "_created")) and "_total_" not in name, name
+        if name.startswith("murmur_"):
+            assert all({"swarm", "run"} <= set(s.labels) for s in family.samples), name
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_info", "python_gc_collections"} <= set(
+        parsed
+    )
+    rounds = {s.name: s.value for s in parsed["murmur_round_duration_seconds"].samples if not s.labels.get("le")}
+    assert rounds == {"murmur_round_duration_seconds_count": 1, "murmur_round_duration_seconds_sum": 1.2}
+    exchanges = {
+        s.labels["outcome"]: s.value
+        for s in parsed["murmur_exchange_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert exchanges == {"ok": 0, "failed": 1}
+    assert "murmur_gpu_memory_allocated_bytes" not in parsed  # a CPU peer has no GPU series
+
+
+@pytest.mark.timeout(10)
+def test_fresh_metrics_render_nan_losses_and_no_rejection_samples() -> None:
+    parsed = families(Metrics().render())
+    assert math.isnan(parsed["murmur_train_loss"].samples[0].value)
+    assert math.isnan(parsed["murmur_validation_loss"].samples[0].value)
+    assert parsed["murmur_rejected_updates"].samples == []
+    assert parsed["murmur_peer_info"].samples[0].labels["slice"] == ""
+
+
+@pytest.mark.timeout(10)
+def test_two_peers_in_one_process_keep_their_own_series() -> None:
+    a, b = known_state(), Metrics()
+    b.set_round(99)
+    assert "murmur_round{" + LABELS + "} 12.0" in a.render() and 'murmur_round{run="",swarm=""} 99.0' in b.render()
 
 
 @pytest.mark.timeout(10)
@@ -91,7 +146,7 @@ def test_counters_only_go_up() -> None:
             add(-1)
     with pytest.raises(ValueError):
         m.reject("nonfinite", -1)
-    assert m.render() == EXPECTED
+    assert murmur_part(m.render()) == EXPECTED_MURMUR
 
 
 @pytest.mark.timeout(10)
@@ -143,9 +198,9 @@ def test_get_metrics_over_a_real_socket() -> None:
             assert head.startswith(b"HTTP/1.1 200 OK\r\n")
             assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8" in head
             assert f"Content-Length: {len(body)}".encode() in head
-            assert body.decode() == EXPECTED
+            assert murmur_part(body.decode()) == EXPECTED_MURMUR
             m.set_round(13)  # a later scrape sees later values
-            assert b"murmur_round 13\n" in await get(m.port)
+            assert f"murmur_round{{{LABELS}}} 13.0\n".encode() in await get(m.port)
         finally:
             await m.close()
         await m.close()  # twice is fine
@@ -195,7 +250,7 @@ def test_oversized_request_is_refused_and_the_server_lives_on() -> None:
 def test_a_slow_client_times_out_without_blocking_others() -> None:
     async def main() -> None:
         m = known_state()
-        m.read_timeout = 0.5
+        m.http.read_timeout = 0.5
         await m.serve("127.0.0.1", 0)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", m.port)
@@ -208,7 +263,7 @@ def test_a_slow_client_times_out_without_blocking_others() -> None:
             assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")
             # a client still connected when the server closes is cut off, not waited for
             _, idle = await asyncio.open_connection("127.0.0.1", m.port)
-            m.read_timeout = 60
+            m.http.read_timeout = 60
         finally:
             await m.close()
         idle.close()
@@ -220,17 +275,17 @@ def test_a_slow_client_times_out_without_blocking_others() -> None:
 def test_connections_beyond_the_cap_are_closed_at_once() -> None:
     async def main() -> None:
         m = known_state()
-        m.max_connections = 1
+        m.http.max_connections = 1
         await m.serve("127.0.0.1", 0)
         try:
             _, holder = await asyncio.open_connection("127.0.0.1", m.port)
-            await until(lambda: len(m._connections) == 1)
+            await until(lambda: len(m.http._connections) == 1)
             try:
                 assert await get(m.port) == b""
             except ConnectionError:
                 pass  # closed before or after our request reached it: refused either way
             holder.close()
-            await until(lambda: not m._connections)
+            await until(lambda: not m.http._connections)
             assert (await get(m.port)).startswith(b"HTTP/1.1 200 ")
         finally:
             await m.close()

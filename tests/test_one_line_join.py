@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from peer.lab.demo import demo_toml
-from peer.lab.harness import MADDR_LINE, Procs, murmur
+from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, wait_until
 from peer.node.roundline import parse_all
 
 RUN_TOML = demo_toml(slices=2, preset="micro", min_round_s=0.5)
@@ -34,8 +36,10 @@ def fresh_home(home: Path) -> dict[str, str]:
 def test_one_line_joins_trains_and_keeps_identity_and_checkpoints_in_the_data_directory(procs: Procs) -> None:
     (procs.workdir / "run.toml").write_text(RUN_TOML)
     made = procs.start("create", murmur("create-run", "--config", "run.toml", "--key", "owner.key"))
-    boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key"))
+    boot = procs.start("boot", murmur("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", "boot.key",
+                                      "--metrics-port", "0"))  # fmt: skip
     maddr = boot.wait_for(MADDR_LINE, timeout=60).group(1)
+    boot_metrics = boot.wait_for(r"^metrics at (http://\S+)$", timeout=30)[1]
     assert made.wait_exit(60) == 0, made.logs()
     run_key = made.lines[-1]
     owner = procs.start("owner", murmur(
@@ -56,6 +60,10 @@ def test_one_line_joins_trains_and_keeps_identity_and_checkpoints_in_the_data_di
     checkpoints = data / "checkpoints" / "demo" / peer_id[:16]
     volunteer.wait_for(rf"^checkpoints in {re.escape(str(checkpoints))}, every 10 rounds", timeout=60)
     volunteer.wait_for(r"^round \d+ .* exchanged 1/1", timeout=120)  # it trains with the owner
+    seen = bootstrap_sees(boot_metrics, boot)  # what the bootstrap node's Prometheus would see of this
+    assert seen["murmur_bootstrap_requests_total/observed_address"] >= 1, seen
+    assert seen["murmur_bootstrap_requests_total/reachability"] >= 1, seen
+    assert seen["murmur_bootstrap_dht_routing_peers"] >= 1 and seen["murmur_bootstrap_p2p_connected_peers"] >= 1, seen
     assert volunteer.terminate(timeout=60) == 0, volunteer.logs()
     saved = sorted(int(d.name.removeprefix("round-")) for d in checkpoints.glob("round-*"))
     assert saved, f"no checkpoint in {checkpoints}: {sorted(p.name for p in data.rglob('*'))}"
@@ -74,3 +82,18 @@ def test_one_line_joins_trains_and_keeps_identity_and_checkpoints_in_the_data_di
     assert [r.round for r in parse_all(again.lines)][0] > resumed
     for proc in (again, owner):
         assert proc.terminate(timeout=60) == 0, proc.logs()
+
+
+def bootstrap_sees(url: str, boot: Proc) -> dict[str, float]:
+    """The bootstrap node's metrics (name/handler or name), once its DHT sample counts both training peers."""
+    values: dict[str, float] = {}
+
+    def two_announced() -> bool:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                values["/".join([s.name, *s.labels.values()]) if family.name.startswith("murmur") else s.name] = s.value
+        return sum(v for k, v in values.items() if k.startswith("murmur_bootstrap_announced_peers/")) >= 2
+
+    wait_until(two_announced, 60, "the bootstrap node's metrics count the two announced peers", [boot])
+    return values

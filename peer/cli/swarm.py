@@ -36,9 +36,13 @@ def _maddrs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
               help="Another node's --addrs-file; read if present, re-read every minute.")  # fmt: skip
 @click.option("--addrs-file", type=click.Path(dir_okay=False, path_type=Path), help="Also write the multiaddrs here.")
 @click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True, help="Seconds.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")  # fmt: skip
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address of the metrics server (0.0.0.0 in Docker).")  # fmt: skip
 def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], initial_peers: tuple[str, ...],
               initial_peers_file: tuple[Path, ...], identity: Path, addrs_file: Path | None,
-              dht_start_timeout: float) -> None:  # fmt: skip
+              dht_start_timeout: float, metrics_port: int | None, metrics_host: str) -> None:  # fmt: skip
     """Run a bootstrap node: print its multiaddrs (one per line) and serve until SIGTERM.
 
     \b
@@ -46,18 +50,23 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], in
       murmur bootstrap --host-maddrs /ip4/0.0.0.0/tcp/31337 --identity bootstrap.key --addrs-file addrs.txt
     """
     from bootstrap.node import BootstrapConfig, run_bootstrap
+    from peer import __version__
     from peer.cli.preflight import listenable_maddrs, writable_file
+    from protocol.ports import check_listenable
 
     config = BootstrapConfig(
         identity_path=identity, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
         initial_peers=initial_peers, initial_peers_files=initial_peers_file, addrs_file=addrs_file,
-        startup_timeout_s=dht_start_timeout,
+        startup_timeout_s=dht_start_timeout, metrics_host=metrics_host, metrics_port=metrics_port,
+        version=__version__,
     )  # fmt: skip
     try:
         writable_file(identity, "--identity")  # before the DHT: hivemind creates the key file on first start
         if addrs_file is not None:
             writable_file(addrs_file, "--addrs-file", replaced=True)
         listenable_maddrs(host_maddrs, "--host-maddrs")
+        if metrics_port:  # 0 picks a free port
+            check_listenable(metrics_host, metrics_port, "--metrics-port")
         run_bootstrap(config)
     except MurmurError as exc:  # DHTStartError, SetupError
         raise click.ClickException(str(exc)) from exc

@@ -236,7 +236,8 @@ class Daemon:
         avoid += [p for p, until in self.shunned.items() if until > now] + self.view.holding(r)
         partners = choose_partners(self.eligible(), me=self.identity.peer_id, own_slice=self.trainer.slice,
                                    fanout=self.run.gossip.fanout, rng=self.member.rng, avoid=avoid)  # fmt: skip
-        exchanges = asyncio.gather(*(self._exchange_with(p, trained.update, r) for p in partners))
+        exchanges = asyncio.gather(*(self.metrics.timed_exchange(self._exchange_with(p, trained.update, r))
+                                     for p in partners))  # fmt: skip
         return InFlight(round=r, partners=len(partners), exchanges=exchanges)
 
     async def finish_exchanges(self, stop: asyncio.Event) -> None:
@@ -267,7 +268,7 @@ class Daemon:
         now = time.perf_counter()
         seconds, self._landed_at = now - max(started, self._landed_at), now
         self.tokens_seen += trained.tokens
-        self._record(r, trained, ok)
+        self._record(r, trained, ok, seconds)
         for reason, count in clipping.rejected.items():
             self.metrics.reject(reason, count)
         self.metrics.add_clipped(clipping.clipped)
@@ -280,7 +281,8 @@ class Daemon:
                          stale_dropped=self.inbox.dropped_stale, seconds=seconds)  # fmt: skip
         self.reporter.emit(line.format())
         if self.eval_every and r % self.eval_every == 0:
-            self.reporter.emit(f"eval round {r} val_loss {await asyncio.to_thread(self.trainer.evaluate):.4f}")
+            self.metrics.set_validation_loss(val := await asyncio.to_thread(self.trainer.evaluate))
+            self.reporter.emit(f"eval round {r} val_loss {val:.4f}")
         return True
 
     async def drop_in_flight(self) -> None:
@@ -314,9 +316,10 @@ class Daemon:
                 table.forget(keep)
             self.prober.start()
 
-    def _record(self, r: int, trained: TrainedRound, reached: int) -> None:
+    def _record(self, r: int, trained: TrainedRound, reached: int, seconds: float) -> None:
         """This round's values into the metrics (and the server's refusals since the last round)."""
         m = self.metrics
+        m.observe_round(seconds)
         m.set_round(r)
         m.set_slice(self.trainer.slice, len(self.trainer.layouts))
         m.set_loss(trained.loss)

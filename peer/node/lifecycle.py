@@ -20,6 +20,7 @@ from peer.core.devices import pick_device
 from peer.node import resume
 from peer.node.daemon import Daemon
 from peer.node.gossip import STALE_ROUNDS
+from peer.node.metrics import PeerInfo
 from peer.node.rounds import lower_median
 from peer.node.trainer import Trainer
 from peer.swarm.join import Joined, JoinOptions, enter, joined, own_endpoint, refresh_until
@@ -157,6 +158,8 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
     directory = checkpoint_directory(opts, identity.peer_id)
     member = Member(session.swarm, identity, signed, endpoint="", software_version=software_version)
     daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every, overlap=opts.overlap)
+    daemon.metrics.identify(PeerInfo(swarm=j.swarm, run=signed.run_id[:16], peer=identity.peer_id,
+                                     version=software_version, device=str(device)))  # fmt: skip
     server: PeerServer | None = None
     saver: resume.Checkpointer | None = None
     try:

@@ -1,36 +1,40 @@
 """What a volunteer (and their Prometheus) sees of a running peer: metrics, a /metrics endpoint, a status line.
 
-The training thread updates `Metrics` through typed methods; the event loop serves `GET /metrics`
-in the Prometheus text exposition format 0.0.4, written here by hand (a dozen lines; no new
-dependency). One lock guards the values, so a scrape never sees a half-applied update.
-
-The HTTP server is deliberately tiny and defensive, because it listens on a port a stranger may
-reach: one request per connection, the request head bounded in size and read under a deadline,
-`GET /metrics` or 404, 405 for other methods, 400 for garbage; a bad client costs one task, never
-the server.
+The training thread updates `Metrics` through typed methods under one lock; a scrape reads one consistent
+snapshot of them through a `prometheus_client` collector, beside the library's histograms (round and exchange
+durations) and its process, platform and garbage-collector metrics, all in the peer's own registry (so several
+peers in one test process never share a series). Names follow Prometheus' conventions: base units in the
+name (`_seconds`, `_bytes`), `_total` on counters after the unit, and every murmur series carries the `swarm`
+and `run` labels; `murmur_peer_info` carries the rest (peer id, slice, version, device). The endpoint itself
+is protocol/metrics_http.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from protocol.errors import SetupError
+from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+
 from protocol.logs import get_logger
-from protocol.ports import bind_error
+from protocol.metrics_http import MetricsServer
 
 log = get_logger(__name__)
+disable_created_metrics()  # the `_created` twin of every counter and histogram is noise to a dashboard
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_REQUEST_BYTES = 8192
-"""Request line plus headers; a scraper sends a few hundred bytes."""
+ROUND_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+"""Seconds per outer round: under a second on `micro`, tens of minutes on a large preset at home."""
+EXCHANGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+"""Seconds per push-pull with one partner: milliseconds on loopback, minutes for a large slice on a home uplink."""
+LABELS = ("swarm", "run")
+"""On every murmur series, so one Prometheus can scrape the peers of several runs and tell them apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ class MetricsSnapshot:
     slice_index: int = -1
     num_slices: int = 0
     loss: float = math.nan
+    validation_loss: float = math.nan
     tokens: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -55,21 +60,16 @@ class MetricsSnapshot:
         return sum(self.rejected.values())
 
 
-# name, type, help: the order they are rendered in
-_FAMILIES = (
-    ("murmur_round", "gauge", "Outer round this peer is in."),
-    ("murmur_slice", "gauge", "Index of the parameter slice this peer trains."),
-    ("murmur_loss", "gauge", "Mean inner loss of the last round (nats per token)."),
-    ("murmur_tokens_total", "counter", "Tokens trained on since the process started."),
-    ("murmur_bytes_sent_total", "counter", "Payload bytes sent to partners."),
-    ("murmur_bytes_received_total", "counter", "Payload bytes received from partners."),
-    ("murmur_rejected_updates_total", "counter", "Partner updates rejected, by reason."),
-    ("murmur_peers_live", "gauge", "Live peers seen in the swarm."),
-    ("murmur_peers_admitted", "gauge", "Live peers that answered at their endpoint or exchanged with this one."),
-    ("murmur_partners_reached", "gauge", "Partners exchanged with in the last round."),
-    ("murmur_clipped_updates_total", "counter",
-     "Partner terms scaled down to the clipping bound (peer/core/robust.py)."),
-)
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerInfo:
+    """Who this peer is, for the `murmur_peer_info` series and the labels of every other one."""
+
+    swarm: str = ""
+    run: str = ""
+    """The run id (hex), as in the manifest."""
+    peer: str = ""
+    version: str = ""
+    device: str = ""
 
 
 class Metrics:
@@ -81,6 +81,7 @@ class Metrics:
         self._slice_index = -1
         self._num_slices = 0
         self._loss = math.nan
+        self._validation_loss = math.nan
         self._tokens = 0
         self._bytes_sent = 0
         self._bytes_received = 0
@@ -89,12 +90,31 @@ class Metrics:
         self._peers_live = 0
         self._peers_admitted = 0
         self._partners_reached = 0
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
-        self.read_timeout = 5.0
-        """Seconds a client has to send its request head (and to take the answer)."""
-        self.max_connections = 32
-        """Connections served at once; more are closed at once (a scraper needs one)."""
+        self.info = PeerInfo()
+        self.registry = CollectorRegistry()
+        self.registry.register(_PeerCollector(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self._round_seconds = Histogram(
+            "murmur_round_duration_seconds", "Wall-clock seconds of one outer round (train, exchange, step).",
+            LABELS, buckets=ROUND_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self._exchange_seconds = Histogram(
+            "murmur_exchange_duration_seconds", "Seconds of one push-pull exchange with a partner, by outcome.",
+            (*LABELS, "outcome"), buckets=EXCHANGE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.http = MetricsServer(self.registry)
+        """The /metrics endpoint (protocol/metrics_http.py), started by `serve`."""
+
+    def identify(self, info: PeerInfo) -> None:
+        """Name this peer (once its swarm, run and identity are known); the histograms show from then on, at 0."""
+        with self._lock:
+            self.info = info
+        labels = (info.swarm, info.run)
+        self._round_seconds.labels(*labels)
+        for outcome in ("ok", "failed"):
+            self._exchange_seconds.labels(*labels, outcome)
 
     # -------------------------------------------------------------------------------- gauges
     def set_round(self, round_: int) -> None:
@@ -108,6 +128,10 @@ class Metrics:
     def set_loss(self, loss: float) -> None:
         with self._lock:
             self._loss = float(loss)
+
+    def set_validation_loss(self, loss: float) -> None:
+        with self._lock:
+            self._validation_loss = float(loss)
 
     def set_peers_live(self, count: int) -> None:
         with self._lock:
@@ -144,6 +168,20 @@ class Metrics:
         with self._lock:
             self._clipped += _non_negative("clipped", count)
 
+    # ---------------------------------------------------------------------------- histograms
+    def observe_round(self, seconds: float) -> None:
+        self._round_seconds.labels(self.info.swarm, self.info.run).observe(seconds)
+
+    def observe_exchange(self, seconds: float, *, ok: bool) -> None:
+        self._exchange_seconds.labels(self.info.swarm, self.info.run, "ok" if ok else "failed").observe(seconds)
+
+    async def timed_exchange(self, exchange: Awaitable[bool]) -> bool:
+        """Await one exchange (True: the partner was reached) and observe how long it took, by outcome."""
+        started = time.perf_counter()
+        ok = await exchange
+        self.observe_exchange(time.perf_counter() - started, ok=ok)
+        return ok
+
     # ------------------------------------------------------------------------------- reading
     def snapshot(self) -> MetricsSnapshot:
         with self._lock:
@@ -152,6 +190,7 @@ class Metrics:
                 slice_index=self._slice_index,
                 num_slices=self._num_slices,
                 loss=self._loss,
+                validation_loss=self._validation_loss,
                 tokens=self._tokens,
                 bytes_sent=self._bytes_sent,
                 bytes_received=self._bytes_received,
@@ -163,135 +202,95 @@ class Metrics:
             )
 
     def render(self) -> str:
-        """The Prometheus text exposition (0.0.4) of every metric, ending in a newline."""
-        s = self.snapshot()
-        samples: dict[str, list[tuple[str, float]]] = {
-            "murmur_round": [("", s.round)],
-            "murmur_slice": [("", s.slice_index)],
-            "murmur_loss": [("", s.loss)],
-            "murmur_tokens_total": [("", s.tokens)],
-            "murmur_bytes_sent_total": [("", s.bytes_sent)],
-            "murmur_bytes_received_total": [("", s.bytes_received)],
-            "murmur_rejected_updates_total": [
-                (f'{{reason="{escape_label(reason)}"}}', n) for reason, n in sorted(s.rejected.items())
-            ],
-            "murmur_peers_live": [("", s.peers_live)],
-            "murmur_peers_admitted": [("", s.peers_admitted)],
-            "murmur_partners_reached": [("", s.partners_reached)],
-            "murmur_clipped_updates_total": [("", s.clipped)],
-        }
-        lines = []
-        for name, kind, help_text in _FAMILIES:
-            lines += [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
-            lines += [f"{name}{labels} {format_value(value)}" for labels, value in samples[name]]
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition (0.0.4) of every metric in this peer's registry."""
+        return self.http.render()
 
     # --------------------------------------------------------------------------------- serve
-    async def serve(self, host: str, port: int) -> asyncio.Server:
-        """Listen for scrapes on host:port (port 0 picks a free one: read it back with `port`)."""
-        if self._server is not None:
-            raise RuntimeError("metrics server already running")
-        try:
-            self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_REQUEST_BYTES)
-        except OSError as exc:  # binding is all that fails here: a port in use, an address not ours
-            raise SetupError(bind_error("metrics server", f"{host}:{port}", exc)) from exc
-        log.info("metrics at http://%s:%d/metrics", host, self.port)
-        return self._server
+    async def serve(self, host: str, port: int) -> None:
+        """Serve /metrics on host:port (0: any free port; read it back with `port`)."""
+        await self.http.serve(host, port)
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("metrics server is not running")
-        return int(self._server.sockets[0].getsockname()[1])
+        return self.http.port
 
     async def close(self) -> None:
-        """Stop listening and end connections still open; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await server.wait_closed()
+        await self.http.close()
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self.max_connections:
-            log.debug("metrics: %d connections open, refusing one", len(self._connections))
-            writer.close()
-            return
-        task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
-                status, body = self._respond(head)
-            except asyncio.LimitOverrunError:
-                status, body = "431 Request Header Fields Too Large", "request too large\n"
-            except asyncio.IncompleteReadError:
-                return  # the client hung up before finishing its request
-            except asyncio.TimeoutError:
-                status, body = "408 Request Timeout", "request timeout\n"
-            await asyncio.wait_for(self._write(writer, status, body), self.read_timeout)
-        except (ConnectionError, asyncio.TimeoutError) as err:
-            log.debug("metrics client %s dropped: %r", peer, err)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+class _PeerCollector:
+    """Turns one `Metrics` snapshot into metric families at each scrape (a consistent view of one moment)."""
 
-    def _respond(self, head: bytes) -> tuple[str, str]:
-        parts = head.split(b"\r\n", 1)[0].split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return "400 Bad Request", "bad request\n"
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
-        if method != b"GET":
-            return "405 Method Not Allowed", "only GET\n"
-        if target != b"/metrics":
-            return "404 Not Found", "see /metrics\n"
-        return "200 OK", self.render()
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, status: str, body: str) -> None:
-        data = body.encode("utf-8")
-        content_type = CONTENT_TYPE if status.startswith("200") else "text/plain; charset=utf-8"
-        allow = "Allow: GET\r\n" if status.startswith("405") else ""
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
-            f"{allow}Connection: close\r\n\r\n"
-        )
-        writer.write(head.encode("ascii") + data)
-        await writer.drain()
+    def collect(self) -> Iterator[Metric]:
+        s, info = self.metrics.snapshot(), self.metrics.info
+        base = [info.swarm, info.run]
+        slice_text = str(s.slice_index) if s.num_slices else ""
+        yield InfoMetricFamily("murmur_peer", "Who this peer is: swarm, run, peer id, slice, version, device.", value={
+            "swarm": info.swarm, "run": info.run, "peer": info.peer, "slice": slice_text,
+            "slices": str(s.num_slices or ""), "version": info.version, "device": info.device,
+        })  # fmt: skip
+        gauges = (
+            ("murmur_round", "Outer round this peer is in.", s.round),
+            ("murmur_train_loss", "Mean inner loss of the last round (nats per token).", s.loss),
+            ("murmur_validation_loss", "Loss of the outer weights on held-out data at the last evaluation "
+             "(nats per token).", s.validation_loss),
+            ("murmur_live_peers", "Live peers announced in the swarm, this one included.", s.peers_live),
+            ("murmur_admitted_peers", "Live peers that answered at their endpoint or exchanged with this one.",
+             s.peers_admitted),
+            ("murmur_round_partners", "Partners exchanged with in the last round.", s.partners_reached),
+        )  # fmt: skip
+        for name, help_text, value in gauges:
+            family = GaugeMetricFamily(name, help_text, labels=LABELS)
+            family.add_metric(base, value)
+            yield family
+        counters = (
+            ("murmur_trained_tokens", "Tokens trained on since the process started.", s.tokens),
+            ("murmur_sent_bytes", "Update payload bytes sent to partners.", s.bytes_sent),
+            ("murmur_received_bytes", "Update payload bytes received from partners.", s.bytes_received),
+            ("murmur_clipped_updates", "Partner terms scaled down to the clipping bound (peer/core/robust.py).",
+             s.clipped),
+        )  # fmt: skip
+        for name, help_text, value in counters:
+            family = CounterMetricFamily(name, help_text, labels=LABELS)
+            family.add_metric(base, value)
+            yield family
+        rejected = CounterMetricFamily("murmur_rejected_updates", "Partner updates rejected, by reason.",
+                                       labels=(*LABELS, "reason"))  # fmt: skip
+        for reason, count in sorted(s.rejected.items()):
+            rejected.add_metric([*base, reason], count)
+        yield rejected
+        yield from _gpu_memory(info.device, base)
+
+
+def _gpu_memory(device: str, base: list[str]) -> Iterator[Metric]:
+    """The CUDA allocator's bytes on this peer's device (allocated, reserved, peak), when it trains on one."""
+    if not device.startswith("cuda"):
+        return
+    import torch  # only a CUDA peer gets here, and it has imported torch long since
+
+    if not torch.cuda.is_initialized():
+        return
+    index = torch.device(device).index or 0
+    values = (
+        ("murmur_gpu_memory_allocated_bytes", "Bytes held by tensors on the GPU.", torch.cuda.memory_allocated),
+        ("murmur_gpu_memory_reserved_bytes", "Bytes the caching allocator holds on the GPU.",
+         torch.cuda.memory_reserved),
+        ("murmur_gpu_memory_peak_bytes", "Most bytes held by tensors on the GPU since the start.",
+         torch.cuda.max_memory_allocated),
+    )  # fmt: skip
+    for name, help_text, read in values:
+        family = GaugeMetricFamily(name, help_text, labels=LABELS)
+        family.add_metric(base, float(read(index)))
+        yield family
 
 
 def _non_negative(what: str, value: int) -> int:
     if value < 0:
         raise ValueError(f"{what} only goes up; got {value}")
     return int(value)
-
-
-def escape_label(value: str) -> str:
-    """Label values escape backslash, double quote and newline (exposition format 0.0.4)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    """HELP text escapes backslash and newline only."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
 
 
 # ----------------------------------------------------------------------------------- status line
