@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
@@ -127,3 +128,33 @@ class MetricsServer:
         )
         writer.write(head.encode("ascii") + data)
         await writer.drain()
+
+
+class BackgroundMetricsServer:
+    """A `MetricsServer` on its own event loop in a daemon thread, for a synchronous program (`murmur status
+    --watch`): the same defences, without making the program async."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.server = MetricsServer(registry)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="metrics", daemon=True)
+
+    def start(self, host: str, port: int, timeout_s: float = 10.0) -> int:
+        """Listen on host:port (0: any free port) and return the port; raises SetupError if it cannot."""
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.serve(host, port), self._loop).result(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.server.port
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Close the server and end the thread; safe to call twice."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+        self._loop.close()

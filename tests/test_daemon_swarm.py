@@ -66,6 +66,13 @@ def watched(watching: Proc, owner: Proc, plot: Path) -> None:
 
     wait_until(lambda: len(set(owner_rounds())) >= 3, 120, "the watch shows the owner's round rise 3 times",
                [watching, owner], fail_on_exit=True)  # fmt: skip
+    # ... and serves what it read as Prometheus metrics: the whole swarm from one scrape target
+    url = watching.wait_for(r"^metrics at (http://\S+)$", timeout=10)[1]
+    swarm = {(s.name, s.labels.get("peer", "")): s for f in text_string_to_metric_families(
+        urllib.request.urlopen(url, timeout=10).read().decode()) for s in f.samples}  # fmt: skip
+    assert [s.value for (name, _), s in swarm.items() if name == "murmur_swarm_live_peers"] == [3], swarm
+    assert swarm["murmur_swarm_peer_round", owner_id[:16]].value >= 1, swarm
+    assert swarm["murmur_swarm_peer_round", owner_id[:16]].labels["swarm"] == "demo", swarm
     assert watching.terminate(timeout=30) == 0, watching.logs()
     assert plot.read_bytes()[:4] == b"\x89PNG", plot
 
@@ -94,7 +101,8 @@ def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Pat
     assert fetched >= 5
     peers = [owner, peer1, peer2]
     watching = procs.start("watch", murmur("status", "--swarm", "demo", "--initial-peers", maddr, "--watch",
-                                           "--every", "1", "--wait", "0.5", "--plot", "swarm-loss.png"))  # fmt: skip
+                                           "--every", "1", "--wait", "0.5", "--plot", "swarm-loss.png",
+                                           "--metrics-port", "0"))  # fmt: skip
     time.sleep(TRAIN_S)
     watched(watching, owner, tmp_path / "swarm-loss.png")
     listed = json.loads("\n".join(procs.run("status", murmur("status", "--swarm", "demo", "--initial-peers", maddr,

@@ -69,3 +69,51 @@ def test_plot_goes_with_watch_and_json_does_not() -> None:
     assert alone.exit_code == 2 and "--watch" in alone.output
     both = CliRunner().invoke(main, [*base, "--watch", "--json"])
     assert both.exit_code == 2 and "--json" in both.output
+
+
+def test_the_exporter_serves_each_read_of_the_swarm_as_prometheus_metrics() -> None:
+    """`--watch --metrics-port`: one scrape target for the whole swarm, refreshed by each read; a peer that
+    stops announcing drops out; a port in use is a one-line setup error."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from peer.swarm.exporter import SwarmExporter
+    from protocol.errors import SetupError
+    from protocol.metrics_http import BackgroundMetricsServer
+
+    exporter = SwarmExporter("demo")
+    server = BackgroundMetricsServer(exporter.registry)
+    port = server.start("127.0.0.1", 0)
+    try:
+
+        def scrape() -> dict[tuple[str, str], float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return {(s.name, s.labels.get("peer", "")): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+        exporter.update([announced("a" * 64, 0, 7, 2.5, sent=1000), announced("b" * 64, 1, 8, math.nan)])
+        seen = scrape()
+        assert seen["murmur_swarm_live_peers", ""] == 2 and seen["murmur_swarm_reads_total", ""] == 1
+        assert seen["murmur_swarm_peer_round", "a" * 16] == 7 and seen["murmur_swarm_peer_round", "b" * 16] == 8
+        assert seen["murmur_swarm_peer_train_loss", "a" * 16] == 2.5
+        assert ("murmur_swarm_peer_train_loss", "b" * 16) not in seen  # no loss announced yet: no sample
+        assert seen["murmur_swarm_peer_sent_bytes_total", "a" * 16] == 1000
+        exporter.update([announced("a" * 64, 0, 9, 2.4)])
+        seen = scrape()
+        assert seen["murmur_swarm_live_peers", ""] == 1 and ("murmur_swarm_peer_round", "b" * 16) not in seen
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            with pytest.raises(SetupError, match="metrics server: cannot listen on 127.0.0.1"):
+                BackgroundMetricsServer(exporter.registry).start("127.0.0.1", taken.getsockname()[1])
+    finally:
+        server.stop()
+        server.stop()
+
+
+def test_metrics_port_goes_with_watch() -> None:
+    result = CliRunner().invoke(main, ["status", "--swarm", "demo", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
+                                       "--metrics-port", "0"])  # fmt: skip
+    assert result.exit_code == 2 and "--metrics-port serves the swarm as it is read" in result.output

@@ -134,11 +134,15 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
 @click.option("--every", type=click.FloatRange(1), default=5.0, show_default=True, help="Seconds between reads.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --watch: each peer's loss over time, as a PNG rewritten after every read.")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="With --watch: serve the swarm (every live peer's announcement) as Prometheus metrics "
+                   "at http://HOST:PORT/metrics (0: any free port).")  # fmt: skip
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of the metrics server.")
 @click.option("--dht-start-timeout", type=click.FloatRange(1), default=60.0, show_default=True)
 @click.option("--wait", type=click.FloatRange(0), default=2.0, show_default=True,
               help="Seconds to let the DHT settle before reading.")  # fmt: skip
 def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, watch: bool, every: float, plot: Path | None,
-           dht_start_timeout: float, wait: float) -> None:  # fmt: skip
+           metrics_port: int | None, metrics_host: str, dht_start_timeout: float, wait: float) -> None:  # fmt: skip
     """List the live peers of a swarm (verified announcements only): slice, round, loss, tokens/s, bytes.
 
     \b
@@ -152,6 +156,7 @@ def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, watch: boo
     from peer.cli import watch as live
     from peer.cli.preflight import writable_file
     from peer.swarm.join import swarm_view
+    from protocol.ports import check_listenable
     from protocol.records import check_swarm_name
 
     try:
@@ -162,13 +167,18 @@ def status(swarm: str, initial_peers: tuple[str, ...], as_json: bool, watch: boo
         raise click.UsageError("--plot draws the loss over time: it goes with --watch")
     if watch and as_json:
         raise click.UsageError("--watch shows a table; --json prints one reading")
+    if metrics_port is not None and not watch:
+        raise click.UsageError("--metrics-port serves the swarm as it is read: it goes with --watch")
     try:
         if plot is not None:
             writable_file(plot, "--plot", replaced=True)
-        with swarm_view(swarm, initial_peers, timeout_s=dht_start_timeout) as view:
+        if metrics_port:  # before the DHT's start: a port in use is said at once (0 picks a free one)
+            check_listenable(metrics_host, metrics_port, "--metrics-port")
+        with swarm_view(swarm, initial_peers, timeout_s=dht_start_timeout) as view, \
+                live.exported(swarm, metrics_host, metrics_port) as export:  # fmt: skip
             time.sleep(wait)
             if watch:
-                live.watch(view.live_peers, swarm, every=every, plot=plot, say=click.echo)
+                live.watch(view.live_peers, swarm, every=every, plot=plot, say=click.echo, on_read=export)
                 return
             peers = view.live_peers()
     except (MurmurError, ValueError) as exc:  # DHTStartError, DHTStopped, SetupError (a --plot path)
@@ -212,6 +222,9 @@ def membership_options(command: Callable) -> Callable:
             "--pins", type=click.Path(dir_okay=False, path_type=Path),
             help="Pin file. [default: $MURMUR_HOME/pins.json or ~/.local/share/murmur/pins.json]",
         ),
+        click.option("--addrs-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Also write this peer's DHT multiaddrs here, for `murmur health` (the Docker image sets "
+                          "/data/addrs.txt)."),  # fmt: skip
     ]
     for option in reversed(options):
         command = option(command)

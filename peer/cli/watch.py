@@ -9,13 +9,14 @@ is printed after a time line (a log a run owner can keep). The plot is rewritten
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,9 +79,30 @@ class LossHistory:
         os.replace(partial, path)
 
 
+@contextlib.contextmanager
+def exported(swarm: str, host: str, port: int | None) -> Iterator[Callable[[list[Announcement]], None]]:
+    """With a port, serve each read of the swarm as Prometheus metrics (peer/swarm/exporter.py) while inside;
+    yields what to call with each read (nothing happens without a port)."""
+    if port is None:
+        yield lambda _peers: None
+        return
+    from peer.swarm.exporter import SwarmExporter
+    from protocol.metrics_http import BackgroundMetricsServer
+
+    exporter = SwarmExporter(swarm)
+    server = BackgroundMetricsServer(exporter.registry)
+    print(f"metrics at http://{host}:{server.start(host, port)}/metrics", flush=True)
+    try:
+        yield exporter.update
+    finally:
+        server.stop()
+
+
 def watch(read: Callable[[], list[Announcement]], swarm: str, *, every: float, plot: Path | None,
-          say: Callable[[str], None] = print) -> LossHistory:  # fmt: skip
-    """Read and show the swarm every `every` seconds until SIGTERM or Ctrl-C; the history it saw."""
+          say: Callable[[str], None] = print,
+          on_read: Callable[[list[Announcement]], None] = lambda _peers: None) -> LossHistory:  # fmt: skip
+    """Read and show the swarm every `every` seconds until SIGTERM or Ctrl-C; the history it saw. Each read
+    also goes to `on_read` (the metrics exporter)."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     history = LossHistory()
@@ -89,6 +111,7 @@ def watch(read: Callable[[], list[Announcement]], swarm: str, *, every: float, p
         while not stop.is_set():
             peers = read()
             history.add(peers)
+            on_read(peers)
             table = format_table(swarm, [p.to_json() for p in peers])
             say(("\x1b[H\x1b[2J" if redraw else f"--- {time.strftime('%H:%M:%S')}\n") + table)
             if plot is not None:
