@@ -424,3 +424,23 @@ def test_status_reporter_off_a_tty_prints_round_lines_plainly_and_logs_status_no
     assert err.getvalue() == ""
     logged = [r.getMessage() for r in caplog.records if r.name == "test.rep"]
     assert len(logged) == 1 and logged[0].startswith("round 12 | slice 1/4 | loss 3.250")
+
+
+@pytest.mark.timeout(10)
+def test_a_cuda_peer_exports_its_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator's numbers on the peer's own device (torch.cuda patched: no GPU in CI)."""
+    import torch
+
+    from peer.node.metrics import GPU_MEMORY_METRICS
+
+    read: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    for i, (_help, reader) in enumerate(GPU_MEMORY_METRICS.values()):
+        monkeypatch.setattr(torch.cuda, reader, lambda index, i=i: read.append(index) or (i + 1) * 2**30)
+    m = Metrics()
+    m.identify(PeerInfo(swarm="demo", run=RUN, device="cuda:1"))
+    parsed = families(m.render())
+    values = {name: parsed[name].samples[0].value for name in GPU_MEMORY_METRICS}
+    assert values == {"murmur_gpu_memory_allocated_bytes": 2**30, "murmur_gpu_memory_reserved_bytes": 2 * 2**30,
+                      "murmur_gpu_memory_peak_bytes": 3 * 2**30}  # fmt: skip
+    assert read == [1, 1, 1]

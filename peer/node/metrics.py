@@ -265,6 +265,14 @@ class _PeerCollector:
         yield from _gpu_memory(info.device, base)
 
 
+GPU_MEMORY_METRICS = {
+    "murmur_gpu_memory_allocated_bytes": ("Bytes held by tensors on the GPU.", "memory_allocated"),
+    "murmur_gpu_memory_reserved_bytes": ("Bytes the caching allocator holds on the GPU.", "memory_reserved"),
+    "murmur_gpu_memory_peak_bytes": ("Most bytes held by tensors on the GPU since the start.", "max_memory_allocated"),
+}
+"""Name -> (help, the torch.cuda function that reads it): the series a CUDA peer adds."""
+
+
 def _gpu_memory(device: str, base: list[str]) -> Iterator[Metric]:
     """The CUDA allocator's bytes on this peer's device (allocated, reserved, peak), when it trains on one."""
     if not device.startswith("cuda"):
@@ -274,16 +282,9 @@ def _gpu_memory(device: str, base: list[str]) -> Iterator[Metric]:
     if not torch.cuda.is_initialized():
         return
     index = torch.device(device).index or 0
-    values = (
-        ("murmur_gpu_memory_allocated_bytes", "Bytes held by tensors on the GPU.", torch.cuda.memory_allocated),
-        ("murmur_gpu_memory_reserved_bytes", "Bytes the caching allocator holds on the GPU.",
-         torch.cuda.memory_reserved),
-        ("murmur_gpu_memory_peak_bytes", "Most bytes held by tensors on the GPU since the start.",
-         torch.cuda.max_memory_allocated),
-    )  # fmt: skip
-    for name, help_text, read in values:
+    for name, (help_text, reader) in GPU_MEMORY_METRICS.items():
         family = GaugeMetricFamily(name, help_text, labels=LABELS)
-        family.add_metric(base, float(read(index)))
+        family.add_metric(base, float(getattr(torch.cuda, reader)(index)))
         yield family
 
 
