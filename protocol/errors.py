@@ -26,7 +26,13 @@ reports as one line:
     ├── ManifestError             a manifest that cannot be used: forged, malformed, another swarm's
     │   ├── UntrustedOwner        signed by a key other than the one trusted for the swarm
     │   └── BadRunKey             a --run-key that is not a key (also a ValueError)
-    └── CheckpointError           a snapshot on disk that is unusable; it is skipped (also a ValueError)
+    ├── CheckpointError           a snapshot on disk that is unusable; it is skipped (also a ValueError)
+    ├── ExportError               a checkpoint that cannot leave murmur as asked (`murmur export`, `sample`):
+    │                             a shape no Hugging Face class computes, a tokenizer that does not match,
+    │                             an output folder in the way (also a ValueError)
+    └── DataError                 an input that `murmur prepare-data` cannot read, or a prepared dataset that
+        │                         does not check: a malformed index.json, a missing extra (also a ValueError)
+        └── CorruptShard          a shard whose bytes do not match the SHA-256 in its index.json
 
 Lifecycle: what stops a process or a command that was running fine:
 
@@ -157,6 +163,20 @@ class BadRunKey(ManifestError, ValueError):
 
 class CheckpointError(MurmurError, ValueError):
     """A snapshot on disk is unusable; the message says why (reported, then the snapshot is skipped)."""
+
+
+class ExportError(MurmurError, ValueError):
+    """A checkpoint cannot be exported or sampled as asked; the message names what and why, in one line."""
+
+
+class DataError(MurmurError, ValueError):
+    """An input file that cannot be read as text (missing, not JSON, no such column), a prepared dataset whose
+    index.json does not check, or an optional package the input needs; the message names the file and the fix."""
+
+
+class CorruptShard(DataError):
+    """A shard's bytes differ from the SHA-256 its index.json names (a bad disk, a truncated copy, a lying
+    peer): the shard is refused, never read; a downloader fetches it again from elsewhere."""
 
 
 class DHTStartError(MurmurError):

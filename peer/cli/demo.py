@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
+    import torch
+
     from peer.lab.evaluate import EvalResult
 
 
@@ -93,9 +95,11 @@ def _cut_short(interrupts: Iterator[type[Exception]]) -> None:
 @click.option("--peer", help="Peer id (or a prefix) to fetch the weights of, with --swarm; default: any.")
 @click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus (its held-out split).")
 @click.option("--batches", type=click.IntRange(1), default=8, show_default=True, help="Held-out batches.")
+@click.option("--device", default="cpu", show_default=True, help="Where to compute: auto|cpu|cuda|cuda:INDEX.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | None, initial_peers: tuple[str, ...],
-             run_key: str | None, peer: str | None, data: str | None, batches: int, as_json: bool) -> None:  # fmt: skip
+             run_key: str | None, peer: str | None, data: str | None, batches: int, device: str,
+             as_json: bool) -> None:  # fmt: skip
     """Validation loss and perplexity of a checkpoint's outer weights (phi), or of a live peer's.
 
     \b
@@ -104,17 +108,19 @@ def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | No
       murmur eval --checkpoint ckpt-peer/round-000120 --json
       murmur eval --swarm demo --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/QmXyz... --run-key 23ad4316...
     """
+    from peer.core.devices import pick_device
     from peer.lab.evaluate import evaluate_checkpoint
     from protocol.errors import MurmurError
 
     if (checkpoint_dir is None) == (swarm is None):
         raise click.UsageError("give either --checkpoint DIR or --swarm NAME (with --initial-peers and --run-key)")
     try:
+        where = pick_device(device)
         if swarm is not None:
-            result = _evaluate_live(swarm, initial_peers, run_key, peer, data, batches)
+            result = _evaluate_live(swarm, initial_peers, run_key, peer, data, batches, where)
         else:
             assert checkpoint_dir is not None
-            result = evaluate_checkpoint(checkpoint_dir, manifest=manifest, data=data, batches=batches)
+            result = evaluate_checkpoint(checkpoint_dir, manifest=manifest, data=data, batches=batches, device=where)
     except (ValueError, OSError, MurmurError) as exc:  # CheckpointError is a ValueError; ManifestError a MurmurError
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -126,7 +132,7 @@ def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | No
 
 
 def _evaluate_live(swarm: str, initial_peers: tuple[str, ...], run_key: str | None, peer: str | None,
-                   data: str | None, batches: int) -> EvalResult:  # fmt: skip
+                   data: str | None, batches: int, device: torch.device) -> EvalResult:  # fmt: skip
     """Fetch a live peer's weights the way a late joiner does, then evaluate them."""
     from peer.core.data import unigram_entropy
     from peer.lab.evaluate import EvalResult, corpus_for, evaluate_weights, fetch_live_weights
@@ -137,6 +143,6 @@ def _evaluate_live(swarm: str, initial_peers: tuple[str, ...], run_key: str | No
         raise click.UsageError("--swarm needs --initial-peers and --run-key")
     live = fetch_live_weights(swarm, peers, run_key=parse_run_key(run_key), peer=peer)
     corpus = corpus_for(live.run, data)
-    loss = evaluate_weights(live.run, live.phi, corpus, batches)
+    loss = evaluate_weights(live.run, live.phi, corpus, batches, device)
     return EvalResult(loss=loss, round=live.round, path=live.sender, corpus=corpus.name,
                       unigram_entropy=unigram_entropy(corpus.val, corpus.vocab_size))  # fmt: skip

@@ -76,8 +76,8 @@ def read_checkpoint(path: Path) -> CheckpointState:
     """
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / checkpoint.META_NAME).exists():
-        return checkpoint.verify_checkpoint(path, run_id=_run_id_of(path))
+    if (path / checkpoint.META_NAME).exists() or path in checkpoint.list_checkpoints(path.parent):
+        return checkpoint.verify_checkpoint(path, run_id=_run_id_of(path))  # one round-N folder, whole or not
     snapshots = checkpoint.list_checkpoints(path)
     if not snapshots:
         raise CheckpointError(f"{path}: no round-N checkpoint in it")
@@ -96,6 +96,8 @@ def _run_id_of(snapshot: Path) -> str:
         if meta.stat().st_size > checkpoint.MAX_META_BYTES:
             raise CheckpointError(f"{meta}: larger than {checkpoint.MAX_META_BYTES} bytes")
         run_id = json.loads(meta.read_text()).get("run_id")
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{snapshot}: {checkpoint.META_NAME} is missing (an incomplete snapshot?)") from err
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{meta}: unreadable: {err}") from err
     if not isinstance(run_id, str):
@@ -117,21 +119,25 @@ def model_for(run: RunConfig, weights: Mapping[str, torch.Tensor]) -> Transforme
 
 
 def corpus_for(run: RunConfig, data: str | Path | None = None) -> Corpus:
-    """The corpus the run trains on (the embedded one by default), or `data` instead."""
+    """The corpus the run trains on (the embedded one by default), or `data` instead; its `val` is the held-out data.
+
+    The one place `murmur eval`, the demo and the live eval get held-out tokens from: when runs train on
+    prepared shards with a held-out shard, this is the function that changes."""
     if data is None and run.data.source not in ("embedded", "default"):
         data = run.data.source
     return load_corpus(data)
 
 
 def evaluate_weights(run: RunConfig, weights: Mapping[str, torch.Tensor], corpus: Corpus,
-                     batches: int = DEFAULT_BATCHES) -> float:  # fmt: skip
-    """Validation loss of full-model `weights` of `run` on `corpus`."""
-    model = model_for(run, weights)
-    return val_loss(model, corpus, seq_len=run.model.seq_len, batch_size=run.inner.batch_size * 2, batches=batches)
+                     batches: int = DEFAULT_BATCHES, device: torch.device | str = "cpu") -> float:  # fmt: skip
+    """Validation loss of full-model `weights` of `run` on `corpus`, computed on `device`."""
+    model = model_for(run, weights).to(device)
+    return val_loss(model, corpus, seq_len=run.model.seq_len, batch_size=run.inner.batch_size * 2, batches=batches,
+                    device=device)  # fmt: skip
 
 
 def evaluate_checkpoint(path: Path, *, manifest: Path | None = None, data: str | Path | None = None,
-                        batches: int = DEFAULT_BATCHES) -> EvalResult:  # fmt: skip
+                        batches: int = DEFAULT_BATCHES, device: torch.device | str = "cpu") -> EvalResult:  # fmt: skip
     """Evaluate the phi of the snapshot at `path` with the run config it stores (or `manifest`'s).
 
     `manifest` is a `create-run --out` file (for snapshots written without a config). Raises
@@ -145,7 +151,7 @@ def evaluate_checkpoint(path: Path, *, manifest: Path | None = None, data: str |
     else:
         raise ValueError(f"{state.path}: the checkpoint stores no run config; pass --manifest")
     corpus = corpus_for(run, data)
-    loss = evaluate_weights(run, state.phi, corpus, batches)
+    loss = evaluate_weights(run, state.phi, corpus, batches, device)
     entropy = unigram_entropy(corpus.val, corpus.vocab_size)
     return EvalResult(loss=loss, round=state.round, path=str(state.path), corpus=corpus.name, unigram_entropy=entropy)
 

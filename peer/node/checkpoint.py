@@ -351,6 +351,8 @@ def _load_group(path: Path, group: str, files: dict[str, Any]) -> Tensors:
         return load_file(str(file), device="cpu")
     except FileNotFoundError as err:
         raise CheckpointError(f"{name} is missing") from err
+    except CheckpointError:  # a ValueError too: its message is already the whole story
+        raise
     except (OSError, SafetensorError, ValueError) as err:
         raise CheckpointError(f"{name} is not a valid safetensors file: {err}") from err
 
