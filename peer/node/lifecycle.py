@@ -83,6 +83,9 @@ async def _resume_or_late_join(daemon: Daemon, directory: Path | None) -> None:
     swarm_round = lower_median(p.round for p in daemon.eligible())
     if daemon.clock < 0 or (swarm_round is not None and swarm_round > daemon.clock + STALE_ROUNDS):
         await daemon.late_join()
+    if daemon.clock >= 0:  # announce the round it goes on from now, not round 0 until the next refresh (TTL/3)
+        daemon.member.round = daemon.clock
+        await asyncio.to_thread(daemon.member.announce)
 
 
 async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], gossip: GossipConfig) -> PeerServer:
