@@ -135,6 +135,7 @@ class Network:
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
         try:
             _run(["ip", "link", "set", self.bridge, "up"])
+            forward_within(self.bridge, True)
         except NetnsError:
             self.close()
             raise
@@ -187,6 +188,7 @@ class Network:
             _run(["ip", "netns", "del", host.netns], check=False)
             _run(["ip", "link", "del", host.bridge_veth], check=False)  # gone already unless the move failed
         self.hosts.clear()
+        forward_within(self.bridge, False)
         _run(["ip", "link", "del", self.bridge], check=False)
 
     def __enter__(self) -> Network:
@@ -194,6 +196,23 @@ class Network:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def forward_within(bridge: str, allow: bool) -> None:
+    """Let IPv4 traffic between the bridge's own ports through the firewall (allow), or take that rule out again.
+
+    Where br_netfilter is loaded with bridge-nf-call-iptables=1, bridged frames go through iptables' FORWARD chain,
+    and Docker's daemon sets that chain's policy to DROP: while dockerd ran, the hosts could not reach each other
+    (tests/test_netns_swarm.py failed). One rule at the top of FORWARD for this bridge only; nothing where iptables
+    is missing or refuses (then there is no firewall in the way either, or the probe would have said so)."""
+    if shutil.which("iptables") is None:
+        return
+    rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+    if allow:
+        _run(["iptables", "-I", *rule], check=False)
+    else:
+        while _run(["iptables", "-D", *rule], check=False).returncode == 0:
+            pass  # a rule added twice comes out twice
 
 
 def _kill_inside(netns: str) -> None:
@@ -234,4 +253,6 @@ def sweep_orphans() -> None:
             match = pattern.match(line)
             if match and not _alive(int(match.group(2), 16)):
                 _run(["ip", "link", "del", match.group(1)], check=False)
+                if pattern is _LINKS[0]:
+                    forward_within(match.group(1), False)
 
