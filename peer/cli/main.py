@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from peer import __version__
-from peer.cli import data, demo, export, run, simulate, swarm
+from peer.cli import data, demo, export, health, run, simulate, swarm
 from protocol.logs import configure_logging
 
 
@@ -22,6 +22,7 @@ def main() -> None:
 for command in (simulate.simulate, simulate.slices, swarm.bootstrap, swarm.create_run, swarm.status, run.run,
                 demo.demo, demo.evaluate, export.export, export.sample, data.prepare_data):
     main.add_command(command)
+main.add_command(health.health)  # the Docker images' HEALTHCHECK
 main.add_command(run.run, name="join")  # joining is training: `murmur join` is `murmur run` by another name
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def check_join(opts: JoinOptions) -> SignedRunManifest | None:
     from peer.swarm.join import read_manifest_file
 
     writable_file(opts.identity, "--identity")
+    if opts.addrs_file is not None:
+        writable_file(opts.addrs_file, "--addrs-file", replaced=True)
     if opts.owner_key is None:  # a join pins the owner's key (the first seen, or --run-key)
         writable_file(PinStore(opts.pins_path).path, "--pins", replaced=True)
     if opts.listen is not None:

@@ -2,12 +2,13 @@
 tests (peer/cli/member.py).
 
 Order of a join: identity (default: the data directory's) -> DHT (with a clear error if it cannot start) -> the
-identity's lock (one running peer per identity) -> manifest (publish with the owner key, or fetch and verify
-against --run-key, pinned from then on, or the pin) -> RunConfig from it (`joined`) -> PeerService on --listen
-(unless --client-only; neither: on any port, announcing the IP a bootstrap node sees, `own_endpoint`) -> slice
-(least covered) and first announcement -> reachability test by a bootstrap node (unreachable: say which port to
-open and continue client-only) (`enter`) -> the caller's work until SIGTERM/SIGINT -> stop the server, then the
-DHT; return normally (exit code 0). `swarm_view` is the read-only variant for commands that only look.
+identity's lock (one running peer per identity), then the DHT's multiaddrs into --addrs-file -> manifest (publish
+with the owner key, or fetch and verify against --run-key, pinned from then on, or the pin) -> RunConfig from it
+(`joined`) -> PeerService on --listen (unless --client-only; neither: on any port, announcing the IP a bootstrap
+node sees, `own_endpoint`) -> slice (least covered) and first announcement -> reachability test by a bootstrap node
+(unreachable: say which port to open and continue client-only) (`enter`) -> the caller's work until SIGTERM/SIGINT
+-> stop the server, then the DHT; return normally (exit code 0). `swarm_view` is the read-only variant for commands
+that only look.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from peer.swarm.membership import Member, Swarm, SwarmConfig, slice_counts
 from peer.swarm.reachability import check_reachability, observe_host
 from protocol.dht import TetheredDHT, start_dht
 from protocol.errors import JoinInterrupted, ManifestError, SetupError
+from protocol.files import atomic_write
 from protocol.identity import Identity
 from protocol.logs import get_logger
 from protocol.manifest import PinStore, SignedRunManifest, accept_owner, load_json, murmur_home, parse_run_key
@@ -68,6 +70,8 @@ class JoinOptions:
     announce_ttl_s: float = 60.0
     dht_start_timeout_s: float = 60.0
     pins_path: Path | None = None
+    addrs_file: Path | None = None
+    """Where to write the DHT node's multiaddrs once this peer holds its identity: `murmur health` reads them."""
 
     @classmethod
     def from_cli(cls, o: dict) -> JoinOptions:
@@ -101,6 +105,7 @@ class JoinOptions:
             announce_ttl_s=o["announce_ttl"],
             dht_start_timeout_s=o["dht_start_timeout"],
             pins_path=o["pins"],
+            addrs_file=o.get("addrs_file"),
         )
 
 
@@ -253,6 +258,8 @@ async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[
     )  # fmt: skip
     try:
         with identity_lock(opts.identity, identity.peer_id, opts.swarm):  # after the DHT's fork: not its to hold
+            if opts.addrs_file is not None:  # under the lock: a refused twin must not overwrite the running peer's
+                await asyncio.to_thread(write_addrs, dht, opts.addrs_file)
             yield await _verified_run(dht, identity, opts, software_version, detail, stop, halt)
     finally:
         await asyncio.to_thread(dht.shutdown)
@@ -273,6 +280,11 @@ async def _verified_run(dht: TetheredDHT, identity: Identity, opts: JoinOptions,
     print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
           f"{run.method}{detail(run)}", flush=True)  # fmt: skip
     return Joined(identity, swarm, signed, run, stop, halt)
+
+
+def write_addrs(dht: TetheredDHT, path: Path) -> None:
+    """The DHT node's multiaddrs, one a line, into `path` (replaced atomically: a reader never sees half)."""
+    atomic_write(path, "".join(f"{m}\n" for m in dht.get_visible_maddrs()).encode())
 
 
 @contextmanager
