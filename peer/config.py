@@ -12,7 +12,7 @@ A run config comes from flags or a TOML file with the sections below (all option
     [slices]  num_slices, cut       [inner] InnerConfig fields (betas = [0.9, 0.95])
     [outer]   OuterConfig fields (default: the method's tuned settings) and clip
     [gossip]  fanout, exchange_timeout_s, min_round_s      [codec] name, block_size, topk_fraction
-    [data]    source, tokenizer, seed
+    [data]    source, tokenizer, seed; or location (a prepared dataset's URL or folder: create-run --data)
 """
 
 from __future__ import annotations
@@ -78,12 +78,31 @@ class GossipConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataConfig:
-    """Where tokens come from: the embedded corpus with byte tokens by default."""
+    """Where tokens come from: the embedded corpus with byte tokens by default, or a prepared dataset
+    (`murmur prepare-data`) at `location`, which every peer fetches and checks against `dataset_id`."""
 
     source: str = "embedded"
+    """"embedded", or a local text/jsonl path every peer has a copy of (ignored when `location` is set)."""
     tokenizer: str = "bytes"
     """"bytes", or the SHA-256 of the tokenizer.json every peer must have."""
     seed: int = 0
+    location: str = ""
+    """A prepared dataset's folder: an http(s):// or file:// URL, or a local path; "" for `source` data."""
+    dataset_id: str = ""
+    """SHA-256 of that dataset's index.json (`murmur create-run --data` computes it)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.location) != bool(self.dataset_id):
+            raise ValueError("[data] location and dataset_id go together; give `murmur create-run --data` the "
+                             "dataset's URL or folder and it computes the id")  # fmt: skip
+        if self.dataset_id and not (len(self.dataset_id) == 64 and all(c in "0123456789abcdef" for c in
+                                                                         self.dataset_id)):  # fmt: skip
+            raise ValueError(f"[data] dataset_id must be a SHA-256 in hex, got {self.dataset_id!r}")
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the run trains on a prepared dataset (fetched by location) rather than on `source`."""
+        return bool(self.dataset_id)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -189,7 +208,8 @@ class RunConfig:
             codec=pb.CodecSpec(
                 name=self.codec.name, block_size=self.codec.block_size, topk_fraction=self.codec.topk_fraction
             ),  # fmt: skip
-            data=pb.DataSpec(source=self.data.source, tokenizer=self.data.tokenizer, seed=self.data.seed),
+            data=pb.DataSpec(source=self.data.source, tokenizer=self.data.tokenizer, seed=self.data.seed,
+                             location=self.data.location, dataset_id=self.data.dataset_id),
             created_unix=int(time.time()) if created_unix is None else created_unix,
         )
 
@@ -215,7 +235,8 @@ class RunConfig:
                                 min_round_s=manifest.gossip.min_round_s or DEFAULT_MIN_ROUND_S),
             codec=CodecConfig(name=manifest.codec.name, block_size=manifest.codec.block_size,
                               topk_fraction=manifest.codec.topk_fraction),
-            data=DataConfig(source=manifest.data.source, tokenizer=manifest.data.tokenizer, seed=manifest.data.seed),
+            data=DataConfig(source=manifest.data.source, tokenizer=manifest.data.tokenizer, seed=manifest.data.seed,
+                            location=manifest.data.location, dataset_id=manifest.data.dataset_id),
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

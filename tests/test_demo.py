@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -113,8 +114,10 @@ def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
     maddr = (out / "boot.addrs").read_text().split()[0]
     argv = [sys.executable, "-m", "peer.cli.main", "eval", "--swarm", "demo", "--initial-peers", maddr,
             "--run-key", run_key, "--batches", "2", "--json"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "MURMUR_CACHE": str(out / "cache-eval")}  # it fetches the held-out shard from the demo
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "cache-eval" / "datasets").is_dir(), "the eval fetched the run's held-out shard by the manifest"
     return json.loads(done.stdout)
 
 

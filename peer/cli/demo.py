@@ -93,7 +93,8 @@ def _cut_short(interrupts: Iterator[type[Exception]]) -> None:
 @click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap node, with --swarm; repeatable.")
 @click.option("--run-key", help="The run owner's key (64 hex), with --swarm.")
 @click.option("--peer", help="Peer id (or a prefix) to fetch the weights of, with --swarm; default: any.")
-@click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus (its held-out split).")
+@click.option("--data", help="A local .txt/.jsonl file or folder, or a prepared dataset's folder, instead of the run's "
+                             "data (its held-out split or shard).")
 @click.option("--batches", type=click.IntRange(1), default=8, show_default=True, help="Held-out batches.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute: auto|cpu|cuda|cuda:INDEX.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

@@ -110,11 +110,18 @@ def check_run(opts: DaemonOptions) -> None:
 
 def _check_data_source(signed: SignedRunManifest, path: Path | None) -> None:
     from peer.config import RunConfig
+    from peer.core.fetch import is_url, local_folder
 
     try:
-        source = RunConfig.from_manifest(signed.manifest).data.source
+        data = RunConfig.from_manifest(signed.manifest).data
     except ValueError as exc:
         raise ManifestError(f"--manifest {path}: not usable by this murmur ({exc})") from exc
+    if data.prepared:  # a URL is fetched (and its failures retried and named) when training starts
+        if not is_url(data.location) and not local_folder(data.location).is_dir():
+            raise SetupError(f"--manifest {path}: its dataset {data.location} is not on this machine; give --data "
+                             "FOLDER with a copy")  # fmt: skip
+        return
+    source = data.source
     if source not in BUILT_IN_SOURCES and not Path(source).exists():
         raise SetupError(
             f"--manifest {path}: its [data] source {source} is not on this machine; give --data PATH with a copy"

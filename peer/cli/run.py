@@ -109,7 +109,8 @@ def _typed(param: click.Option, key: str, value: object, path: Path) -> object:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")  # fmt: skip
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address of the metrics server (0.0.0.0 in Docker).")  # fmt: skip
-@click.option("--data", help="A local .txt/.jsonl file or folder instead of the run's corpus.")
+@click.option("--data", help="A local .txt/.jsonl file or folder, or a prepared dataset's folder (a copy of the "
+                             "run's), instead of the run's data.")
 @click.option("--batch-size", type=click.IntRange(1),
               help="Micro-batch (sequences per forward pass). With --grad-accum their product must be the run's "
                    "batch; alone it must divide it. [default: the run's split on CPU, fitted to free memory on "

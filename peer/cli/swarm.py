@@ -84,16 +84,21 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], in
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("manifest.json"), show_default=True
 )
+@click.option("--data", "data_location",
+              help="A prepared dataset (murmur prepare-data): the http(s):// or file:// URL of its folder, or the "
+                   "folder; volunteers fetch it from there. Its index.json is read now.")  # fmt: skip
 def create_run(swarm: str | None, config_path: Path | None, preset: str | None, slices: int | None,
-               method: str | None, key_path: Path, out: Path) -> None:  # fmt: skip
+               method: str | None, key_path: Path, out: Path, data_location: str | None) -> None:  # fmt: skip
     """Write and sign a run manifest; print the run id and, on the last line, the run key.
 
     \b
     Example:
       murmur create-run --swarm tinystories-tiny --preset tiny --slices 3 --key owner.key --out manifest.json
+      murmur create-run --config run.toml --data https://example.org/tinystories/ --key owner.key
     """
     from peer.cli.preflight import writable_file
     from peer.config import RunConfig, read_toml
+    from peer.core.fetch import with_dataset
     from protocol import manifest as manifest_mod
     from protocol.errors import IdentityFileError, ManifestError
     from protocol.identity import Identity
@@ -106,7 +111,9 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
         data.update({k: v for k, v in overrides.items() if v is not None})
         if slices is not None:
             data["slices"] = {**data.get("slices", {}), "num_slices": slices}
-        config = RunConfig.from_dict(data)
+        if data_location is not None:
+            data["data"] = {**data.get("data", {}), "location": data_location}
+        config = RunConfig.from_dict(with_dataset(data))
         owner = Identity.load_or_create(key_path)
     except (ValueError, IdentityFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -122,6 +129,8 @@ def create_run(swarm: str | None, config_path: Path | None, preset: str | None, 
     except OSError as exc:
         raise click.ClickException(f"--out {out}: cannot write it ({exc.strerror or exc})") from exc
     click.echo(f"wrote {out}: swarm {config.swarm}, {config.preset}, K={config.slices.num_slices}, {config.method}")
+    if config.data.prepared:
+        click.echo(f"data    {config.data.dataset_id} at {config.data.location} (vocab {config.model.vocab_size})")
     click.echo(f"run id  {signed.run_id}")
     click.echo(signed.owner_key_hex)
 

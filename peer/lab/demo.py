@@ -6,6 +6,10 @@ N-1 volunteers train the `tiny` preset on the bundled corpus, the demo prints th
 stops them with SIGTERM (each checkpoints and exits 0), reads every checkpoint back through
 `peer/node/checkpoint.py` and reports each peer's validation loss and that of their averaged weights.
 
+The corpus goes through the same door as any run's data: `murmur prepare-data` makes it a prepared dataset (byte
+tokens), a loopback HTTP server in a thread of the demo (peer/lab/dataserver.py) serves it, `create-run --data URL`
+names it in the manifest, and each peer fetches index.json and the shards its stream reaches into its own cache.
+
 Every child runs in its own session (peer/lab/harness.py, as in the tests), so its DHT helper processes
 (p2pd) are in its process group; the `finally` of `run_demo` sends SIGTERM to every group still alive, then
 SIGKILL after a grace period, so an error or Ctrl-C leaves nothing running. Paths handed to children are
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peer.core.data import unigram_entropy
+from peer.core.data import default_corpus_text, unigram_entropy
 from peer.core.evaluation import average_weights
+from peer.lab.dataserver import DataServer
 from peer.lab.evaluate import corpus_for, evaluate_weights, run_from_dict
 from peer.lab.harness import MADDR_LINE, Proc, Procs, run_toml
 from peer.node import checkpoint
@@ -42,6 +48,8 @@ def demo_toml(slices: int, preset: str = "tiny", min_round_s: float | None = Non
     return run_toml("demo", preset=preset, slices=slices, steps_per_round=10, fanout=1, min_round_s=min_round_s)
 """Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
 STARTUP_S = 90.0
+DEMO_SHARD_TOKENS = 1 << 19
+"""About 8 shards of the 4 MB corpus: each peer fetches only those its stream reaches, as volunteers would."""
 STOP_GRACE_S = 45.0
 ERROR_TAIL = 15
 """Lines of a child's stdout and stderr a DemoError quotes: enough to see why, short enough for a terminal."""
@@ -103,15 +111,33 @@ def murmur_argv(*args: str) -> list[str]:
 
 
 def child_env(out: Path, name: str) -> dict[str, str]:
-    """One core per peer and a private MURMUR_HOME (owner-key pins are per home)."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MURMUR_HOME": str(out / f"home-{name}")}
+    """One core per peer, a private MURMUR_HOME (owner-key pins are per home) and dataset cache (each peer
+    fetches its own shards, as a volunteer's machine would)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MURMUR_HOME": str(out / f"home-{name}"),
+            "MURMUR_CACHE": str(out / f"cache-{name}")}  # fmt: skip
 
 
-def create_run(out: Path, slices: int) -> tuple[str, str]:
-    """Write run.toml, sign the manifest with a fresh owner key; (run id, run key)."""
+def prepare_corpus(out: Path) -> Path:
+    """The embedded corpus as a prepared dataset in out/dataset (made again each demo), through `murmur
+    prepare-data` as a run owner would. Byte tokens and every 20th document held out, as the in-memory corpus
+    splits it: the demo's losses stay comparable with the runs that train on that corpus."""
+    folder, text = out / "dataset", out / "corpus.txt"
+    shutil.rmtree(folder, ignore_errors=True)
+    text.write_text(default_corpus_text())
+    argv = murmur_argv("prepare-data", "--input", str(text), "--out", str(folder), "--tokenizer", "bytes",
+                       "--shard-tokens", str(DEMO_SHARD_TOKENS), "--heldout-fraction", "0.05")  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=out, env=child_env(out, "owner"), timeout=300)
+    if done.returncode != 0:
+        raise DemoError(f"prepare-data failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return folder
+
+
+def create_run(out: Path, slices: int, data_url: str) -> tuple[str, str]:
+    """Write run.toml, sign the manifest (naming the dataset at `data_url`) with a fresh owner key; (run id,
+    run key)."""
     (out / "run.toml").write_text(demo_toml(slices))
     argv = murmur_argv("create-run", "--config", str(out / "run.toml"), "--key", str(out / "owner.key"),
-                       "--out", str(out / "manifest.json"))  # fmt: skip
+                       "--out", str(out / "manifest.json"), "--data", data_url)  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, cwd=out, env=child_env(out, "owner"), timeout=120)
     if done.returncode != 0:
         raise DemoError(f"create-run failed ({done.returncode}):\n{done.stdout}{done.stderr}")
@@ -162,8 +188,12 @@ def run_demo(opts: DemoOptions) -> DemoReport:
     out = opts.out.resolve()
     procs = Procs(out, error=DemoError, tail=ERROR_TAIL, fork=False)  # each child exec'd: the volunteer's command
     started = time.monotonic()
+    server: DataServer | None = None
     try:
-        run_id, run_key = create_run(out, opts.slices)
+        dataset = prepare_corpus(out)
+        server = DataServer(dataset)  # a thread of this process, serving the shards the peers fetch
+        print(f"dataset {dataset} served at {server.url}", flush=True)
+        run_id, run_key = create_run(out, opts.slices, server.url)
         boot = procs.start("bootstrap", murmur_argv("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity",
                                                     str(out / "boot.key"), "--addrs-file", str(out / "boot.addrs")),
                            child_env(out, "bootstrap"))  # fmt: skip
@@ -184,6 +214,8 @@ def run_demo(opts: DemoOptions) -> DemoReport:
         return report
     finally:
         procs.stop_all()
+        if server is not None:
+            server.close()
 
 
 def evaluate_peers(out: Path, peers: list[Proc], codes: list[int | None], run_id: str) -> DemoReport:
@@ -200,7 +232,7 @@ def evaluate_peers(out: Path, peers: list[Proc], codes: list[int | None], run_id
         results.append(result)
     if run is None:
         raise DemoError(f"no peer saved a checkpoint (logs in {out / 'logs'})")
-    corpus = corpus_for(run)
+    corpus = corpus_for(run, out / "dataset")  # the held-out shard, read where the demo prepared it
     states = iter(phis)
     for result in results:
         if result.round is not None:

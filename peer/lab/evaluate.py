@@ -121,8 +121,18 @@ def model_for(run: RunConfig, weights: Mapping[str, torch.Tensor]) -> Transforme
 def corpus_for(run: RunConfig, data: str | Path | None = None) -> Corpus:
     """The corpus the run trains on (the embedded one by default), or `data` instead; its `val` is the held-out data.
 
-    The one place `murmur eval`, the demo and the live eval get held-out tokens from: when runs train on
-    prepared shards with a held-out shard, this is the function that changes."""
+    The one place `murmur eval`, the demo and the live eval get held-out tokens from. A run on a prepared dataset
+    evaluates on its held-out shard (fetched into the cache, checked against the manifest's dataset id), or on
+    `data`'s when `data` is a prepared folder; its Corpus has no training tokens."""
+    from peer.core.fetch import heldout_corpus, open_dataset
+    from peer.core.shards import INDEX_NAME
+
+    if data is not None and (Path(data) / INDEX_NAME).is_file():
+        dataset, fetcher = open_dataset(str(data), run.data.dataset_id or None)
+        return heldout_corpus(dataset, fetcher, str(data))
+    if data is None and run.data.prepared:
+        dataset, fetcher = open_dataset(run.data.location, run.data.dataset_id)
+        return heldout_corpus(dataset, fetcher, run.data.location)
     if data is None and run.data.source not in ("embedded", "default"):
         data = run.data.source
     return load_corpus(data)

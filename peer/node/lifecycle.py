@@ -17,6 +17,7 @@ import torch
 
 from peer.config import GossipConfig
 from peer.core.devices import pick_device
+from peer.core.fetch import FetchStopped
 from peer.node import resume
 from peer.node.daemon import Daemon
 from peer.node.gossip import STALE_ROUNDS
@@ -154,10 +155,13 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
     """Everything after the manifest: the trainer, metrics, server, slice, resume or late join, then training;
     the checkpoint, server, status line and metrics are closed in that order whatever ends it."""
     j, identity, run, signed = opts.join, session.identity, session.run, session.signed
-    trainer = await asyncio.to_thread(
-        Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size,
-        grad_accum=opts.grad_accum,
-    )  # fmt: skip
+    try:  # a prepared dataset's index, tokenizer and held-out shard are fetched here, in a worker thread
+        trainer = await asyncio.to_thread(
+            Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size,
+            grad_accum=opts.grad_accum, halt=session.halt,
+        )  # fmt: skip
+    except FetchStopped as exc:
+        raise JoinInterrupted(str(exc)) from None
     directory = checkpoint_directory(opts, identity.peer_id)
     member = Member(session.swarm, identity, signed, endpoint="", software_version=software_version)
     daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every, overlap=opts.overlap)

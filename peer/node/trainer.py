@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,15 +17,20 @@ from peer.config import RunConfig
 from peer.core.data import TokenStream, load_corpus, stream_index_for
 from peer.core.devices import fit_inner
 from peer.core.evaluation import DEFAULT_BATCHES, load_weights, val_loss
+from peer.core.fetch import DatasetFetcher, FetchStopped, heldout_corpus, num_streams, open_dataset
 from peer.core.inner import InnerConfig, SliceOptimizer, inner_round
 from peer.core.model import Transformer
 from peer.core.outer import initial_state
 from peer.core.robust import Clipper, ClipReport
+from peer.core.shards import INDEX_NAME, PreparedDataset, ShardStream
 from peer.core.slices import Contribution, parameter_shapes, partition, pseudo_gradient, slice_numel
 from peer.node.gossip import compose_outer_step, encode_update
 from protocol.codec import ErrorFeedback
-from protocol.errors import DataNotFound
+from protocol.errors import DataError, DataNotFound, MurmurError
+from protocol.logs import get_logger
 from protocol.updates import OutgoingUpdate, ReceivedUpdate, StateSnapshot, make_state_snapshot
+
+log = get_logger(__name__)
 
 
 class Halted(Exception):
@@ -46,7 +52,9 @@ class Trainer:
     the training thread (one call at a time)."""
 
     def __init__(self, run: RunConfig, peer_id: str, device: torch.device, *, data: str | None = None,
-                 micro_batch: int | None = None, grad_accum: int | None = None) -> None:  # fmt: skip
+                 micro_batch: int | None = None, grad_accum: int | None = None,
+                 halt: threading.Event | None = None) -> None:  # fmt: skip
+        """`halt` (SIGTERM) ends a wait for a dataset's server: FetchStopped."""
         self.run, self.device = run, device
         torch.manual_seed(run.data.seed)  # every peer starts from the same phi
         self.model = Transformer(run.model).to(device)
@@ -56,6 +64,22 @@ class Trainer:
         self.layouts = partition(run.model, run.slices)
         self.inner = _inner_config(run, micro_batch, grad_accum, device,
                                    max(slice_numel(layout, self.shapes) for layout in self.layouts))  # fmt: skip
+        self.dataset: PreparedDataset | None = None
+        self.fetcher: DatasetFetcher | None = None
+        self._prefetch: threading.Thread | None = None
+        self.stream: TokenStream | ShardStream
+        if _prepared(run, data):
+            self._open_prepared(run, peer_id, data, halt)
+        else:
+            self._load_corpus(run, peer_id, data)
+        self.slice = -1
+        self.optimizer: SliceOptimizer | None = None
+        self.feedback = ErrorFeedback(run.codec)
+        self.clipper = Clipper(run.clip)
+        """Running norm of own deltas: the bound on partners' terms (peer/core/robust.py)."""
+
+    def _load_corpus(self, run: RunConfig, peer_id: str, data: str | None) -> None:
+        """A text corpus (the embedded one, or a path every peer has), tokenised in memory."""
         source = data if data is not None else (None if run.data.source in ("embedded", "default") else run.data.source)
         try:
             corpus = self.corpus = load_corpus(source)
@@ -70,11 +94,49 @@ class Trainer:
             num_streams=num_streams, steps_per_round=self.inner.steps_per_round * self.inner.grad_accum,
             seed=run.data.seed,
         )  # fmt: skip
-        self.slice = -1
-        self.optimizer: SliceOptimizer | None = None
-        self.feedback = ErrorFeedback(run.codec)
-        self.clipper = Clipper(run.clip)
-        """Running norm of own deltas: the bound on partners' terms (peer/core/robust.py)."""
+
+    def _open_prepared(self, run: RunConfig, peer_id: str, data: str | None, halt: threading.Event | None) -> None:
+        """A prepared dataset: the manifest's location (fetched into the cache, shards as rounds reach them) or
+        a local copy given as --data. S comes from the index and the manifest only (`num_streams`), so every
+        peer of the run cuts the data alike and streams stay disjoint whatever each one's micro-batch."""
+        location = data if data is not None else run.data.location
+        self.dataset, self.fetcher = open_dataset(location, run.data.dataset_id or None, halt)
+        if self.dataset.index.vocab_size != run.model.vocab_size:
+            raise DataError(f"the dataset at {location} has {self.dataset.index.vocab_size} tokens, the model "
+                            f"{run.model.vocab_size}")  # fmt: skip
+        seq_len = run.model.seq_len
+        streams = num_streams(self.dataset.windows(seq_len),
+                              run.inner.steps_per_round * run.inner.batch_size * run.inner.grad_accum)
+        self.stream = self.dataset.stream(
+            seq_len, stream_index=stream_index_for(bytes.fromhex(peer_id), streams), num_streams=streams,
+            steps_per_round=self.inner.steps_per_round * self.inner.grad_accum, seed=run.data.seed,
+        )  # fmt: skip
+        self.corpus = heldout_corpus(self.dataset, self.fetcher, location, halt)
+
+    def _fetch_for(self, round: int, halt: threading.Event) -> None:
+        """The shards round `round` reads, on disk and verified (blocking: the trainer's thread, never the event
+        loop); then round + 1's, fetched in a thread while this round trains."""
+        if self.fetcher is None:
+            return
+        assert isinstance(self.stream, ShardStream)
+        if self._prefetch is not None:
+            self._prefetch.join()  # it may be fetching this round's shards: let it finish them
+        try:
+            self.fetcher.ensure(self.stream.shards_for_round(round, self.inner.batch_size), halt)
+        except FetchStopped as exc:
+            raise Halted(str(exc)) from None
+        upcoming = self.stream.shards_for_round(round + 1, self.inner.batch_size)
+        self._prefetch = threading.Thread(target=self._prefetch_quietly, args=(upcoming, halt), daemon=True,
+                                          name="murmur-prefetch")  # fmt: skip
+        self._prefetch.start()
+
+    def _prefetch_quietly(self, names: list[str], halt: threading.Event) -> None:
+        """Prefetch: a failure here is said again, as the error, by the next round's own fetch."""
+        assert self.fetcher is not None
+        try:
+            self.fetcher.ensure(names, halt)
+        except (MurmurError, OSError) as exc:
+            log.debug("prefetch of %s failed: %s", names, exc, exc_info=True)
 
     def take_slice(self, index: int) -> None:
         """Train slice `index` from now on: fresh optimiser state and error feedback for it."""
@@ -90,6 +152,7 @@ class Trainer:
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(self.phi[name])
+        self._fetch_for(round, halt)
         accum, batch = self.inner.grad_accum, self.inner.batch_size
         H = self.inner.steps_per_round
 
@@ -132,3 +195,11 @@ def _inner_config(run: RunConfig, micro_batch: int | None, grad_accum: int | Non
     memory (peer/core/devices.py); every split keeps the run's batch per optimiser step."""
     return fit_inner(run.inner, run.model, device, micro_batch=micro_batch, grad_accum=grad_accum,
                      trainable_params=trainable_params)  # fmt: skip
+
+
+def _prepared(run: RunConfig, data: str | None) -> bool:
+    """Whether this peer trains on a prepared dataset: --data names a prepared folder, or no --data and the
+    manifest names one."""
+    if data is not None:
+        return (Path(data) / INDEX_NAME).is_file()
+    return run.data.prepared

@@ -113,14 +113,18 @@ class CodecSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("source", "tokenizer", "seed")
+    __slots__ = ("source", "tokenizer", "seed", "location", "dataset_id")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     source: str
     tokenizer: str
     seed: int
-    def __init__(self, source: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    location: str
+    dataset_id: str
+    def __init__(self, source: _Optional[str] = ..., tokenizer: _Optional[str] = ..., seed: _Optional[int] = ..., location: _Optional[str] = ..., dataset_id: _Optional[str] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("swarm_name", "protocol_version", "model", "slices", "inner", "outer", "gossip", "codec", "data", "created_unix")
