@@ -4,6 +4,8 @@ The command on a real swarm is in tests/test_daemon_swarm.py."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,10 +56,12 @@ def test_watch_reads_until_interrupted_and_rewrites_the_plot(tmp_path: Path) -> 
     def read() -> list[Announcement]:
         try:
             return next(reads)
-        except StopIteration:
-            raise KeyboardInterrupt from None  # Ctrl-C at the fourth read
+        except StopIteration:  # Ctrl-C during the fourth read: it ends the watch once the read is done
+            os.kill(os.getpid(), signal.SIGINT)
+            return [announced("a" * 64, 0, 3, 2.0)]
 
     history = watch(read, "demo", every=0.01, plot=tmp_path / "w.png", say=shown.append)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     assert len(shown) == 3 and all("swarm demo: 1 live peer(s)" in s for s in shown)
     assert [r for _, r, _ in history.points["a" * 64]] == [0, 1, 2]
     assert (tmp_path / "w.png").stat().st_size > 1000
