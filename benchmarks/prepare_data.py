@@ -24,13 +24,14 @@ import argparse
 import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.step_cost import _maxrss, _status_bytes  # one reader of /proc/self/status for both
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"train": ["--train-tokenizer", "8192"], "bytes": ["--tokenizer", "bytes"]}
@@ -60,18 +61,6 @@ def _reset_peak() -> None:
         pass
 
 
-def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _status_bytes(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _maxrss()
 
 
 def spawn(args: list[str], timeout: float) -> dict:

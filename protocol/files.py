@@ -9,6 +9,7 @@ Checkpoints are folders and have their own rename (peer/node/checkpoint.py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -37,3 +38,25 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None, fsync: boo
         with contextlib.suppress(OSError):  # best effort: the write's own error is the one to report
             tmp.unlink()
         raise
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's metadata and bytes to disk (a folder: the names renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+HASH_CHUNK = 4 * 2**20
+"""Bytes read at a time when hashing a file: large enough to be fast, small enough to never matter in memory."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read a chunk at a time (checkpoints, dataset shards)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -270,7 +270,7 @@ def test_a_pickle_named_like_a_checkpoint_is_never_unpickled(tmp_path: Path, war
     (newest / "phi.safetensors").write_bytes(payload)
     # forge the sidecar's hash too, so only the format check stands between the payload and a loader
     meta = json.loads((newest / "meta.json").read_text())
-    meta["files"]["phi.safetensors"] = {"sha256": ckpt._sha256(newest / "phi.safetensors"), "bytes": len(payload)}
+    meta["files"]["phi.safetensors"] = {"sha256": ckpt.sha256_file(newest / "phi.safetensors"), "bytes": len(payload)}
     (newest / "meta.json").write_text(json.dumps(meta))
     loaded = load_latest(tmp_path, run_id=RUN)
     assert loaded is not None and loaded.round == 1

@@ -43,6 +43,7 @@ from peer.core.shards import (
 )
 from peer.core.sources import Piece, describe_inputs, read_pieces, resolve_inputs
 from protocol.errors import DataError, SetupError
+from protocol.files import fsync_path
 
 BATCH_CHARS = 4 << 20
 """Text encoded per call: big enough for the tokenizer's threads, small enough not to matter in memory."""
@@ -259,15 +260,10 @@ def _staging(out: Path) -> Iterator[Path]:
         yield folder
         folder.chmod(0o755)  # mkdtemp's 0700 would hide the dataset from whoever serves it
         os.rename(folder, out)  # atomic; replaces `out` only when it is an empty folder
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+

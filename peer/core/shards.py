@@ -33,6 +33,7 @@ from peer.core.data import Batch
 from peer.core.shard_plan import StreamPlan
 from peer.core.tokenizers import ByteTokenizer, JsonTokenizer, Tokenizer
 from protocol.errors import CorruptShard, DataError, DataNotFound
+from protocol.files import sha256_file
 
 FORMAT = "murmur-shards"
 VERSION = 1
@@ -47,7 +48,6 @@ MAX_INDEX_BYTES = 64 << 20
 """About 150 bytes a shard: room for 400,000 shards (6.7 trillion tokens at 2^24 each); more is not an index."""
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_HASH_CHUNK = 1 << 20
 
 
 def shard_dtype(vocab_size: int) -> str:
@@ -57,13 +57,7 @@ def shard_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read a chunk at a time."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

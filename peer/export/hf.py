@@ -45,6 +45,7 @@ from peer.core.model import ModelConfig
 from peer.export.hf_tokenizer import tokenizer_files
 from peer.export.source import Trained
 from protocol.errors import ExportError
+from protocol.files import fsync_path
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -184,9 +185,9 @@ def write_folder(out: Path, fill: Callable[[Path], None], *, force: bool = False
     try:
         fill(tmp)
         for path in tmp.iterdir():
-            _fsync(path)
+            fsync_path(path)
         with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder; the rename still holds
-            _fsync(tmp)
+            fsync_path(tmp)
         if out.exists():  # an empty folder or (with --force) an earlier export: moved aside, then dropped
             aside = out.with_name(f".old-{out.name}-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(out, aside)
@@ -200,12 +201,7 @@ def write_folder(out: Path, fill: Callable[[Path], None], *, force: bool = False
     return out
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
 
 
 def check_target(out: Path, *, force: bool, keep_clear: tuple[Path, ...]) -> None:

@@ -28,7 +28,6 @@ Older snapshots are pruned only after the new one is in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from peer.node.rounds import MAX_ROUND
 from protocol.errors import CheckpointError
+from protocol.files import fsync_path, sha256_file
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -57,7 +57,6 @@ MAX_META_BYTES = 16 * 2**20
 """A sidecar is a few KiB (the manifest dominates); refuse to parse anything absurdly larger."""
 _DIR_PATTERN = re.compile(r"^round-(\d{6,})$")
 _LEFTOVER_PATTERN = re.compile(r"^\.(?:tmp|old)-round-\d+-(\d+)-[0-9a-f]{8}$")
-_HASH_CHUNK = 4 * 2**20
 
 Tensors = dict[str, torch.Tensor]
 
@@ -160,8 +159,8 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> Tensors:
 
 def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     save_file(_cpu_tensors(tensors), str(path))
-    _fsync_file(path)
-    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    fsync_path(path)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def _meta(state: CheckpointState, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -221,27 +220,11 @@ def _dead(pid: int) -> bool:
     return False
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
-        _fsync_file(path)
+        fsync_path(path)
     except OSError as err:  # some filesystems (and Windows) cannot fsync a directory; the rename still holds
         log.debug("fsync of directory %s failed: %s", path, err)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -345,7 +328,7 @@ def _load_group(path: Path, group: str, files: dict[str, Any]) -> Tensors:
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{name} is {size} bytes, {META_NAME} says {entry['bytes']} (truncated?)")
-        if _sha256(file) != entry["sha256"]:
+        if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{name} does not match its SHA-256 in {META_NAME} (corrupt)")
         # safetensors only: a header plus raw bytes, nothing is ever unpickled
         return load_file(str(file), device="cpu")
