@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
+import shutil
 from pathlib import Path
 
 
@@ -60,3 +62,15 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final`, replacing a folder already there (`os.replace` cannot replace
+    a non-empty one): the old one is moved aside first and dropped after, so `final` is never half written."""
+    if final.exists():
+        aside = final.with_name(f".old-{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -45,7 +45,7 @@ from peer.core.model import ModelConfig
 from peer.export.hf_tokenizer import tokenizer_files
 from peer.export.source import Trained
 from protocol.errors import ExportError
-from protocol.files import fsync_path
+from protocol.files import fsync_path, replace_directory
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -188,13 +188,7 @@ def write_folder(out: Path, fill: Callable[[Path], None], *, force: bool = False
             fsync_path(path)
         with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder; the rename still holds
             fsync_path(tmp)
-        if out.exists():  # an empty folder or (with --force) an earlier export: moved aside, then dropped
-            aside = out.with_name(f".old-{out.name}-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(out, aside)
-            os.replace(tmp, out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)  # an empty folder or (with --force) an earlier export is moved aside, dropped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from peer.node.rounds import MAX_ROUND
 from protocol.errors import CheckpointError
-from protocol.files import fsync_path, sha256_file
+from protocol.files import fsync_path, replace_directory, sha256_file
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -134,7 +134,7 @@ def save_checkpoint(directory: Path, state: CheckpointState, *, keep: int = 3) -
             files[f"{group}.safetensors"] = _write_tensors(tmp / f"{group}.safetensors", tensors)
         _write_json(tmp / META_NAME, _meta(state, files))
         _fsync_dir(tmp)
-        _move_into_place(tmp, final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -183,17 +183,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
         json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """os.replace cannot replace a non-empty directory: move a same-round snapshot aside first."""
-    if final.exists():
-        aside = final.with_name(f".old-{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _prune(directory: Path, keep: int) -> None:
