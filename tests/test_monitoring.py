@@ -62,36 +62,33 @@ def targets() -> Iterator[tuple[str, str]]:
             yield panel["title"], target["expr"]
 
 
+def children(expr: object) -> list[object]:
+    """The sub-expressions of a parsed PromQL node (none for a selector or a literal)."""
+    if isinstance(expr, pq.BinaryExpr):
+        return [expr.lhs, expr.rhs]
+    if isinstance(expr, pq.Call):
+        return list(expr.args)
+    if isinstance(expr, (pq.AggregateExpr, pq.ParenExpr, pq.UnaryExpr, pq.SubqueryExpr)):
+        return [expr.expr]
+    return []
+
+
 def selectors(expr: object) -> Iterator[pq.VectorSelector]:
     """Every vector selector in a parsed expression (walks the AST)."""
     if isinstance(expr, pq.VectorSelector):
         yield expr
     elif isinstance(expr, pq.MatrixSelector):
         yield expr.vector_selector
-    elif isinstance(expr, pq.BinaryExpr):
-        yield from selectors(expr.lhs)
-        yield from selectors(expr.rhs)
-    elif isinstance(expr, pq.Call):
-        for arg in expr.args:
-            yield from selectors(arg)
-    elif isinstance(expr, (pq.AggregateExpr, pq.ParenExpr, pq.UnaryExpr, pq.SubqueryExpr)):
-        yield from selectors(expr.expr)
+    for child in children(expr):
+        yield from selectors(child)
 
 
 def grouping(expr: object) -> Iterator[str]:
     """The labels every `by (...)` in the expression groups by."""
-    if isinstance(expr, pq.AggregateExpr):
-        if expr.modifier is not None:
-            yield from expr.modifier.labels
-        yield from grouping(expr.expr)
-    elif isinstance(expr, pq.BinaryExpr):
-        yield from grouping(expr.lhs)
-        yield from grouping(expr.rhs)
-    elif isinstance(expr, pq.Call):
-        for arg in expr.args:
-            yield from grouping(arg)
-    elif isinstance(expr, (pq.ParenExpr, pq.UnaryExpr, pq.SubqueryExpr)):
-        yield from grouping(expr.expr)
+    if isinstance(expr, pq.AggregateExpr) and expr.modifier is not None:
+        yield from expr.modifier.labels
+    for child in children(expr):
+        yield from grouping(child)
 
 
 def parse(expr: str) -> object:
