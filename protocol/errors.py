@@ -71,6 +71,8 @@ class Reason(str, Enum):
     OVER_LIMIT = "over_limit"
     """The caller went over its calls or bytes per minute (protocol/limits.py); a proven peer is banned."""
     INCOMPATIBLE_VERSION = "incompatible_version"
+    NOT_FOUND = "not_found"
+    """A dataset file (FetchShard) the peer does not hold verified: ask another peer; nobody is blamed."""
     TIMEOUT = "timeout"
     """A stream took longer than the receiver allows (added by the wire: servers cap a call's time)."""
     OUTLIER = "outlier"

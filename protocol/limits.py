@@ -235,3 +235,40 @@ def largest_stream_bytes(policy: WirePolicy) -> int:
             break
         largest = max(largest, sum(max(payload_size(tuple(s), c) for c in codecs) for s in table.values()))
     return max(largest, 1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardLimits:
+    """What serving dataset files (FetchShard, protocol/shard_service.py) may cost one peer.
+
+    A caller of FetchShard proves nothing about itself (no signature: any volunteer may fetch the run's public
+    data), so its budget is keyed by address, like calls: `bytes_per_minute_per_address` of file bytes (a token
+    bucket, one minute's worth at once; over it the stream is cut with OVER_LIMIT and the caller resumes later or
+    elsewhere, never banned), at most `max_streams` streams at once over all callers (RATE_LIMITED beyond), and
+    `timeout_s` for one stream. The default, 256 MiB a minute (about 4.5 MB/s) per address, serves a newcomer its
+    first shards within seconds but keeps one caller from making a volunteer upload more than ~370 GB a day."""
+
+    bytes_per_minute_per_address: int = 256 << 20
+    max_streams: int = 4
+    timeout_s: float = 600.0
+    max_tracked: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_minute_per_address < 1 << 20:
+            raise ValueError("bytes_per_minute_per_address must be at least one chunk (1 MiB)")
+        if self.max_streams < 1 or self.max_tracked < 1 or self.timeout_s <= 0:
+            raise ValueError("max_streams and max_tracked must be >= 1 and timeout_s > 0")
+
+
+class ByteBudget:
+    """Shard bytes per address (`ShardLimits.bytes_per_minute_per_address`): `RateBuckets` charged per chunk."""
+
+    def __init__(self, limits: ShardLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._buckets = RateBuckets(limits.bytes_per_minute_per_address, limits.max_tracked, clock)
+
+    def charge(self, address: str, nbytes: int) -> None:
+        """Spend `nbytes` of `address`'s budget; RateLimited(OVER_LIMIT) when it holds fewer (nothing spent)."""
+        if not self._buckets.take(address, nbytes):
+            raise RateLimited(Reason.OVER_LIMIT, f"more than {self.limits.bytes_per_minute_per_address} dataset "
+                                                 f"bytes a minute to {address}; resume later or elsewhere")  # fmt: skip

@@ -15,6 +15,7 @@ message text is for humans only. Clients branch on (code, reason), never on text
     over_limit
     banned                  PERMISSION_DENIED
     timeout                 DEADLINE_EXCEEDED
+    not_found               NOT_FOUND (FetchShard: a dataset file this peer does not hold)
 
 Exchange has one handshake inside the stream: the caller sends its header and waits; the callee answers
 with initial metadata `murmur-accept: 1` once the header passed every check, and only then does the
@@ -71,6 +72,7 @@ STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.OVER_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.BANNED: grpc.StatusCode.PERMISSION_DENIED,
     Reason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
 }
 
 # Both sides: a frame is at most one chunk plus framing; keepalives notice dead partners.

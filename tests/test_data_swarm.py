@@ -66,11 +66,14 @@ def test_two_volunteers_fetch_the_manifests_dataset_and_train_on_it(procs: Procs
         cache = work / f"cache-{proc.name}" / "datasets" / dataset.dataset_id
         fetched = {p.name for p in cache.iterdir()}
         assert {"index.json", "heldout.bin"} <= fetched and not any(n.endswith(".partial") for n in fetched)
-        # what it fetched is what its stream reached: its rounds' shards, and the next round's (prefetched)
+        # what it fetched is what its stream reached: the shards of its rounds, of the round it was in when stopped
+        # (last + 1, no round line yet) and of the one after (prefetched while that one trained); never another
+        # stream's (that happens only when its own shards cannot be had, and says so)
+        assert "instead of this peer's" not in proc.stderr_path.read_text(), proc.logs()
         stream = dataset.stream(SEQ, stream_index=stream_index_for(bytes.fromhex(peer_ids[proc.name]), streams),
                                 num_streams=streams, steps_per_round=H)  # fmt: skip
         last = max(r.round for r in parse_all(proc.lines))
-        reached = {name for r in range(last + 2) for name in stream.shards_for_round(r, BATCH)}
+        reached = {name for r in range(last + 3) for name in stream.shards_for_round(r, BATCH)}
         assert fetched & shards and fetched & shards <= reached < shards, (proc.name, sorted(fetched))
         for file in fetched:
             assert (cache / file).read_bytes() == (work / "ds" / file).read_bytes()

@@ -21,6 +21,18 @@ again after 1, 2, 4 ... s (at most `max_wait_s`), one warning line each, resumin
 a file that does not verify is fetched again from scratch, `corrupt_tries` times at most.
 
 A `location` that is a local folder (a path, or file://) is opened where it is: nothing is copied.
+
+Peers as a second source (peer/core/fetch_peers.py): when the server fails a file (down, a 4xx, or bytes that
+do not verify), the fetcher asks the run's live peers for it by SHA-256 before it waits to try the server again;
+HTTP stays the first choice while it works. Once the server failed a whole retry policy, it counts as gone for
+`GONE_S`: files then come from peers only, and a file nobody has fails at once (DataError) instead of waiting
+out the policy again for every file. Where each file came from is logged.
+
+A peer's own shards held by nobody (the server gone, no peer reached that part of the data):
+peer/core/fetch_peers.py `stream_for_round` trains that round on another stream whose shards can be had, the
+first in an order keyed by (own stream, round) (peer/core/shard_plan.py `fallback_streams`), or failing that on a
+later round's windows that the cache holds; so the choice is reproducible, and its own stream, tried first every
+round, is back as soon as its shards are. It costs diversity (windows another stream trains too), never correctness.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import hashlib
 import http.client
 import os
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,8 +54,9 @@ import numpy as np
 import torch
 
 from peer.core.data import Corpus
+from peer.core.fetch_peers import FetchStopped, PeerList, from_peers
 from peer.core.shards import INDEX_NAME, MAX_INDEX_BYTES, DatasetIndex, PreparedDataset, sha256_file
-from protocol.errors import CorruptShard, DataError, DataNotFound, MurmurError
+from protocol.errors import CorruptShard, DataError, DataNotFound
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -51,11 +65,9 @@ MAX_STREAMS = 1024
 """The most streams a run's data is cut into: more peers than this share streams (two peers on one stream
 train on the same windows, which costs diversity, not correctness)."""
 _CHUNK = 1 << 20
+GONE_S = 300.0
+"""How long a server that failed a whole retry policy is skipped (files come from peers), before it is tried again."""
 _URL_SCHEMES = ("http://", "https://")
-
-
-class FetchStopped(MurmurError):
-    """The peer was told to stop (SIGTERM) while it waited to fetch again."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,6 +81,22 @@ class RetryPolicy:
     first_wait_s: float = 1.0
     max_wait_s: float = 60.0
     timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The defaults, or MURMUR_FETCH_TRIES / MURMUR_FETCH_WAIT_S (down_tries, first_wait_s) where set: what
+        a test (or an impatient volunteer) shortens; max_wait_s follows first_wait_s (at most 60x it)."""
+        tries, wait = os.environ.get("MURMUR_FETCH_TRIES"), os.environ.get("MURMUR_FETCH_WAIT_S")
+        default = cls()
+        try:
+            first = float(wait) if wait else default.first_wait_s
+            policy = cls(down_tries=int(tries) if tries else default.down_tries, first_wait_s=first,
+                         max_wait_s=min(default.max_wait_s, 60 * first))  # fmt: skip
+        except ValueError:
+            raise DataError(f"MURMUR_FETCH_TRIES={tries!r} / MURMUR_FETCH_WAIT_S={wait!r}: not numbers") from None
+        if policy.down_tries < 1 or policy.first_wait_s < 0:
+            raise DataError("MURMUR_FETCH_TRIES must be >= 1 and MURMUR_FETCH_WAIT_S >= 0")
+        return policy
 
 
 def cache_root() -> Path:
@@ -139,13 +167,28 @@ class DatasetFetcher:
     docstring. Thread-safe: the trainer's thread and one prefetch thread call `ensure` together."""
 
     def __init__(self, location: str, dataset_id: str, *, cache: Path | None = None,
-                 retry: RetryPolicy | None = None) -> None:  # fmt: skip
-        self.location, self.dataset_id = location, dataset_id
+                 retry: RetryPolicy | None = None, peers: PeerList | None = None) -> None:  # fmt: skip
+        """`peers`: the run's live peers to ask when the server fails a file (None: the server only)."""
+        self.location, self.dataset_id, self.peers = location, dataset_id, peers
         self.root = (cache if cache is not None else cache_root()) / "datasets" / dataset_id
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.from_env()
         self.dataset: PreparedDataset | None = None
         self._lock = threading.Lock()
         self._done: set[str] = set()
+        self._names = {dataset_id: INDEX_NAME}
+        """SHA-256 -> file name of every file of the dataset: what `lookup` may serve."""
+        self._gone_until = 0.0
+
+    def lookup(self, sha256: str) -> Path | None:
+        """The file of this dataset with this SHA-256 if it is in the cache and verified, else None: what this
+        peer serves to others (protocol/shard_service.py). Lock-free (the event loop calls it): `_done` only
+        grows, and a name enters it after its file got its final, verified name."""
+        name = self._names.get(sha256)
+        return self.root / name if name is not None and name in self._done else None
+
+    def holds(self, names: Iterable[str]) -> bool:
+        """Whether every file of `names` is in the cache (verified, or from an earlier run: `ensure` checks it)."""
+        return all(name in self._done or (self.root / name).is_file() for name in names)
 
     def open(self, stop: threading.Event | None = None) -> PreparedDataset:
         """index.json (checked against the dataset id) and tokenizer.json (against the index), fetched unless
@@ -158,15 +201,19 @@ class DatasetFetcher:
         with self._lock:
             self._have(INDEX_NAME, self.dataset_id, None, stop)
         dataset = PreparedDataset.open(self.root, dataset_id=self.dataset_id)
-        if dataset.index.tokenizer_file is not None:
+        index = dataset.index
+        self._names.update({s.sha256: s.name for s in (*index.train, index.heldout)})
+        if index.tokenizer_file is not None:
+            self._names[index.tokenizer] = index.tokenizer_file
             with self._lock:
                 self._have(dataset.index.tokenizer_file, dataset.index.tokenizer, None, stop)
         self.dataset = dataset
         return dataset
 
-    def ensure(self, names: Iterable[str], stop: threading.Event | None = None) -> None:
+    def ensure(self, names: Iterable[str], stop: threading.Event | None = None, *, patient: bool = True) -> None:
         """Every shard of `names` on disk and verified (fetched when missing); raises DataError when one cannot
-        be had (server gone, file wrong at the source) and FetchStopped when `stop` is set while it waits."""
+        be had (server gone, file wrong at the source, no peer has it) and FetchStopped when `stop` is set while
+        it waits. Not `patient`: one try at the server and one pass over the peers, no waiting."""
         assert self.dataset is not None, "open first"
         index = self.dataset.index
         shards = {s.name: s for s in (*index.train, index.heldout)}
@@ -175,10 +222,11 @@ class DatasetFetcher:
             with self._lock:
                 if name in self._done:
                     continue
-                self._have(name, info.sha256, info.tokens * np.dtype(index.dtype).itemsize, stop)
+                self._have(name, info.sha256, info.tokens * np.dtype(index.dtype).itemsize, stop, patient)
                 self.dataset.verified(name)
 
-    def _have(self, name: str, sha256: str, size: int | None, stop: threading.Event | None) -> None:
+    def _have(self, name: str, sha256: str, size: int | None, stop: threading.Event | None,
+              patient: bool = True) -> None:  # fmt: skip
         """`name` in the cache with this SHA-256: kept if it is already there and checks, else downloaded."""
         path = self.root / name
         if path.is_file():
@@ -187,40 +235,70 @@ class DatasetFetcher:
                 return
             log.warning("dataset cache: %s differs from its SHA-256 in the index; fetching it again", path)
             path.unlink()
-        self._download(name, sha256, size, stop)
+        self._download(name, sha256, size, stop, patient)
         self._done.add(name)
 
-    def _download(self, name: str, sha256: str, size: int | None, stop: threading.Event | None) -> None:
+    def _download(self, name: str, sha256: str, size: int | None, stop: threading.Event | None,
+                  patient: bool = True) -> None:  # fmt: skip
+        """The server first, while it works; the peers whenever it fails; waits between tries (see the module
+        docstring). DataError (CorruptShard for bytes that never verify) once neither has the file."""
         url = _url(self.location, name)
         partial = self.root / f"{name}.partial"
         down = corrupt = 0
         while True:
-            before = partial.stat().st_size if partial.exists() else 0
-            try:
-                self._transfer(url, partial, size)
-            except _Transient as exc:
-                grew = (partial.stat().st_size if partial.exists() else 0) > before
-                down = 1 if grew else down + 1  # a transfer that made progress starts the count again
-                if down >= self.retry.down_tries:
-                    raise DataError(f"cannot fetch {url}: {exc}, {down} tries in a row; is the dataset still "
-                                    "served there?") from None  # fmt: skip
-                wait = min(self.retry.max_wait_s, self.retry.first_wait_s * 2 ** (down - 1))
-                log.warning("dataset: %s: %s; trying again in %.3gs (%d of %d)", url, exc, wait, down + 1,
-                            self.retry.down_tries)  # fmt: skip
-                if (stop or threading.Event()).wait(wait):
-                    raise FetchStopped(f"stopped while fetching {url}") from None
-                continue
-            found = sha256_file(partial)
-            if found == sha256:
+            problem = "the server failed its last tries"
+            if time.monotonic() >= self._gone_until:
+                before = partial.stat().st_size if partial.exists() else 0
+                try:
+                    if self._from_server(url, partial, size, sha256):
+                        return
+                    corrupt += 1
+                    problem = f"SHA-256 differs from the index's {sha256[:16]}…"
+                except _Transient as exc:
+                    grew = (partial.stat().st_size if partial.exists() else 0) > before
+                    down, problem = (1 if grew else down + 1), str(exc)  # progress starts the count again
+                except DataNotFound as exc:
+                    down, problem = self.retry.down_tries, str(exc)  # a 4xx: another try will not change it
+            if self.peers is not None and (peer := from_peers(self.peers, name, sha256, size, partial)):
                 os.replace(partial, self.root / name)
+                log.info("dataset: %s from peer %s (SHA-256 verified; the server: %s)", name, peer, problem)
                 return
-            partial.unlink()
-            corrupt += 1
-            if corrupt >= self.retry.corrupt_tries:
-                raise CorruptShard(f"{url}: SHA-256 {found[:16]}… in {corrupt} downloads, but the index says "
-                                   f"{sha256[:16]}…; the file served there is not the one the run names")  # fmt: skip
-            log.warning("dataset: %s does not match its SHA-256; fetching it again (%d of %d)", url, corrupt + 1,
-                        self.retry.corrupt_tries)  # fmt: skip
+            self._give_up_or_wait(url, problem, down, corrupt, patient, stop)
+
+    def _from_server(self, url: str, partial: Path, size: int | None, sha256: str) -> bool:
+        """One transfer from the server; True when `partial` then verified and took the file's name."""
+        self._transfer(url, partial, size)
+        found = sha256_file(partial)
+        if found == sha256:
+            os.replace(partial, partial.with_suffix(""))
+            self._gone_until = 0.0
+            return True
+        partial.unlink()
+        log.warning("dataset: %s does not match its SHA-256 (%s… served, %s… expected): refused", url, found[:16],
+                    sha256[:16])  # fmt: skip
+        return False
+
+    def _give_up_or_wait(self, url: str, problem: str, down: int, corrupt: int, patient: bool,
+                         stop: threading.Event | None) -> None:  # fmt: skip
+        """Raise once the retry policy is spent (or at once while the server counts as gone, or when not
+        `patient`), else wait before the next try; FetchStopped when `stop` is set while waiting."""
+        peers = "" if self.peers is None else "; no peer has it either"
+        if corrupt >= self.retry.corrupt_tries:
+            raise CorruptShard(f"{url}: {problem} in {corrupt} downloads; the file served there is not the one the "
+                               f"run names{peers}")  # fmt: skip
+        gone = time.monotonic() < self._gone_until
+        if down >= self.retry.down_tries:
+            self._gone_until = time.monotonic() + GONE_S
+        if gone or down >= self.retry.down_tries or not patient:
+            tries = f", {down} tries in a row" if down else ""
+            raise DataError(f"cannot fetch {url}: {problem}{tries}{peers}; is the dataset still served there?")
+        if not down:
+            return  # a corrupt download: fetch again at once
+        wait = min(self.retry.max_wait_s, self.retry.first_wait_s * 2 ** (down - 1))
+        log.warning("dataset: %s: %s; trying again in %.3gs (%d of %d)", url, problem, wait, down + 1,
+                    self.retry.down_tries)  # fmt: skip
+        if (stop or threading.Event()).wait(wait):
+            raise FetchStopped(f"stopped while fetching {url}") from None
 
     def _transfer(self, url: str, partial: Path, size: int | None) -> None:
         """Append the rest of `url` to `partial` (a Range request from its length); _Transient if the server
@@ -269,14 +347,16 @@ def num_streams(windows: int, windows_per_round: int) -> int:
 
 
 def open_dataset(location: str, dataset_id: str | None, stop: threading.Event | None = None, *,
-                 cache: Path | None = None) -> tuple[PreparedDataset, DatasetFetcher | None]:  # fmt: skip
+                 cache: Path | None = None, peers: PeerList | None = None,
+                 ) -> tuple[PreparedDataset, DatasetFetcher | None]:  # fmt: skip
     """The dataset a manifest names: opened in place when local (its id checked when given), else through a
-    fetcher on the cache (index and tokenizer fetched now, shards by `fetcher.ensure`)."""
+    fetcher on the cache (index and tokenizer fetched now, shards by `fetcher.ensure`), asking `peers` for
+    what the server fails."""
     if not is_url(location):
         return PreparedDataset.open(local_folder(location), dataset_id=dataset_id), None
     if dataset_id is None:
         raise DataError(f"{location}: a dataset fetched over HTTP needs the dataset id the manifest names")
-    fetcher = DatasetFetcher(location, dataset_id, cache=cache)
+    fetcher = DatasetFetcher(location, dataset_id, cache=cache, peers=peers)
     return fetcher.open(stop), fetcher
 
 

@@ -20,6 +20,11 @@ The contract (the same properties as peer/core/data.py `TokenStream`, laid out s
   per position in integer arithmetic: no RNG whose stream could change between torch or numpy versions on
   different volunteers' machines, and no W-sized array to build for a round's shard list.
 Epoch e of the shuffle is keyed with e mod 2^63, as in TokenStream (only a lying round gets that far).
+
+When a stream's shards cannot be had (the server gone, no peer holds them; peer/core/fetch.py `stream_for_round`),
+the peer trains that round on another stream, tried in `fallback_streams` order: a permutation of the other
+streams keyed by (seed-free) own stream and round, so two peers stranded together spread over different streams,
+and a rerun picks the same ones.
 """
 
 from __future__ import annotations
@@ -158,3 +163,16 @@ class StreamPlan:
                 f"batch_size {batch_size} needs 1..{self.windows_per_epoch} windows per stream and epoch "
                 f"({self.n_windows} windows of {self.seq_len + 1} tokens, {self.num_streams} streams)"
             )
+
+
+_FALLBACK_ORDER = 3
+
+
+def fallback_streams(stream_index: int, num_streams: int, round: int) -> list[int]:
+    """The other streams, in the order a peer on `stream_index` tries them for round `round` when its own shards
+    cannot be had: a permutation keyed by (stream, round), the same on every machine."""
+    if num_streams < 2:
+        return []
+    keys = _keys(_FALLBACK_ORDER, stream_index, num_streams, round % (1 << 63))
+    order = permute(np.arange(num_streams - 1), num_streams - 1, keys)
+    return [int(k) + int(k >= stream_index) for k in order]

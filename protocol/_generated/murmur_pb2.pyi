@@ -103,14 +103,18 @@ class GossipSpec(_message.Message):
     def __init__(self, fanout: _Optional[int] = ..., exchange_timeout_s: _Optional[float] = ..., min_round_s: _Optional[float] = ...) -> None: ...
 
 class CodecSpec(_message.Message):
-    __slots__ = ("name", "block_size", "topk_fraction")
+    __slots__ = ("name", "block_size", "topk_fraction", "chunk_size", "feedback_decay")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_DECAY_FIELD_NUMBER: _ClassVar[int]
     name: str
     block_size: int
     topk_fraction: float
-    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
+    chunk_size: int
+    feedback_decay: float
+    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ..., chunk_size: _Optional[int] = ..., feedback_decay: _Optional[float] = ...) -> None: ...
 
 class DataSpec(_message.Message):
     __slots__ = ("source", "tokenizer", "seed", "location", "dataset_id")
@@ -277,6 +281,36 @@ class StateFrame(_message.Message):
     header: StateHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class FetchShardRequest(_message.Message):
+    __slots__ = ("protocol_major", "run_id", "sha256", "offset")
+    PROTOCOL_MAJOR_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    protocol_major: int
+    run_id: str
+    sha256: str
+    offset: int
+    def __init__(self, protocol_major: _Optional[int] = ..., run_id: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ShardHeader(_message.Message):
+    __slots__ = ("total_size", "sha256", "offset")
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    total_size: int
+    sha256: str
+    offset: int
+    def __init__(self, total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ShardFrame(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ShardHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("protocol_major",)

@@ -50,6 +50,11 @@ class PeerServiceStub:
                 request_serializer=protocol_dot___generated_dot_murmur__pb2.FetchStateRequest.SerializeToString,
                 response_deserializer=protocol_dot___generated_dot_murmur__pb2.StateFrame.FromString,
                 _registered_method=True)
+        self.FetchShard = channel.unary_stream(
+                '/murmur.v1.PeerService/FetchShard',
+                request_serializer=protocol_dot___generated_dot_murmur__pb2.FetchShardRequest.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_murmur__pb2.ShardFrame.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -64,10 +69,16 @@ class PeerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request_iterator, context):
-        """Push-pull of one round: the caller sends its signed update's header and waits; the callee checks
-        it and answers with initial metadata `murmur-accept: 1` (or refuses), then the caller streams the
-        chunks and half-closes; the callee checks and hands on the update, then streams back its own
-        signed update for the caller (header, chunks), or nothing.
+        """Push-pull of one round, full duplex. The caller sends its signed update's header and waits; the
+        callee checks it and answers with initial metadata `murmur-accept: 1`, or refuses (then no byte of a
+        reply is sent). From the go-ahead both directions stream at once: the caller sends its chunks and
+        half-closes, while the callee sends its own signed update for the caller (header, chunks), or nothing.
+        The callee holds back its reply's last chunk (at most 16 KiB) until it has checked the whole push
+        against the signed hash and handed the update on, and ends the call OK only after that; the caller
+        uses the reply only when the call ended OK and the reply's bytes match their signed hash. Each
+        direction carries the same frames in the same order as before full duplex, and a peer that pushes
+        everything before it reads, or reads everything before it replies, still interoperates: no version
+        change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +86,13 @@ class PeerServiceServicer:
 
     def FetchState(self, request, context):
         """Late join: the callee streams its current full weights with a signed content hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchShard(self, request, context):
+        """Dataset files: the callee streams one verified file of the run's dataset, by SHA-256, from an offset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +115,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=protocol_dot___generated_dot_murmur__pb2.FetchStateRequest.FromString,
                     response_serializer=protocol_dot___generated_dot_murmur__pb2.StateFrame.SerializeToString,
+            ),
+            'FetchShard': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchShard,
+                    request_deserializer=protocol_dot___generated_dot_murmur__pb2.FetchShardRequest.FromString,
+                    response_serializer=protocol_dot___generated_dot_murmur__pb2.ShardFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +204,33 @@ class PeerService:
             '/murmur.v1.PeerService/FetchState',
             protocol_dot___generated_dot_murmur__pb2.FetchStateRequest.SerializeToString,
             protocol_dot___generated_dot_murmur__pb2.StateFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/murmur.v1.PeerService/FetchShard',
+            protocol_dot___generated_dot_murmur__pb2.FetchShardRequest.SerializeToString,
+            protocol_dot___generated_dot_murmur__pb2.ShardFrame.FromString,
             options,
             channel_credentials,
             insecure,
