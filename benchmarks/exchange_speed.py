@@ -1,20 +1,28 @@
 """Exchange speed: one gossip push-pull of a `124m`-sized update between two processes over shaped links.
 
     .venv/bin/python -m benchmarks.exchange_speed [--rates 10,100,1000] [--preset 124m] [--json PATH]
+        [--modes before,serial,duplex --before-ref REF]
 
 Two real processes, each in its own network namespace (benchmarks/netns.py), run the daemon's wire code: a
 `PeerServer` that replies with its own update, and a `PeerClient` that connects (pinned TLS, as the daemon does
 for every exchange) and pushes. The update is the int8 pseudo-gradient of every parameter of the preset
-(protocol/codec.py, the run's default codec); each side decodes and checks what it receives, as in a real round.
+(protocol/codec.py, the run's default codec); each side decodes and checks what it receives, as in a real round,
+and hashes its own update once, before the exchanges, as the daemon's training thread does (gossip.encode_update;
+the `before` code hashes at every seal, on the exchange's path).
 Both ends of the client's and the server's links are limited with tbf to the same rate (uploads and downloads).
 
-Reported per rate, as ratios to the physical limit `payload bytes / link rate` (the time one update needs on
-the link): the whole exchange (connect, push, partner decodes, reply, we decode), and its push half (until the
-server has decoded the update; both processes read the same clock). Push and reply go one after the other, so
-the exchange cannot beat 2.0 (a push and a pull that overlapped could reach 1.0). Bytes on the wire are the
+Reported per rate and mode, as ratios to the physical limit `payload bytes / link rate` (the time one update
+needs on the link): the whole exchange (connect, push, partner decodes, reply, we decode), and its push half
+(until the server has delivered the update; both processes read the same clock). Bytes on the wire are the
 client link's Ethernet frames (TCP/IP, TLS, HTTP/2 and gRPC framing included) against the payloads it moved.
 An unshaped row shows the processing floor of this machine (veth at memory speed).
-Needs root (network namespaces, as benchmarks/netns.py); takes about 4 minutes with the defaults.
+
+Modes run side by side, interleaved at every rate, each with its own pair of processes (`--modes`):
+`duplex` (the reply streams while the push lands, both decoded as they land: can reach 1.0), `serial` (the same
+code with the reply after the push, the order before full duplex: cannot beat 2.0), and `before`: the code of the
+git revision `--before-ref` (extracted with `git archive`), for a same-machine before/after. "client CPU" is the
+client process's CPU time per exchange (every thread: grpc, TLS, hashing, decoding).
+Needs root (network namespaces, as benchmarks/netns.py); takes about 4 minutes per mode with the defaults.
 """
 
 from __future__ import annotations
@@ -92,8 +100,8 @@ async def serve(args: argparse.Namespace) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = PeerServer(
         identity=me, policy=_policy(shapes, codec, {other.peer_id: other.public_key}), on_update=on_update,
-        reply_for=lambda r, k: OutgoingUpdate(r, k, reply.tensors),
-        config=ServerConfig(host=args.host, exchange_timeout_s=DEADLINE_S),
+        reply_for=lambda _r, _k: reply,  # as the daemon's: one update per round, its digest computed once
+        config=ServerConfig(host=args.host, exchange_timeout_s=DEADLINE_S, duplex=not args.serial),
     )  # fmt: skip
     async with server:
         _emit(event="listening", port=server.port)
@@ -112,14 +120,16 @@ async def push(args: argparse.Namespace) -> None:
     _emit(event="ready", payload_bytes=payload, tensors=len(shapes), params=sum(map(math.prod, shapes.values())))
     while line := await asyncio.to_thread(sys.stdin.readline):
         round_ = int(line.split()[1])
-        started = time.time()
+        outgoing = OutgoingUpdate(round_, 0, update.tensors)
+        await asyncio.to_thread(outgoing.digest)  # before the exchange, as in the daemon's training thread
+        started, cpu = time.time(), time.process_time()
         async with PeerClient.connect(
             args.endpoint, peer_id=other.peer_id, tls_fingerprint=other.tls_fingerprint, identity=me,
-            policy=policy, tls_certificate=other.tls_cert_pem, deadline=DEADLINE_S,
+            policy=policy, tls_certificate=other.tls_cert_pem, deadline=DEADLINE_S, duplex=not args.serial,
         ) as client:  # fmt: skip
-            reply = await client.exchange(OutgoingUpdate(round_, 0, update.tensors))
+            reply = await client.exchange(outgoing)
         _emit(event="exchanged", round=round_, started=started, seconds=time.time() - started,
-              frames_sent=client.bytes_sent, frames_received=client.bytes_received,
+              cpu_s=time.process_time() - cpu, frames_sent=client.bytes_sent, frames_received=client.bytes_received,
               reply_payload_bytes=None if reply is None else reply.payload_bytes)  # fmt: skip
 
 
@@ -129,12 +139,12 @@ async def push(args: argparse.Namespace) -> None:
 class Worker:
     """One benchmark process inside a namespace; its JSON lines arrive on a queue."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, cwd: Path = ROOT) -> None:
         self.log = log
         self._stderr = open(log, "w")  # closed in stop()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                      text=True, env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
+                                      text=True, env=env, cwd=cwd, start_new_session=True)  # fmt: skip
         self.lines: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -176,25 +186,57 @@ class Worker:
         self._stderr.close()
 
 
-def _role(role: str, args: argparse.Namespace, workdir: Path, *extra: str) -> list[str]:
+def _role(role: str, args: argparse.Namespace, workdir: Path, mode: str, *extra: str) -> list[str]:
+    flags = ["--serial"] if mode == "serial" else []  # `before` runs the old tree's script: no new flags
     return [sys.executable, "-m", "benchmarks.exchange_speed", role, "--dir", str(workdir), "--preset", args.preset,
-            "--codec", args.codec, *extra]  # fmt: skip
+            "--codec", args.codec, *flags, *extra]  # fmt: skip
+
+
+def before_tree(ref: str, workdir: Path) -> Path:
+    """The files of git revision `ref` of this repository, extracted under `workdir` (its workers import them)."""
+    tree = workdir / "before"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+class Pair:
+    """One mode's server (on host a) and client (on host b)."""
+
+    def __init__(self, mode: str, args: argparse.Namespace, workdir: Path, hosts: tuple, cwd: Path) -> None:
+        a, b = hosts
+        self.mode, self.server, self.client = mode, None, None
+        self.server = Worker(a.argv(_role("serve", args, workdir, mode, "--host", a.address)),
+                             workdir / f"{mode}-server.log", cwd)  # fmt: skip
+        port = self.server.next("listening", 300)["port"]
+        push_argv = _role("push", args, workdir, mode, "--endpoint", a.endpoint(port))
+        self.client = Worker(b.argv(push_argv), workdir / f"{mode}-client.log", cwd)
+        self.ready = self.client.next("ready", 300)
+
+    def exchange(self, round_: int) -> tuple[dict, dict]:
+        """(the server's "received", the client's "exchanged") of one exchange."""
+        self.client.send(f"go {round_}")
+        return self.server.next("received", DEADLINE_S + 60), self.client.next("exchanged", DEADLINE_S + 60)
+
+    def stop(self) -> None:
+        for worker in (self.client, self.server):
+            if worker is not None:
+                worker.stop()
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict:
-    """Both processes in their namespaces; one row per rate (and the unshaped floor first)."""
+    """Each mode's processes in the two namespaces; rows per rate (the unshaped floor first), modes interleaved."""
     Identity.generate().save(workdir / "server.id")
     Identity.generate().save(workdir / "client.id")
-    rows = []
+    rows, pairs = [], []
     with Network() as net:
         a, b = net.add_host("server"), net.add_host("client")
-        server = Worker(a.argv(_role("serve", args, workdir, "--host", a.address)), workdir / "server.log")
-        client = None
         try:
-            port = server.next("listening", 300)["port"]
-            push_argv = _role("push", args, workdir, "--endpoint", a.endpoint(port))
-            client = Worker(b.argv(push_argv), workdir / "client.log")
-            ready = client.next("ready", 300)
+            for mode in args.modes:
+                cwd = before_tree(args.before_ref, workdir) if mode == "before" else ROOT
+                pairs.append(Pair(mode, args, workdir, (a, b), cwd))
+            ready = pairs[0].ready
             print(f"{args.preset}: {ready['params'] / 1e6:.1f}M parameters in {ready['tensors']} tensors, "
                   f"{args.codec} payload {ready['payload_bytes'] / 1e6:.1f} MB each way", flush=True)  # fmt: skip
             exchange_round = 0
@@ -205,20 +247,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 repeats = 2 if rate is None else max(1, min(args.max_repeats, int(REPEAT_BUDGET_S // limit)))
                 for _ in range(repeats):
                     exchange_round += 1
-                    before = net.link_bytes(b)
-                    client.send(f"go {exchange_round}")
-                    received = server.next("received", DEADLINE_S + 60)
-                    done = client.next("exchanged", DEADLINE_S + 60)
-                    after = net.link_bytes(b)
-                    row = _row(rate, limit, ready["payload_bytes"], received, done, before, after)
-                    rows.append(row)
-                    print(_format(row), flush=True)
+                    for pair in pairs:
+                        before = net.link_bytes(b)
+                        received, done = pair.exchange(exchange_round)
+                        row = _row(rate, limit, ready["payload_bytes"], received, done, before, net.link_bytes(b))
+                        rows.append({"mode": pair.mode, **row, "load_average": os.getloadavg()[0]})
+                        print(f"{pair.mode:>7} {_format(row)}", flush=True)
         finally:
-            if client is not None:
-                client.stop()
-            server.stop()
+            for pair in pairs:
+                pair.stop()
     return {"preset": args.preset, "codec": args.codec, "params": ready["params"], "tensors": ready["tensors"],
-            "payload_bytes": ready["payload_bytes"], "rows": rows}  # fmt: skip
+            "payload_bytes": ready["payload_bytes"], "modes": args.modes, "before_ref": args.before_ref,
+            "rows": rows}  # fmt: skip
 
 
 def _row(rate: float | None, limit: float, payload: int, received: dict, done: dict,
@@ -235,6 +275,7 @@ def _row(rate: float | None, limit: float, payload: int, received: dict, done: d
         "grpc_frame_bytes_up": done["frames_sent"], "grpc_frame_bytes_down": done["frames_received"],
         "wire_over_payload": (wire_up + wire_down) / moved,
         "frames_over_payload": (done["frames_sent"] + done["frames_received"]) / moved,
+        "client_cpu_s": done.get("cpu_s"),  # every thread of the client process (grpc's, TLS, decoding)
     }  # fmt: skip
 
 
@@ -242,24 +283,29 @@ def _format(row: dict) -> str:
     rate = "unshaped" if row["rate_mbit"] is None else f"{row['rate_mbit']:g} Mbit/s"
     return (f"{rate:>13}  limit {_num(row['limit_s'], 's'):>7}  exchange {row['exchange_s']:7.1f}s "
             f"({_num(row['exchange_over_limit'])})  push {row['push_s']:7.1f}s ({_num(row['push_over_limit'])})  "
-            f"goodput {row['goodput_mbit']:7.1f} Mbit/s  wire/payload {row['wire_over_payload']:.4f}")  # fmt: skip
+            f"goodput {row['goodput_mbit']:7.1f} Mbit/s  wire/payload {row['wire_over_payload']:.4f}  "
+            f"client CPU {_num(row['client_cpu_s'], 's')}")  # fmt: skip
 
 
 def table(result: dict) -> str:
-    """The markdown table of a result: medians per rate."""
+    """The markdown table of a result: medians per rate and mode, and the load average while they ran."""
     lines = [
-        "| link | physical limit (payload / rate) | exchange | exchange / limit | push / limit | goodput | "
-        "wire bytes / payload | gRPC frames / payload |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| link | mode | physical limit (payload / rate) | exchange | exchange / limit | push / limit | goodput | "
+        "wire bytes / payload | gRPC frames / payload | client CPU | load average |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rate in dict.fromkeys(row["rate_mbit"] for row in result["rows"]):
-        rows = [r for r in result["rows"] if r["rate_mbit"] == rate]
-        med = {k: _median([r[k] for r in rows]) for k in rows[0] if k != "rate_mbit"}
-        name = "unshaped veth" if rate is None else f"{rate:g} Mbit/s"
-        lines.append(f"| {name} ({len(rows)}x) | {_num(med['limit_s'], ' s')} | {med['exchange_s']:.2f} s | "
-                     f"{_num(med['exchange_over_limit'])} | {_num(med['push_over_limit'])} | "
-                     f"{med['goodput_mbit']:.0f} Mbit/s | {med['wire_over_payload']:.4f} | "
-                     f"{med['frames_over_payload']:.4f} |")  # fmt: skip
+        for mode in result.get("modes", ["duplex"]):
+            rows = [r for r in result["rows"] if r["rate_mbit"] == rate and r.get("mode", "duplex") == mode]
+            if not rows:
+                continue
+            med = {k: _median([r[k] for r in rows]) for k in rows[0] if k not in ("rate_mbit", "mode")}
+            name = "unshaped veth" if rate is None else f"{rate:g} Mbit/s"
+            lines.append(f"| {name} ({len(rows)}x) | {mode} | {_num(med['limit_s'], ' s')} | "
+                         f"{med['exchange_s']:.2f} s | {_num(med['exchange_over_limit'])} | "
+                         f"{_num(med['push_over_limit'])} | {med['goodput_mbit']:.0f} Mbit/s | "
+                         f"{med['wire_over_payload']:.4f} | {med['frames_over_payload']:.4f} | "
+                         f"{_num(med.get('client_cpu_s'), ' s')} | {_num(med.get('load_average'))} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -284,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="124m")
     parser.add_argument("--codec", default="int8")
     parser.add_argument("--max-repeats", type=int, default=3, help="exchanges per rate at most")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["serial", "duplex"],
+                        help="comma-separated, run side by side: before (needs --before-ref), serial, duplex")
+    parser.add_argument("--before-ref", help="git revision whose code the `before` mode runs (e.g. HEAD)")
+    parser.add_argument("--serial", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
@@ -295,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
 
         uvloop.run(serve(args) if args.role == "serve" else push(args))
         return
+    if set(args.modes) - {"before", "serial", "duplex"} or ("before" in args.modes) != bool(args.before_ref):
+        parser.error("--modes takes before, serial and duplex; `before` goes with --before-ref, and only with it")
     reason = unavailable()
     if reason is not None:
         parser.exit(1, f"exchange_speed needs network namespaces: {reason}\n")

@@ -26,8 +26,10 @@ import torch
 
 from protocol import PROTOCOL_MAJOR
 from protocol._generated import murmur_pb2 as pb
+from protocol.duplex import chunk_body, chunk_frames
 from protocol.errors import MalformedPayload, PeerTimeout, PeerUnreachable, Reason, RejectedUpdate
 from protocol.identity import TLS_SERVER_NAME, Identity, certificate_fingerprint, state_signing_bytes, verify
+from protocol.incoming import IncomingPayload
 from protocol.logs import get_logger
 from protocol.updates import (
     OutgoingUpdate,
@@ -36,7 +38,6 @@ from protocol.updates import (
     ShapeTable,
     WirePolicy,
     authenticate_header,
-    chunked,
     decode_payload,
     plan_payload,
     plan_state,
@@ -118,8 +119,11 @@ class PeerClient:
         identity: Identity,
         policy: WirePolicy | None,
         deadline: float,
+        duplex: bool = True,
     ) -> None:
         self.peer_id = peer_id
+        self.duplex = duplex
+        """Push and read the reply at once; False: push all, then read (older clients: benchmarks, tests)."""
         self.identity = identity
         self.policy = policy
         self.deadline = deadline
@@ -147,6 +151,7 @@ class PeerClient:
         policy: WirePolicy | None = None,
         tls_certificate: bytes | None = None,
         deadline: float = 60.0,
+        duplex: bool = True,
     ) -> AsyncIterator[PeerClient]:
         """A client of the peer `peer_id` at `endpoint`, pinned to `tls_fingerprint` (hex SHA-256 of DER).
 
@@ -167,7 +172,7 @@ class PeerClient:
             options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
             channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
         try:
-            yield cls(channel, peer_id=peer_id, identity=identity, policy=policy, deadline=deadline)
+            yield cls(channel, peer_id=peer_id, identity=identity, policy=policy, deadline=deadline, duplex=duplex)
         finally:
             await channel.close()
 
@@ -188,36 +193,58 @@ class PeerClient:
         )
 
     async def exchange(self, update: OutgoingUpdate) -> ReceivedUpdate | None:
-        """Push `update` (signed for this partner) and return the partner's checked reply, if any."""
+        """Push `update` (signed for this partner) and return the partner's checked reply, if any.
+
+        Full duplex: once the partner accepted our header, our chunks go out (a task of their own) while its reply
+        is read, hashed and decoded as it lands. The reply is returned only when the call ended OK, which the
+        partner says only after it took our update; a refusal raises instead, and a reply cut short is dropped.
+        """
         if self.policy is None:
             raise ValueError("exchange needs a WirePolicy")
-        header = await asyncio.to_thread(
-            seal_update, update, identity=self.identity, run_id=self.policy.run_id, recipient=self.peer_id
-        )
-        call = self._exchange(timeout=self.deadline)
+        call = self._exchange(timeout=self.deadline)  # connects (TCP, TLS) while the update is hashed and signed
+        pushing: asyncio.Future | None = None
         try:
             with _transport_errors(self.peer_id[:16]):
-                await self._send(call, header, update)
-                return await self._read_reply(call)
+                header = await asyncio.to_thread(
+                    seal_update, update, identity=self.identity, run_id=self.policy.run_id, recipient=self.peer_id
+                )
+                await self._offer(call, header)
+                if self.duplex:
+                    pushing = asyncio.ensure_future(self._push(call, update))
+                else:  # the order before full duplex: all of the push, then the reply
+                    await self._push(call, update)
+                reply = await self._read_reply(call)
+                if pushing is not None:
+                    await pushing
+                return reply
         finally:
             call.cancel()
+            if pushing is not None:
+                pushing.cancel()  # a failed call's status was raised by the reader; the writer has nothing to add
+                await asyncio.wait({pushing})
+                if not pushing.cancelled():
+                    pushing.exception()
 
-    async def _send(
-        self, call: grpc.aio.StreamStreamCall, header: pb.UpdateHeader, update: OutgoingUpdate
-    ) -> None:
+    async def _offer(self, call: grpc.aio.StreamStreamCall, header: pb.UpdateHeader) -> None:
+        """Send the header and wait for the partner's go-ahead; raises its refusal."""
         try:
             await self._write(call, pb.UpdateFrame(header=header).SerializeToString())
             metadata = await call.initial_metadata()
-            if (ACCEPT_KEY, "1") not in tuple(metadata or ()):
-                await _raise_for_call(call)
-                raise PeerUnreachable("the partner ended the exchange without accepting the header")
-            for chunk in chunked(enc.payload for enc in update.tensors.values()):
-                await self._write(call, pb.UpdateFrame(chunk=chunk).SerializeToString())
-            await call.done_writing()
         except asyncio.InvalidStateError:  # the partner ended the call early: say why
-            pass
-        if call.done():
+            metadata = None
+        if (ACCEPT_KEY, "1") not in tuple(metadata or ()):
             await _raise_for_call(call)
+            raise PeerUnreachable("the partner ended the exchange without accepting the header")
+
+    async def _push(self, call: grpc.aio.StreamStreamCall, update: OutgoingUpdate) -> None:
+        """The chunks, then half-close. A partner that ends the call meanwhile is heard by the reader: its status
+        says why (after a serial push, nothing is left to write)."""
+        try:
+            for frame, _ in chunk_frames(enc.payload for enc in update.tensors.values()):
+                await self._write(call, frame)
+            await call.done_writing()
+        except asyncio.InvalidStateError:
+            pass
 
     async def _write(self, call: grpc.aio.StreamStreamCall, frame: bytes) -> None:
         await call.write(frame)
@@ -232,6 +259,7 @@ class PeerClient:
         return raw
 
     async def _read_reply(self, call: grpc.aio.StreamStreamCall) -> ReceivedUpdate | None:
+        """The partner's reply, read to the end of the call (whose status must be OK), or None if it sent none."""
         first = await self._read(call)
         if first is None:
             return None
@@ -243,12 +271,14 @@ class PeerClient:
             )
         authenticate_header(header, self.policy, self.identity.peer_id)
         planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
-        buffer = PayloadBuffer(sum(p.entry.payload_length for p in planned))
-        await self._fill(call, buffer, pb.UpdateFrame)
-        tensors = await asyncio.to_thread(
-            decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype
-        )
-        return ReceivedUpdate.from_header(header, tensors, buffer.total)
+        payload = IncomingPayload(planned, header.payload_sha256, self.policy.dtype)
+        try:
+            while (raw := await self._read(call)) is not None:  # raises the partner's refusal of our push
+                payload.add(chunk_body(raw))
+            tensors = await payload.finish()
+        finally:
+            payload.close()
+        return ReceivedUpdate.from_header(header, tensors, payload.total)
 
     async def _fill(self, call: grpc.aio.Call, buffer: PayloadBuffer, frame_type: type) -> None:
         while buffer.received < buffer.total:

@@ -8,9 +8,9 @@ Order of checks in Exchange (cheap and unauthenticated first, nothing large read
 calls per minute of the caller's address -> parse -> protocol version -> sender banned? -> run id ->
 sender known -> signature (addressed to us) -> [authenticated from here] the round (not from the future:
 `WirePolicy.admit_round`) -> tensor table vs the slice's shapes, exact payload lengths -> the sender's
-exchanges and bytes per minute -> room in the in-flight budget -> replay -> chunks (each 1..1 MiB, never
-beyond the announced total) -> signed digest and decode in a worker thread (shape, dtype, finiteness) ->
-`on_update` -> our reply, signed for the caller.
+exchanges and bytes per minute -> room in the in-flight budget -> replay -> [our reply, signed for the caller,
+streams from here] chunks (each 1..1 MiB, never beyond the announced total; hashed and decoded as they land in a
+worker thread: shape, dtype, finiteness) -> signed digest -> `on_update` -> our reply's tail (protocol/duplex.py).
 Info and FetchState are limited by address too. The limits and what each refusal means are in
 protocol/limits.py.
 
@@ -32,16 +32,17 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 
 from protocol import PROTOCOL_VERSION, software_version
 from protocol._generated import murmur_pb2 as pb
 from protocol.bans import BanList, ReplayGuard
+from protocol.duplex import TAIL_BYTES, ReplyWriter, chunk_frames, read_header, receive_push
 from protocol.errors import (
     BannedPeer,
     IncompatibleVersion,
-    MalformedPayload,
     ProtocolViolation,
     RateLimited,
     Reason,
@@ -52,16 +53,15 @@ from protocol.identity import Identity
 from protocol.limits import DEFAULT_MIN_ROUND_S, Limiter, Limits, address_of, largest_stream_bytes
 from protocol.logs import get_logger
 from protocol.ports import check_listenable
+from protocol.shard_service import ShardLookup, ShardService
 from protocol.state import WriteStalled, state_header, stream_state
 from protocol.updates import (
     OutgoingUpdate,
-    PayloadBuffer,
+    PlannedTensor,
     ReceivedUpdate,
     StateSnapshot,
     WirePolicy,
     authenticate_header,
-    chunked,
-    decode_payload,
     plan_payload,
     seal_update,
 )
@@ -113,6 +113,9 @@ class ServerConfig:
     policy's largest acceptable update and `min_round_s`."""
     min_round_s: float = DEFAULT_MIN_ROUND_S
     """The shortest round an honest peer of this run makes: sets the per-peer rates when `limits` is None."""
+    duplex: bool = True
+    """Write the reply while the push lands (protocol/duplex.py); off, only after it was delivered (the order of
+    servers before full duplex: side-by-side benchmarks and compatibility tests)."""
 
 
 @dataclass(slots=True)
@@ -138,7 +141,7 @@ class _Refusal(Exception):
 class PeerServer:
     """A grpc.aio PeerService on a TLS port. `await start()`, then `await stop()` (or `async with`).
 
-    `on_update` is awaited once per accepted update, before the reply is sent; keep it short (queue
+    `on_update` is awaited once per accepted update, before the reply's last bytes; keep it short (queue
     the update). `reply_for(round, slice)` and `state_provider()` run on the event loop: return
     ready, pre-encoded objects (`OutgoingUpdate`, `make_state_snapshot`'s result), never compute.
     """
@@ -154,6 +157,7 @@ class PeerServer:
         status: Callable[[], PeerStatus] | None = None,
         bans: BanList | None = None,
         config: ServerConfig | None = None,
+        shard_lookup: ShardLookup | None = None,
     ) -> None:
         self.identity = identity
         self.policy = policy
@@ -170,6 +174,7 @@ class PeerServer:
         self._state_provider = state_provider or (lambda: None)
         self._status = status or PeerStatus
         self._fetch_slots = asyncio.Semaphore(self.config.max_concurrent_fetches)
+        self.shards = ShardService(policy.run_id, shard_lookup, self.limiter.admit_call, self.rejections)
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -226,10 +231,13 @@ class PeerServer:
                     self._info, response_serializer=pb.InfoReply.SerializeToString
                 ),
                 "Exchange": grpc.stream_stream_rpc_method_handler(
-                    self._exchange, response_serializer=pb.UpdateFrame.SerializeToString
+                    self._exchange, response_serializer=None  # frames are written serialised (protocol/duplex.py)
                 ),
                 "FetchState": grpc.unary_stream_rpc_method_handler(
                     self._fetch_state, response_serializer=pb.StateFrame.SerializeToString
+                ),
+                "FetchShard": grpc.unary_stream_rpc_method_handler(
+                    self.shards.fetch_shard, response_serializer=pb.ShardFrame.SerializeToString
                 ),
             },
         )
@@ -297,70 +305,67 @@ class PeerServer:
     async def _exchange_within(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext, stream: _Stream
     ) -> None:
-        update = await self._receive(requests, stream, context)
-        stream.claim = None  # delivered: the round is used up
-        self.accepted += 1
+        """Accept the header, then read the push and write our reply at once (protocol/duplex.py); the reply's
+        tail waits until the update was delivered. Serial (`ServerConfig.duplex` off): the reply starts then."""
+        header, planned = await self._admit(requests, stream)
+        reply: ReplyWriter | None = None
         try:
-            await self._on_update(update)
-        except Exception:
-            log.exception("on_update failed for an update from %s", update.sender[:16])
-            await context.abort(grpc.StatusCode.INTERNAL, "the receiver failed to use the update")
-        outgoing = self._reply_for(update.round, update.slice)
-        if outgoing is None:
-            return
-        header = await asyncio.to_thread(
-            seal_update, outgoing, identity=self.identity, run_id=self.policy.run_id, recipient=update.sender
-        )
-        await context.write(pb.UpdateFrame(header=header))
-        for chunk in chunked(enc.payload for enc in outgoing.tensors.values()):
-            await context.write(pb.UpdateFrame(chunk=chunk))
+            with self.limiter.reserve(header.sender, sum(p.entry.payload_length for p in planned)) as reservation:
+                self._claim(header, stream)
+                await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
+                if self.config.duplex:
+                    reply = self._start_reply(context, header)
+                update = await receive_push(requests, header, planned, self.policy.dtype, reservation,
+                                            truncated=partial(self._truncated, stream))  # fmt: skip
+            stream.claim = None  # delivered: the round is used up
+            self.accepted += 1
+            try:
+                await self._on_update(update)
+            except Exception:
+                log.exception("on_update failed for an update from %s", update.sender[:16])
+                if reply is not None:
+                    await reply.stop()
+                await context.abort(grpc.StatusCode.INTERNAL, "the receiver failed to use the update")
+            if not self.config.duplex:
+                reply = self._start_reply(context, header)
+            if reply is not None:
+                await reply.finish()
+        finally:
+            if reply is not None:
+                await reply.stop()
 
-    async def _receive(
-        self, requests: AsyncIterator[bytes], stream: _Stream, context: grpc.aio.ServicerContext
-    ) -> ReceivedUpdate:
-        """Read, check and decode one pushed update; raises a refusal. Records the authenticated
-        sender and the replay claim in `stream` as soon as they exist."""
-        first = await anext(aiter(requests), None)
-        if first is None:
-            raise MalformedPayload(Reason.GARBAGE, "empty stream")
-        frame = parse_message(pb.UpdateFrame, first)
-        if frame.WhichOneof("body") != "header":
-            raise MalformedPayload(Reason.GARBAGE, "a stream must start with a header")
-        header = frame.header
+    async def _admit(
+        self, requests: AsyncIterator[bytes], stream: _Stream
+    ) -> tuple[pb.UpdateHeader, list[PlannedTensor]]:
+        """Read and check the header (raises a refusal); records the authenticated sender in `stream`."""
+        header = await read_header(requests)
         check_version(header.protocol_major)
         if self.bans.is_banned(header.sender):
             raise BannedPeer(f"peer {header.sender[:16]} is banned here for a while")
         authenticate_header(header, self.policy, self.identity.peer_id)
         stream.sender = header.sender
         planned = plan_payload(header.tensors, self.policy.expected_shapes(header.slice), self.policy)
-        total = sum(p.entry.payload_length for p in planned)
-        self.limiter.admit_exchange(header.sender, total)
-        with self.limiter.reserve(header.sender, total) as reservation:  # released however the stream ends
-            previous = self.replay.highest(header.sender, header.slice)
-            if not self.replay.claim(header.sender, header.slice, header.round):
-                raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {previous}")
-            stream.claim = (header.sender, header.slice, header.round, previous)
-            buffer = PayloadBuffer(total)
-            await context.send_initial_metadata(((ACCEPT_KEY, "1"),))
-            async for raw in requests:  # until the caller half-closes; PayloadBuffer refuses any excess
-                frame = parse_message(pb.UpdateFrame, raw)
-                if frame.WhichOneof("body") != "chunk":
-                    raise MalformedPayload(Reason.GARBAGE, "expected a chunk")
-                buffer.add(frame.chunk)
-            if buffer.received < total:
-                # The caller half-closed early, or its connection died: grpc.aio ends the request stream the
-                # same way for both (measured: not cancelled, not done), so an honest peer that vanished
-                # mid-push would be banned, and its retry refused as a replay. Neither: it is refused unblamed
-                # and the round is given back; deliberate truncation still costs the sender its rate budget.
-                stream.sender = None
-                self._undo_claim(stream)
-            buffer.finish()
-            decoding = asyncio.ensure_future(
-                asyncio.to_thread(decode_payload, planned, buffer, header.payload_sha256, self.policy.dtype)
-            )
-            reservation.release_when_done(decoding)  # the worker holds the buffer even if our caller goes away
-            tensors = await asyncio.shield(decoding)
-            return ReceivedUpdate.from_header(header, tensors, total)
+        self.limiter.admit_exchange(header.sender, sum(p.entry.payload_length for p in planned))
+        return header, planned
+
+    def _claim(self, header: pb.UpdateHeader, stream: _Stream) -> None:
+        previous = self.replay.highest(header.sender, header.slice)
+        if not self.replay.claim(header.sender, header.slice, header.round):
+            raise RejectedUpdate(Reason.REPLAY, f"round {header.round} of slice {header.slice}, seen {previous}")
+        stream.claim = (header.sender, header.slice, header.round, previous)
+
+    def _start_reply(self, context: grpc.aio.ServicerContext, header: pb.UpdateHeader) -> ReplyWriter | None:
+        outgoing = self._reply_for(header.round, header.slice)
+        if outgoing is None:
+            return None
+        seal = partial(seal_update, outgoing, identity=self.identity, run_id=self.policy.run_id,
+                       recipient=header.sender)  # looked up here: benchmarks/adversary_peers.py forges it
+        return ReplyWriter(context, chunk_frames((e.payload for e in outgoing.tensors.values()), TAIL_BYTES), seal)
+
+    def _truncated(self, stream: _Stream) -> None:
+        """The push ended short (see `receive_push`): refused unblamed, and the round is given back."""
+        stream.sender = None
+        self._undo_claim(stream)
 
     # ------------------------------------------------------------------------------- FetchState
 

@@ -45,6 +45,17 @@ class OutgoingUpdate:
     slice: int
     tensors: Mapping[str, Encoded]
     """Name -> encoded tensor; names come from the manifest's shape table for `slice`."""
+    payload_sha256: bytes | None = field(default=None, init=False, compare=False, repr=False)
+    """`payload_digest` of `tensors`, computed by the first `digest()` and kept: the daemon sends one update to
+    all its partners and as every reply of a round, and the digest (a pass over every payload byte) does not
+    depend on the recipient. Not an argument, so that `dataclasses.replace` never carries a stale one."""
+
+    def digest(self) -> bytes:
+        """The payload's SHA-256 (blocking the first time: hashes every payload; call it off the event loop)."""
+        if self.payload_sha256 is None:
+            digest = payload_digest(_entries(self.tensors), (enc.payload for enc in self.tensors.values()))
+            object.__setattr__(self, "payload_sha256", digest)  # a cache of a pure function of `tensors`
+        return self.payload_sha256  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +131,19 @@ def payload_digest(
     entries: Sequence[pb.TensorEntry], payloads: Iterable[bytes | bytearray | memoryview]
 ) -> bytes:
     """SHA-256 over a canonical encoding of the tensor table, then the payload bytes (blocking)."""
+    digest = digest_start(entries)
+    for payload in payloads:
+        digest.update(payload)
+    return digest.digest()
+
+
+def digest_start(entries: Sequence[pb.TensorEntry]) -> hashlib._Hash:
+    """`payload_digest` before its payload bytes: a receiver feeds them chunk by chunk as they land."""
     digest = hashlib.sha256(b"murmur/payload/v1\0")
     digest.update(struct.pack(">I", len(entries)))
     for entry in entries:
         digest.update(_entry_bytes(entry))
-    for payload in payloads:
-        digest.update(payload)
-    return digest.digest()
+    return digest
 
 
 def _entries(tensors: Mapping[str, Encoded]) -> list[pb.TensorEntry]:
@@ -141,9 +158,10 @@ def _entries(tensors: Mapping[str, Encoded]) -> list[pb.TensorEntry]:
 def seal_update(
     update: OutgoingUpdate, *, identity: Identity, run_id: str, recipient: str
 ) -> pb.UpdateHeader:
-    """The signed header of `update` addressed to `recipient` (hashes every payload: run it off-loop)."""
+    """The signed header of `update` addressed to `recipient` (hashes every payload the first time an update is
+    sealed, `OutgoingUpdate.digest`: run it off-loop)."""
     entries = _entries(update.tensors)
-    digest = payload_digest(entries, (enc.payload for enc in update.tensors.values()))
+    digest = update.digest()
     message = update_signing_bytes(
         run_id=run_id,
         round=update.round,
@@ -164,8 +182,9 @@ def seal_update(
     )
 
 
-def chunked(payloads: Iterable[bytes]) -> Iterator[bytes]:
-    """The concatenation of `payloads` cut into chunks of exactly CHUNK_BYTES (the last may be shorter)."""
+def chunk_views(payloads: Iterable[bytes]) -> Iterator[list[memoryview]]:
+    """The concatenation of `payloads` cut into chunks of exactly CHUNK_BYTES (the last may be shorter), each as the
+    views of the payloads it spans: no copy until a frame is built (protocol/duplex.py writes them as they are)."""
     pending: list[memoryview] = []
     size = 0
     for payload in payloads:
@@ -176,10 +195,16 @@ def chunked(payloads: Iterable[bytes]) -> Iterator[bytes]:
             size += take
             view = view[take:]
             if size == CHUNK_BYTES:
-                yield b"".join(pending)
+                yield pending
                 pending, size = [], 0
     if size:
-        yield b"".join(pending)
+        yield pending
+
+
+def chunked(payloads: Iterable[bytes]) -> Iterator[bytes]:
+    """The concatenation of `payloads` cut into chunks of exactly CHUNK_BYTES (the last may be shorter)."""
+    for views in chunk_views(payloads):
+        yield b"".join(views)
 
 
 def authenticate_header(header: pb.UpdateHeader, policy: WirePolicy, recipient: str) -> None:

@@ -154,8 +154,11 @@ def test_an_exchange_cut_mid_stream_is_abandoned_without_leaks(where: str) -> No
     if where == "push":
         assert [u.round for u in wire.received] == [1], "nothing of the cut push was delivered"
         assert server.replay.highest(CLIENT_ID.peer_id, 0) == 1, "the cut round's claim was given back"
-    else:
-        assert [u.round for u in wire.received] == [1, 2], "the push was whole; only its reply was cut"
+    else:  # the reply streams while the push is still on its way (full duplex): the cut may come before the push
+        delivered = [u.round for u in wire.received]  # was whole; either way nothing is half-applied
+        assert delivered in ([1], [1, 2]), delivered
+        if delivered == [1]:
+            assert server.replay.highest(CLIENT_ID.peer_id, 0) == 1, "the cut round's claim was given back"
     print(f"\ncut mid-{where} (bytes relayed up/down {moved[True]}/{moved[False]}): {error!r}"[:300])
 
 
