@@ -96,7 +96,7 @@ def methods_table(rows: list[dict], peers: int, codec: str) -> str:
 def codec_table(rows: list[dict], peers: int) -> str:
     gossip = {r["codec"]: r for r in rows if r["peers"] == peers and r["method"] == "gossip-ppu"}
     base = gossip.get("fp32")
-    head = f"{'codec':<7}{'val loss':>9}{'vs fp32':>9}{'MB sent/peer':>13}{'bytes vs fp32':>14}{'consensus':>10}"
+    head = f"{'codec':<11}{'val loss':>9}{'vs fp32':>9}{'MB sent/peer':>13}{'bytes vs fp32':>14}{'consensus':>10}"
     lines = [f"gossip-ppu, {peers} peers, by pseudo-gradient codec", head]
     for codec in CODEC_NAMES:
         r = gossip.get(codec)
@@ -104,7 +104,7 @@ def codec_table(rows: list[dict], peers: int) -> str:
             continue
         loss_gap = f"{r['val_loss'] - base['val_loss']:>+9.4f}" if base else f"{'-':>9}"
         size = f"{r['bytes_per_peer'] / base['bytes_per_peer']:>14.3f}" if base else f"{'-':>14}"
-        lines.append(f"{codec:<7}{r['val_loss']:>9.4f}{loss_gap}{r['bytes_per_peer'] / 1e6:>13.2f}{size}"
+        lines.append(f"{codec:<11}{r['val_loss']:>9.4f}{loss_gap}{r['bytes_per_peer'] / 1e6:>13.2f}{size}"
                      f"{r['consensus_distance']:>10.4f}")  # fmt: skip
     return "\n".join(lines)
 

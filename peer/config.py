@@ -11,7 +11,8 @@ A run config comes from flags or a TOML file with the sections below (all option
     [model]   any ModelConfig field, overriding the preset
     [slices]  num_slices, cut       [inner] InnerConfig fields (betas = [0.9, 0.95])
     [outer]   OuterConfig fields (default: the method's tuned settings) and clip
-    [gossip]  fanout, exchange_timeout_s, min_round_s      [codec] name, block_size, topk_fraction
+    [gossip]  fanout, exchange_timeout_s, min_round_s      [codec] name, block_size, topk_fraction,
+                                                                   chunk_size, feedback_decay
     [data]    source, tokenizer, seed; or location (a prepared dataset's URL or folder: create-run --data)
 """
 
@@ -206,7 +207,8 @@ class RunConfig:
             gossip=pb.GossipSpec(fanout=self.gossip.fanout, exchange_timeout_s=self.gossip.exchange_timeout_s,
                                  min_round_s=self.gossip.min_round_s),  # fmt: skip
             codec=pb.CodecSpec(
-                name=self.codec.name, block_size=self.codec.block_size, topk_fraction=self.codec.topk_fraction
+                name=self.codec.name, block_size=self.codec.block_size, topk_fraction=self.codec.topk_fraction,
+                chunk_size=self.codec.chunk_size, feedback_decay=self.codec.feedback_decay,
             ),  # fmt: skip
             data=pb.DataSpec(source=self.data.source, tokenizer=self.data.tokenizer, seed=self.data.seed,
                              location=self.data.location, dataset_id=self.data.dataset_id),
@@ -233,8 +235,7 @@ class RunConfig:
             outer=OuterConfig(rule=o.rule, lr=o.lr, momentum=o.momentum, consensus=o.consensus), clip=o.clip,
             gossip=GossipConfig(fanout=manifest.gossip.fanout, exchange_timeout_s=manifest.gossip.exchange_timeout_s,
                                 min_round_s=manifest.gossip.min_round_s or DEFAULT_MIN_ROUND_S),
-            codec=CodecConfig(name=manifest.codec.name, block_size=manifest.codec.block_size,
-                              topk_fraction=manifest.codec.topk_fraction),
+            codec=_codec_from(manifest.codec),
             data=DataConfig(source=manifest.data.source, tokenizer=manifest.data.tokenizer, seed=manifest.data.seed,
                             location=manifest.data.location, dataset_id=manifest.data.dataset_id),
         )  # fmt: skip
@@ -250,3 +251,11 @@ def _make(cls: type, section: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     return cls(**section)
+
+
+def _codec_from(spec: pb.CodecSpec) -> CodecConfig:
+    """The codec of a manifest; fields a manifest from before them lacks (0 / absent) take their defaults."""
+    defaults = CodecConfig()
+    return CodecConfig(name=spec.name, block_size=spec.block_size, topk_fraction=spec.topk_fraction,
+                       chunk_size=spec.chunk_size or defaults.chunk_size,
+                       feedback_decay=spec.feedback_decay if spec.HasField("feedback_decay") else 1.0)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tensors <-> bytes for the wire: fp32, bf16, blockwise int8/int4, top-k, and error feedback.
+"""Tensors <-> bytes for the wire: fp32, bf16, blockwise int8/int4, top-k, sparseloco, and error feedback.
 
 Never pickle, never torch.load: an `Encoded` carries its codec, the original dtype name and the shape
 explicitly, and the payload is plain little-endian numbers laid out as below (no header; the
@@ -11,6 +11,8 @@ metadata travels in the proto fields beside the bytes).
                                                          stored as q + 8 with q in [-7, 7]
     topk  nblocks(k) float32 scales | k indices | k int8 values, indices strictly increasing;
           index width 2 bytes (uint16) when numel <= 2**16, 4 (int32) up to 2**31, else 8 (int64)
+    sparseloco  chunked top-k at 2 bits per value: layout in protocol/lowbit.py
+    sign  nblocks float32 scales (mean |x|) | ceil(numel/8) bytes of sign bits: layout in protocol/lowbit.py
 
 Decoders clamp q to [-127, 127] / [-7, 7] and refuse scales with qmax * scale beyond the original
 dtype's max (encoders cap theirs there), so no accepted payload decodes to inf. Index width: 2 bytes
@@ -34,9 +36,10 @@ from fractions import Fraction
 import torch
 
 from protocol.errors import MalformedPayload, Reason, RejectedUpdate
+from protocol.lowbit import decode_sign, decode_sparse, encode_sign, encode_sparse, sign_size, sparse_size
 from protocol.quantize import ceil_div, dequantize, largest, pack_nibbles, quantize, scale_limit, within
 
-CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk")
+CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk", "sparseloco", "sign")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -59,9 +62,16 @@ class CodecConfig:
     name: str = "int8"
     """One of CODEC_NAMES."""
     block_size: int = 256
-    """Values per scale for int8/int4, and for the int8 values topk keeps."""
+    """Values per scale for int8/int4/sign, and for the int8 values topk keeps."""
     topk_fraction: float = 0.01
-    """Share of entries topk keeps: k = max(1, ceil(fraction * numel)), fraction read as written."""
+    """Share of entries topk keeps: k = max(1, ceil(fraction * numel)), fraction read as written; sparseloco
+    keeps this share of every chunk."""
+    chunk_size: int = 4096
+    """Values per sparseloco chunk (SparseLoCo's 64 x 64); at most 2**16, so an in-chunk index fits 2 bytes."""
+    feedback_decay: float = 1.0
+    """beta of error feedback: what the codec dropped is carried into the next round times beta. 1 is plain
+    error feedback; SparseLoCo's beta < 1 makes the buffer its outer momentum (e = beta*e + delta; send
+    compress(e); e -= what was sent), so its outer rule needs no momentum of its own."""
 
     def __post_init__(self) -> None:
         if self.name not in CODEC_NAMES:
@@ -75,6 +85,13 @@ class CodecConfig:
             raise ValueError(f"topk_fraction must be a number, got {fraction!r}")
         if not (math.isfinite(fraction) and 0 < fraction <= 1):
             raise ValueError(f"topk_fraction must be in (0, 1], got {fraction}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+            raise ValueError(f"chunk_size must be an int, got {self.chunk_size!r}")
+        if not 1 <= self.chunk_size <= 2**16:
+            raise ValueError(f"chunk_size must be in [1, 2**16], got {self.chunk_size}")
+        decay = self.feedback_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+            raise ValueError(f"feedback_decay must be a number in [0, 1], got {decay!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +134,10 @@ def payload_size(shape: tuple[int, ...], config: CodecConfig) -> int:
         return _SCALE_BYTES * ceil_div(numel, block) + numel
     if name == "int4":
         return _SCALE_BYTES * ceil_div(numel, block) + ceil_div(numel, 2)
+    if name == "sparseloco":
+        return sparse_size(numel, config.chunk_size, lambda n: topk_count(n, config.topk_fraction))
+    if name == "sign":
+        return sign_size(numel, block)
     k = topk_count(numel, config.topk_fraction)
     return _SCALE_BYTES * ceil_div(k, block) + k * index_width(numel) + k
 
@@ -136,6 +157,11 @@ def encode(tensor: torch.Tensor, config: CodecConfig) -> Encoded:
             raise ValueError("refusing to encode NaN/inf, or values the original dtype cannot hold")
     elif config.name in ("int8", "int4"):
         parts = _encode_blockwise(flat.float(), config, tensor.dtype)
+    elif config.name == "sparseloco":
+        count = lambda n: topk_count(n, config.topk_fraction)  # noqa: E731
+        parts = encode_sparse(flat.float(), config.chunk_size, count, float(torch.finfo(tensor.dtype).max))
+    elif config.name == "sign":
+        parts = encode_sign(flat.float(), config.block_size, float(torch.finfo(tensor.dtype).max))
     else:
         parts = _encode_topk(flat.float(), config, tensor.dtype)
     payload = b"".join(_to_bytes(p) for p in parts)
@@ -222,6 +248,11 @@ def decode(
             raise RejectedUpdate(Reason.NON_FINITE, f"payload holds NaN, inf or values beyond {encoded.dtype}")
     elif config.name in ("int8", "int4"):
         flat = _decode_blockwise(reader, numel, config, dtype)
+    elif config.name == "sparseloco":
+        count = lambda n: topk_count(n, config.topk_fraction)  # noqa: E731
+        flat = decode_sparse(reader.take, numel, config.chunk_size, count, float(torch.finfo(dtype).max))
+    elif config.name == "sign":
+        flat = decode_sign(reader.take, numel, config.block_size, float(torch.finfo(dtype).max))
     else:
         flat = _decode_topk(reader, numel, config, dtype)
     return flat.to(dtype).reshape(encoded.shape)
@@ -327,7 +358,7 @@ class ErrorFeedback:
         corrected = tensor.detach().float()
         residual = self._residuals.get(name)
         if residual is not None and residual.shape == corrected.shape:
-            corrected = corrected + residual.to(corrected.device)
+            corrected = corrected + self.config.feedback_decay * residual.to(corrected.device)
         encoded = encode(corrected.to(tensor.dtype), self.config)
         received = decode(encoded, self.config, device=corrected.device).float()
         self._residuals[name] = corrected - received

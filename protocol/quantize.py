@@ -147,3 +147,77 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, block: int, qmax: int) -> 
     if out.numel() > full:
         out[full:].mul_(scales[-1])
     return out
+
+
+def chunk_topk(x: torch.Tensor, chunk: int, k_full: int, k_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseLoCo's chunked top-k: the k largest |x| of every `chunk` consecutive values (k_last in a partial
+    last chunk). Returns (in-chunk indices int64, ascending within each chunk; their values), chunk-major.
+
+    Per-chunk selection spreads what is sent over the whole tensor (one global top-k concentrates on a
+    few rows) and keeps each index below `chunk`, so 2 bytes address it whatever the tensor's size.
+    """
+    full = x.numel() // chunk * chunk
+    indices, values = [], []
+    if full and k_full:
+        rows = x[:full].view(-1, chunk)
+        picked = torch.topk(rows.abs(), k_full, dim=1, sorted=False).indices.sort(dim=1).values
+        indices.append(picked.reshape(-1))
+        values.append(rows.gather(1, picked).reshape(-1))
+    if x.numel() > full and k_last:
+        tail = x[full:]
+        picked = largest(tail.abs(), k_last)
+        indices.append(picked)
+        values.append(tail[picked])
+    if not indices:
+        return x.new_empty(0, dtype=torch.int64), x.new_empty(0)
+    return torch.cat(indices), torch.cat(values)
+
+
+def two_levels(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-bit codes and per-row (low, high) magnitudes for rows of `k` kept values (values.numel() % k == 0).
+
+    Code bit 0 is the sign (1: negative), bit 1 picks the high level. Each row's magnitudes split at their
+    median; a level is the mean magnitude of its half (one Lloyd step from the median split: the least
+    squared error for that split). With k == 1 both levels are the value's magnitude.
+    """
+    mags = values.abs().view(-1, k)
+    order = mags.argsort(dim=1)
+    high = torch.zeros_like(mags, dtype=torch.bool).scatter_(1, order[:, k // 2 :], True)
+    high_level = (mags * high).sum(1) / high.sum(1)
+    low_count = (~high).sum(1)
+    low_level = torch.where(low_count > 0, (mags * ~high).sum(1) / low_count.clamp(min=1), high_level)
+    levels = torch.stack([torch.minimum(low_level, high_level), high_level], dim=1)
+    codes = (values.view(-1, k) < 0).to(torch.uint8) | (high.to(torch.uint8) << 1)
+    return codes.view(-1), levels
+
+
+def pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """2-bit codes (uint8 in [0, 3]) -> bytes of four, lowest bits first; the padding of the last byte is 0."""
+    padded = torch.zeros(ceil_div(codes.numel(), 4) * 4, dtype=torch.uint8, device=codes.device)
+    padded[: codes.numel()] = codes
+    quads = padded.view(-1, 4)
+    return quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)
+
+
+def unpack_crumbs(packed: torch.Tensor, count: int) -> tuple[torch.Tensor, bool]:
+    """(the `count` 2-bit codes of `packed`, whether every padding bit after them is 0)."""
+    quads = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).view(-1)
+    return quads[:count], not bool(quads[count:].any())
+
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Booleans -> bytes of eight, bit i of byte j holding entry 8j + i; the last byte's padding is 0."""
+    padded = torch.zeros(ceil_div(bits.numel(), 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[: bits.numel()] = bits.reshape(-1)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> tuple[torch.Tensor, bool]:
+    """(the first `count` bits of `packed` as booleans, whether every padding bit after them is 0)."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(-1, 1) & weights).ne(0).view(-1)
+    return bits[:count], not bool(bits[count:].any())

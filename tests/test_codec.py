@@ -7,6 +7,7 @@ Error bounds checked per element (x as float32, y the decoded value, m the absma
     int4  |y - x| <= m / 14  + u |x| + s
     topk  the k kept entries obey the int8 bound over their own blocks; every dropped entry decodes
           to 0 and is no larger in magnitude than the smallest kept one
+    sparseloco, sign  see assert_sparse_bound; sign keeps every sign and decodes within the block's absmax
 where u is the unit roundoff of the original dtype (0 for float32) and s a subnormal-sized slack.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -129,8 +129,33 @@ def test_round_trip_within_bound(x: torch.Tensor, name: str, block: int, fractio
         assert bool(((y.float() - x.float()).abs() <= bound).all())
     elif name in ("int8", "int4"):
         assert_blockwise_bound(x, y, block, 127 if name == "int8" else 7)
+    elif name == "sparseloco":
+        assert_sparse_bound(x, y, CodecConfig(name=name, chunk_size=block * 7, topk_fraction=fraction))
+    elif name == "sign":
+        xf, yf = x.reshape(-1).float(), y.reshape(-1).float()
+        assert bool((torch.sign(xf) * torch.sign(yf) >= 0).all())
+        slack = ROUNDOFF[_name(x)] * block_absmax(x, block) * 1.01 + SLACK
+        assert bool((yf.abs() <= block_absmax(x, block) * (1 + 1e-5) + slack).all())
     else:
         assert_topk_bound(x, y, encoded, config)
+
+
+def assert_sparse_bound(x: torch.Tensor, y: torch.Tensor, config: CodecConfig) -> None:
+    """sparseloco, per chunk: k_c entries decode non-zero at most (a kept 0 may take the low level), every
+    dropped entry decodes to 0 and is no larger than the smallest kept one, a kept entry keeps its sign and
+    decodes to a magnitude within the chunk's kept range (a level is a mean of kept magnitudes)."""
+    y = decode(encode(x, config), config)
+    xf, yf = x.reshape(-1).float(), y.reshape(-1).float()
+    for start in range(0, xf.numel(), config.chunk_size):
+        xc, yc = xf[start : start + config.chunk_size], yf[start : start + config.chunk_size]
+        k = topk_count(xc.numel(), config.topk_fraction)
+        top = xc.abs().topk(k).values
+        kept = yc != 0
+        assert int(kept.sum()) <= k
+        assert bool((xc[~kept].abs() <= float(top.min())).all())
+        assert bool((torch.sign(xc[kept]) * torch.sign(yc[kept]) >= 0).all())
+        slack = ROUNDOFF[_name(x)] * float(top.max()) * 1.01 + SLACK
+        assert float(yc.abs().max()) <= float(top.max()) * (1 + 1e-5) + slack
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "topk"])
@@ -228,7 +253,9 @@ def test_encode_refuses_bf16_overflow_and_integers() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"name": "zip"}, {"block_size": 0}, {"block_size": 2.0}, {"topk_fraction": 0.0},
-     {"topk_fraction": 1.5}, {"topk_fraction": math.nan}],
+     {"topk_fraction": 1.5}, {"topk_fraction": math.nan}, {"chunk_size": 0}, {"chunk_size": 2**16 + 1},
+     {"chunk_size": 64.0}, {"feedback_decay": -0.1}, {"feedback_decay": 1.5}, {"feedback_decay": math.nan},
+     {"feedback_decay": True}],
 )
 def test_config_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -275,14 +302,16 @@ def test_decode_rejects_bad_lengths_and_metadata(name: str) -> None:
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
 @pytest.mark.parametrize("shape", [(10**18,), (10**9, 10**9, 10**9), (2**33,), (0, 10**30)])
+@pytest.mark.timeout(10)
 def test_absurd_shapes_fail_fast_without_allocating(name: str, shape: tuple[int, ...]) -> None:
+    """Refused from the metadata alone: a decoder that tried to allocate first would fail with torch's own error
+    (not MalformedPayload) or spend seconds filling gigabytes (the timeout). No clock is read: a loaded machine
+    must not fail it."""
     encoded, config = _sample(name)
-    start = time.perf_counter()
     with pytest.raises(MalformedPayload):
         decode(_with(encoded, shape=shape), config)
     with pytest.raises(MalformedPayload):
         decode(_with(encoded, shape=shape), config, max_numel=10**6)
-    assert time.perf_counter() - start < 0.05
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "topk"])
