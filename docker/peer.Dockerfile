@@ -12,8 +12,19 @@
 # python3 and python3-venv, and a wheelhouse served on loopback, which the build reaches through the host network:
 #   docker build --network host --build-arg BASE=murmur-base:bookworm --build-arg WHEELS=http://127.0.0.1:PORT/ \
 #     -f docker/peer.Dockerfile -t murmur-peer .
-ARG BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# GPUs: torch 2.13.0 from PyPI is the CUDA 13.0 build (PyPI's torch moved from CUDA 12.8 to 13.0 with 2.11; the
+# 2.14.1 wheel's METADATA pins cuda-toolkit 13.0.3 and nvidia-cudnn-cu13), compiled for sm_75 sm_80 sm_86 sm_90
+# sm_100 sm_120 (+PTX, PyTorch's CUDA 13.0 list): Turing (RTX 20xx, T4), Ampere (RTX 30xx, A100), Ada (RTX 40xx), Hopper
+# (H100/H200), Blackwell (B200, RTX 50xx). Not Pascal (GTX 10xx) or Volta (V100): CUDA 13 dropped them. The host needs
+# an NVIDIA driver >= 580. The build prints torch's real list and keeps it in /opt/venv/gpu-archs.txt.
+# The base only brings what the NVIDIA container toolkit reads (NVIDIA_REQUIRE_CUDA: it refuses a driver too old for
+# CUDA 13.0 at `docker run`, before torch fails obscurely): torch's wheel brings its own CUDA libraries as pip packages.
+ARG BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
 FROM ${BASE}
+LABEL org.opencontainers.image.title="murmur peer" \
+      murmur.cuda="13.0" \
+      murmur.gpu-archs="sm_75 sm_80 sm_86 sm_90 sm_100 sm_120+PTX" \
+      murmur.min-driver="580"
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -54,13 +65,18 @@ VOLUME ["/data"]
 # Dependencies first, so code changes do not reinstall them: torch, then the rest of pyproject.toml's dependencies,
 # resolved from pyproject itself (empty package stubs). The build args are declared here, at the first RUN that uses
 # them, so that another value misses the cache only from here on. TORCH_INDEX: where torch comes from (PyPI: its
-# Linux x86_64 wheel is the CUDA build, whose CUDA libraries arrive as pip packages, so only the host's NVIDIA driver
-# is needed; download.pytorch.org's cu128 index publishes no 2.13.0). WHEELS, when set: the one place pip takes every
-# wheel from (--no-index --find-links), a URL or a path inside the build; the wheelhouse then never enters the build
-# context or a layer.
+# Linux x86_64 wheel is the CUDA 13.0 build, whose CUDA libraries arrive as pip packages, so only the host's NVIDIA
+# driver is needed; download.pytorch.org's cu128 index publishes no 2.13.0). WHEELS, when set: the one place pip takes
+# every wheel from (--no-index --find-links), a URL or a path inside the build; the wheelhouse then never enters the
+# build context or a layer. Then the GPU architectures this torch was compiled for, printed and kept (an offline build's
+# CPU torch says so).
 ARG TORCH_INDEX=https://pypi.org/simple
 ARG WHEELS=""
-RUN pip install ${WHEELS:+--no-index --find-links "$WHEELS"} torch==2.13.0 --index-url "$TORCH_INDEX"
+RUN pip install ${WHEELS:+--no-index --find-links "$WHEELS"} torch==2.13.0 --index-url "$TORCH_INDEX" \
+ && python -c "import torch; flags = getattr(torch._C, '_cuda_getArchFlags', lambda: '')() or 'none (a CPU build)'; \
+print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, GPU architectures: {flags}')" \
+    > /opt/venv/gpu-archs.txt \
+ && cat /opt/venv/gpu-archs.txt
 COPY pyproject.toml ./
 RUN mkdir peer protocol bootstrap \
  && touch README.md peer/__init__.py protocol/__init__.py bootstrap/__init__.py \

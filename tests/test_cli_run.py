@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from peer.cli import run as cli_run
 from peer.cli.main import main
-from peer.core.devices import fit_inner, fit_micro_batch, resolve_device, split_batch, training_bytes
+from peer.core.devices import HEADROOM, fit_inner, fit_micro_batch, resolve_device, split_batch, training_bytes
 from peer.core.inner import InnerConfig
 from peer.core.model import PRESETS
+from peer.core.slices import SliceConfig
 
 GiB = 2**30
 BASE = ["run", "--swarm", "loop", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX", "--identity", "p.key"]
@@ -55,7 +56,7 @@ def test_the_flags_split_the_runs_batch_and_must_multiply_to_it() -> None:
 
 @pytest.mark.timeout(10)
 def test_the_automatic_micro_batch_is_the_largest_divisor_that_fits() -> None:
-    # budget = 0.8 * free - fixed; the largest divisor of 16 with d * per_sequence <= budget
+    # budget = HEADROOM (0.9) * free - fixed; the largest divisor of 16 with d * per_sequence <= budget
     assert fit_micro_batch(16, free_bytes=10 * GiB, fixed_bytes=2 * GiB, per_sequence_bytes=1 * GiB) == 4
     assert fit_micro_batch(16, free_bytes=100 * GiB, fixed_bytes=2 * GiB, per_sequence_bytes=1 * GiB) == 16
     assert fit_micro_batch(12, free_bytes=10 * GiB, fixed_bytes=0, per_sequence_bytes=1 * GiB) == 6
@@ -66,11 +67,14 @@ def test_the_automatic_micro_batch_is_the_largest_divisor_that_fits() -> None:
 
 @pytest.mark.timeout(10)
 def test_training_bytes_grow_with_the_model_and_the_trainable_share() -> None:
-    tiny_fixed, tiny_seq = training_bytes(PRESETS["tiny"], 0)
-    fixed, per_seq = training_bytes(PRESETS["124m"], 0)
-    half_fixed, _ = training_bytes(PRESETS["124m"], 60_000_000)
+    tiny_fixed, tiny_seq = training_bytes(PRESETS["tiny"])
+    fixed, per_seq = training_bytes(PRESETS["124m"])  # the full model: DiLoCo's cost, the upper bound
+    half_fixed, _ = training_bytes(PRESETS["124m"], SliceConfig(num_slices=2))
+    quarter_fixed, _ = training_bytes(PRESETS["124m"], SliceConfig(num_slices=4))
     assert tiny_fixed < fixed and tiny_seq < per_seq
-    assert half_fixed - fixed == 12 * 60_000_000  # fp32 gradient + two AdamW moments per trainable coordinate
+    assert quarter_fixed < half_fixed < fixed  # gradient, AdamW moments and feedback of the slice only
+    assert training_bytes(PRESETS["124m"], checkpointing=True)[1] < per_seq / 3
+    assert training_bytes(PRESETS["124m"], offload_outer=True)[0] < fixed
     # 124m (byte vocabulary, 1024 tokens): an 80 GB card fits the whole default batch, a 6 GB one does not
     assert 0.2 * GiB < per_seq < 1.5 * GiB and 1 * GiB < fixed < 4 * GiB
     assert fit_micro_batch(8, 79 * GiB, fixed, per_seq) == 8
@@ -191,7 +195,8 @@ def test_every_run_option_can_come_from_a_config_file() -> None:
 def test_fit_inner_on_cuda_asks_for_free_memory_and_fits_the_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     inner = InnerConfig(batch_size=8, grad_accum=1)
     model = PRESETS["124m"]
-    fixed, per_seq = training_bytes(model, 40_000_000)
+    slices = SliceConfig(num_slices=4)
+    fixed, per_seq = training_bytes(model, slices)
     free = {"bytes": 80 * GiB}
     asked = []
 
@@ -201,12 +206,12 @@ def test_fit_inner_on_cuda_asks_for_free_memory_and_fits_the_micro_batch(monkeyp
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     cuda = torch.device("cuda:0")
-    assert fit_inner(inner, model, cuda, trainable_params=40_000_000) == inner  # all 8 fit at once
-    free["bytes"] = int((fixed + 2.5 * per_seq) / 0.8)  # room for 2 sequences, not 4
-    split = fit_inner(inner, model, cuda, trainable_params=40_000_000)
+    assert fit_inner(inner, model, cuda, slices=slices) == inner  # all 8 fit at once
+    free["bytes"] = int((fixed + 2.5 * per_seq) / HEADROOM)  # room for 2 sequences, not 4
+    split = fit_inner(inner, model, cuda, slices=slices)
     assert (split.batch_size, split.grad_accum) == (2, 4)
     assert fit_inner(inner, model, cuda, micro_batch=8) == inner  # a flag wins over the fit
     free["bytes"] = fixed // 2
     with pytest.raises(ValueError, match="use --device cpu"):
-        fit_inner(inner, model, cuda, trainable_params=40_000_000)
+        fit_inner(inner, model, cuda, slices=slices)
     assert asked == ["cuda:0", "cuda:0", "cuda:0"]

@@ -103,6 +103,17 @@ def simulate(
         click.echo(f"wrote {plot_path}", err=True)
 
 
+def _gpu_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from peer.core.planner import parse_memory
+
+    if value is None:
+        return None
+    try:
+        return parse_memory(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+
+
 @click.command()
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
 @click.option("--slices", type=click.IntRange(1, 64), default=4, show_default=True)
@@ -110,18 +121,35 @@ def simulate(
 @click.option("--no-shared-head", is_flag=True, help="Cut the output head like every other matrix.")
 @click.option("--rest-step", type=click.FloatRange(0, 1), default=InnerConfig().rest_step, show_default=True,
               help="The run's [inner] rest_step: above 0 every slice's backward costs the full model's.")
-def slices(preset: str, slices: int, cut: str, no_shared_head: bool, rest_step: float) -> None:
-    """What training each slice costs a peer, next to the full model: parameters, state, backward FLOPs.
+@click.option("--gpu-memory", callback=_gpu_memory, default=None, metavar="SIZE",
+              help="A card's memory (24GB, 24GiB, 24G, 8000MB; binary units): whether and how a peer fits, next to "
+                   "DiLoCo, and the largest preset each trains on 8, 12, 16 and 24 GB.")  # fmt: skip
+@click.option("--batch", "run_batch", type=click.IntRange(1), default=InnerConfig().batch_size, show_default=True,
+              help="The run's batch (sequences per optimiser step); the micro-batch divides it.")  # fmt: skip
+@click.option("--micro-batch", type=click.IntRange(1), default=None,
+              help="Plan for this micro-batch only. [default: the largest that fits]")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="The run's dtype (parameters on the device).")  # fmt: skip
+def slices(preset: str, slices: int, cut: str, no_shared_head: bool, rest_step: float, gpu_memory: int | None,
+           run_batch: int, micro_batch: int | None, dtype: str) -> None:  # fmt: skip
+    """What training each slice costs a peer, next to the full model: parameters, state, backward FLOPs;
+    with --gpu-memory, whether and how it fits a card (peer/core/planner.py, predicted, not measured).
 
     \b
     Example:
       murmur slices --preset 124m --slices 4 --cut blocks
+      murmur slices --preset 350m --slices 4 --gpu-memory 12GB
     """
     from peer.core.slices import SliceConfig, full_layout, parameter_shapes, partition, slice_cost
 
     config = PRESETS[preset]
+    slicing = SliceConfig(num_slices=slices, cut=cut, shared_head=not no_shared_head)
     try:
-        layouts = partition(config, SliceConfig(num_slices=slices, cut=cut, shared_head=not no_shared_head))
+        layouts = partition(config, slicing)
+        if gpu_memory is None and micro_batch is not None:
+            raise ValueError("--micro-batch plans a card: give --gpu-memory SIZE too")
+        if micro_batch is not None and run_batch % micro_batch:
+            raise ValueError(f"--micro-batch {micro_batch} must divide the run's batch of {run_batch} (--batch)")
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     full = slice_cost(config, full_layout(parameter_shapes(config)))
@@ -132,6 +160,12 @@ def slices(preset: str, slices: int, cut: str, no_shared_head: bool, rest_step: 
         flops = cost.backward_flops_per_token
         click.echo(f"{name:<7}{cost.params:>14,}{cost.state_bytes:>18,}{flops:>17.3g}"
                    f"{cost.params / full.params:>8.3f}{flops / full.backward_flops_per_token:>7.3f}")  # fmt: skip
+    if gpu_memory is not None:
+        from peer.core.planner import report_lines
+
+        for line in report_lines(preset, slicing, gpu_memory, run_batch=run_batch, micro_batch=micro_batch,
+                                 dtype=dtype, rest_step=rest_step):  # fmt: skip
+            click.echo(line)
 
 
 def _check_cut(config: object) -> None:

@@ -18,14 +18,16 @@ import torch
 
 from peer.core.inner import InnerConfig
 from peer.core.model import ModelConfig
+from peer.core.planner import ALLOCATOR_SHARE, footprint
+from peer.core.slices import SliceConfig
 from protocol.logs import get_logger
 
 log = get_logger(__name__)
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-HEADROOM = 0.8
-"""Share of the free memory the automatic micro-batch may plan for: allocator fragmentation, cuBLAS
-workspaces and other processes on the same GPU take the rest."""
+HEADROOM = ALLOCATOR_SHARE
+"""Share of the memory this process can have that the automatic micro-batch may plan for (the planner's:
+allocator fragmentation takes the rest; the CUDA context is already outside what mem_get_info calls free)."""
 
 
 def resolve_device(name: str, cuda_count: int) -> str:
@@ -77,19 +79,15 @@ def divisors_of(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def training_bytes(model: ModelConfig, trainable_params: int) -> tuple[int, int]:
-    """(fixed bytes, bytes per sequence of a micro-batch) that a peer's training needs on the device.
-
-    Fixed: the fp32 model, phi and up to two outer buffers (4 x 4 bytes a parameter), and the slice's
-    fp32 gradient and AdamW moments (12 bytes a trainable coordinate). Per sequence: what autograd keeps
-    for the backward under bf16 autocast with SDPA (no T x T scores), counted generously per token and
-    layer (normed inputs, q/k/v and their fp32 rotary copies, the attention output, the MLP's up
-    projection and gate, fp32 residuals), plus the logits (bf16, their fp32 copy and its gradient)."""
-    params = _param_count(model)
-    fixed = 16 * params + 12 * trainable_params
-    per_token_layer = 2 * (24 * model.d_model + 6 * model.hidden)
-    per_token = model.n_layers * per_token_layer + 14 * model.vocab_size + 8 * model.d_model
-    return fixed, model.seq_len * per_token
+def training_bytes(model: ModelConfig, slices: SliceConfig | None = None, *, dtype: str = "float32",
+                   checkpointing: bool = False, offload_outer: bool = False,
+                   rest_step: float = 0.3) -> tuple[int, int]:  # fmt: skip
+    """(fixed bytes, bytes per sequence of a micro-batch) that a peer's training needs on a CUDA device, from
+    the one memory model (peer/core/planner.py): resident state and per-step copies, and activations plus the
+    backward's working set per sequence. `slices` None: the full model (DiLoCo's cost, an upper bound)."""
+    fixed, per_sequence, _host = footprint(model, slices, dtype=dtype, checkpointing=checkpointing,
+                                           offload_outer=offload_outer, rest_step=rest_step)  # fmt: skip
+    return fixed, per_sequence
 
 
 def fit_micro_batch(run_batch: int, free_bytes: int, fixed_bytes: int, per_sequence_bytes: int,
@@ -103,34 +101,32 @@ def fit_micro_batch(run_batch: int, free_bytes: int, fixed_bytes: int, per_seque
     if not fitting:
         gib = 2**30
         raise ValueError(f"this run needs about {(fixed_bytes + per_sequence_bytes) / gib:.1f} GiB on the device "
-                         f"for one sequence at a time, but only {free_bytes / gib:.1f} GiB is free: "
-                         f"free some GPU memory or use --device cpu")  # fmt: skip
+                         f"for one sequence at a time, but only {free_bytes / gib:.1f} GiB is free: free some GPU "
+                         f"memory, try --activation-checkpointing or --offload-outer, or use --device cpu")  # fmt: skip
     return fitting[-1]
 
 
 def fit_inner(inner: InnerConfig, model: ModelConfig, device: torch.device, *, micro_batch: int | None = None,
-              grad_accum: int | None = None, trainable_params: int = 0) -> InnerConfig:  # fmt: skip
+              grad_accum: int | None = None, slices: SliceConfig | None = None,
+              dtype: str = "float32", checkpointing: bool = False,
+              offload_outer: bool = False) -> InnerConfig:  # fmt: skip
     """The manifest's inner config with the run's batch split for this peer: as the flags say; else, on
-    CUDA, fitted to the free memory; else (CPU) as the manifest has it."""
+    CUDA, fitted to the memory this process can have; else (CPU) as the manifest has it.
+
+    The memory it can have is what the device has free plus what this process's tensors already hold (the
+    model, phi, the outer state: `training_bytes` counts them in its fixed part). The planner counts the
+    slice from `slices` (None plans for the full model, an upper bound)."""
     run_batch = inner.batch_size * inner.grad_accum
     split = split_batch(run_batch, micro_batch, grad_accum)
     if split is None and device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        fixed, per_sequence = training_bytes(model, trainable_params)
-        micro = fit_micro_batch(run_batch, free, fixed, per_sequence)
+        available = free + torch.cuda.memory_allocated(device)
+        fixed, per_sequence = training_bytes(model, slices, dtype=dtype, checkpointing=checkpointing,
+                                             offload_outer=offload_outer, rest_step=inner.rest_step)  # fmt: skip
+        micro = fit_micro_batch(run_batch, available, fixed, per_sequence)
         split = (micro, run_batch // micro)
-        log.info("micro-batch %d x %d accumulation steps: fitted to %.1f GiB free on %s (about %.2f GiB a sequence)",
-                 micro, split[1], free / 2**30, device, per_sequence / 2**30)  # fmt: skip
+        log.info("micro-batch %d x %d accumulation steps: fitted to %.1f GiB on %s (about %.2f GiB a sequence)",
+                 micro, split[1], available / 2**30, device, per_sequence / 2**30)  # fmt: skip
     if split is None:
         return inner
     return replace(inner, batch_size=split[0], grad_accum=split[1])
-
-
-def _param_count(model: ModelConfig) -> int:
-    """Parameters of `Transformer(model)` without building it (weights only; norms are negligible)."""
-    c, h = model.d_model, model.hidden
-    up = 2 * h if model.mlp == "swiglu" else h
-    per_block = 3 * c * c + c * c + up * c + c * h + 2 * c
-    embeddings = model.vocab_size * c * (1 if model.tie_embeddings else 2)
-    positions = model.seq_len * c if model.positions == "learned" else 0
-    return model.n_layers * per_block + embeddings + positions + c
