@@ -124,6 +124,15 @@ def _typed(param: click.Option, key: str, value: object, path: Path) -> object:
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Train the next round while this round's exchanges finish (partners' updates are mixed a "
                    "round late; this peer's own at once); --no-overlap waits for them.")  # fmt: skip
+@click.option("--offload-outer", is_flag=True,
+              help="Keep the outer weights and momentum in host memory (pinned with CUDA) and take the outer step "
+                   "there: the GPU holds the model, the slice's optimiser state and the codec's residuals only.")
+@click.option("--activation-checkpointing", is_flag=True,
+              help="Recompute each block's activations during backward instead of storing them: less GPU memory "
+                   "for a larger micro-batch, one more forward pass per step.")
+@click.option("--gpus", type=click.IntRange(1), default=1, show_default=True,
+              help="Train as one peer on N GPUs, from --device's on (one process each, NCCL; each micro-batch split "
+                   "over them), or on N CPU processes with --device cpu (gloo). One identity, one announcement.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def run(**options: object) -> None:
     """Join a swarm by name and train it: H local steps on this peer's slice, then swap updates with
@@ -157,7 +166,13 @@ def run(**options: object) -> None:
             metrics_host=str(options["metrics_host"]), data=options["data"],
             batch_size=options["batch_size"], grad_accum=options["grad_accum"], max_rounds=int(options["max_rounds"]),
             eval_every=int(options["eval_every"]), overlap=bool(options["overlap"]),
+            offload_outer=bool(options["offload_outer"]),
+            activation_checkpointing=bool(options["activation_checkpointing"]), gpus=int(options["gpus"]),
         )  # fmt: skip
+        if opts.gpus > 1:
+            from peer.node.ranks import check_gpus
+
+            check_gpus(opts.device, opts.gpus)  # SetupError, a ValueError: one line, before the DHT starts
         if options["no_checkpoints"] and options["checkpoint_dir"]:
             raise ValueError("--no-checkpoints and --checkpoint-dir contradict each other")
     except ValueError as exc:

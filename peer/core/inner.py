@@ -15,12 +15,19 @@ sent (the round's pseudo-gradient covers the slice only) and the next round star
 They let the slice train against a model that moves roughly as the other slices will, so K slices stop
 each fitting the same error alone (benchmarks/long_horizon: the additivity probe and the rest-step
 rows). The price is the weight-gradient FLOPs of the whole model: RowGradLinear is not used then.
+
+Mixed precision (a bfloat16 run, `cast_parameters`): the model's parameters are bf16, frozen and rest
+coordinates included; the owned coordinates also get an fp32 master (`begin_round` copies it from the
+round's starting weights, the fp32 phi, not from their bf16 rounding), gradients of the owned part are gathered in fp32,
+AdamW steps the master and writes it back rounded into the bf16 parameter, and the round's pseudo-gradient
+is taken from the master (`pseudo_gradient`), so H small steps are not lost to bf16 rounding. A float32
+model takes none of these paths: its numbers are what they were before mixed precision existed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +130,8 @@ class _Owned:
     grad: torch.Tensor | None = None
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
+    master: torch.Tensor | None = None
+    """fp32 copy of the owned part (compact shape) when the parameter is held in a lower precision."""
 
 
 class SliceOptimizer:
@@ -140,10 +149,13 @@ class SliceOptimizer:
         rest = config.rest_step > 0
         model.detach_input_embedding = not rest and not trains_input_embedding(layout)
         device = next(model.parameters()).device
+        self.mixed = next(model.parameters()).dtype != torch.float32
+        """bf16 parameters: fp32 masters, gradients and moments for the owned part (module docstring)."""
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._patched: list[nn.Linear] = []
         self.rest_bytes = 0
         """The largest gradient of coordinates outside the slice alive at once (rest_step > 0)."""
+        self.reduce: Callable[[list[torch.Tensor]], None] = lambda grads: None  # --gpus N: averages over ranks
         linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         for name, param in params.items():
             region = layout.get(name)
@@ -163,7 +175,7 @@ class SliceOptimizer:
             if owned.compact and region.dim == 0 and name in linears:
                 param.requires_grad_(False)
                 self._patch(linears[name], owned)
-            elif owned.compact:
+            elif owned.compact or self.mixed:  # a bf16 whole parameter: its gradient goes to an fp32 buffer
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._compact_hook(owned)))
             self._owned.append(owned)
 
@@ -186,7 +198,7 @@ class SliceOptimizer:
     @staticmethod
     def _compact_hook(owned: _Owned) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            part = owned.region.extract(param.grad)
+            part = (owned.region.extract(param.grad) if owned.compact else param.grad).float()
             owned.grad = part if owned.grad is None else owned.grad.add_(part)
             param.grad = None
 
@@ -200,10 +212,11 @@ class SliceOptimizer:
             grad = param.grad
             param.grad = None
             if owned is not None:
-                part = owned.region.extract(grad)
+                part = owned.region.extract(grad).float()
                 owned.grad = part if owned.grad is None else owned.grad.add_(part)
                 for view in owned.region.views(grad):
                     view.zero_()  # sign(0) = 0: the owned coordinates move with AdamW only
+            self.reduce([grad])  # --gpus N: every rank steps by the sign of the whole micro-batch's gradient
             step = lr_at(self.steps, config) * config.rest_step / config.grad_accum
             with torch.no_grad():
                 param.add_(grad.sign_().to(param.dtype), alpha=-step)
@@ -212,7 +225,7 @@ class SliceOptimizer:
 
     def _grads(self) -> Iterator[tuple[_Owned, torch.Tensor]]:
         for o in self._owned:
-            grad = o.grad if o.compact else o.param.grad
+            grad = o.grad if o.compact or self.mixed else o.param.grad
             if grad is not None:
                 yield o, grad
 
@@ -220,10 +233,40 @@ class SliceOptimizer:
         for o in self._owned:
             o.grad = None
             o.param.grad = None
+        self._anchor.grad = None
+
+    @torch.no_grad()
+    def begin_round(self, start: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Mixed precision: the fp32 masters restart from `start` (the round's starting weights, phi, in fp32:
+        else the pseudo-gradient would carry phi's bf16 rounding error), or from the parameters when None.
+        A no-op for a float32 model, whose parameters are their own masters."""
+        if not self.mixed:
+            return
+        for o in self._owned:
+            whole = o.param.data if start is None else start[o.name]
+            value = o.region.extract(whole) if o.compact else whole
+            value = value.to(o.param.device)
+            if o.master is None:
+                o.master = value.to(torch.float32, copy=True)  # never an alias of phi
+            else:
+                o.master.copy_(value)
+
+    @torch.no_grad()
+    def pseudo_gradient(self, phi: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """delta = phi - theta on the owned coordinates, packed, fp32, on the model's device; theta is the
+        fp32 master under mixed precision (not its bf16 rounding), the parameter itself otherwise (then the
+        numbers are exactly `slices.pseudo_gradient`'s)."""
+        out = {}
+        for o in self._owned:
+            start = o.region.extract(phi[o.name]).to(o.param.device).float()
+            theta = o.master if o.master is not None else o.region.extract(o.param.data)
+            out[o.name] = start - theta
+        return out
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale the slice's gradient to global norm <= max_norm; returns the norm before clipping."""
         grads = [g for _, g in self._grads()]
+        self.reduce(grads)  # --gpus N (peer/node/ranks.py): the step's whole gradient on every rank, then clipped
         if not grads:
             return 0.0
         norm = torch.nn.utils.get_total_norm(grads)
@@ -239,6 +282,7 @@ class SliceOptimizer:
         CUDA): compact parts are packed, stepped and written back, whole parameters stepped in place.
         Matrices decay, norms and biases do not. Bias correction counts this optimiser's steps."""
         self.steps += 1
+        self._anchor.grad = None  # RowGradLinear's zero for it: nothing to keep between steps
         beta1, beta2 = self.config.betas
         groups: dict[bool, list[tuple[_Owned, torch.Tensor]]] = {True: [], False: []}  # decays -> (owned, grad)
         for o, grad in self._grads():
@@ -248,7 +292,7 @@ class SliceOptimizer:
         for decay, owned in groups.items():
             if not owned:
                 continue
-            params = [o.region.extract(o.param.data) if o.compact else o.param.data for o, _ in owned]
+            params = [self._stepped(o) for o, _ in owned]
             fused = params[0].is_cuda
             # the steps so far; adamw counts this one in place (on the device when fused, as it requires)
             counts = [torch.tensor(float(self.steps - 1), device=p.device if fused else "cpu") for p in params]
@@ -258,10 +302,33 @@ class SliceOptimizer:
             for (o, _), packed in zip(owned, params):
                 if o.compact:
                     o.region.scatter_(o.param.data, packed)
+                elif self.mixed:
+                    o.param.data.copy_(packed)  # the master, rounded into the bf16 parameter
+
+    def _stepped(self, o: _Owned) -> torch.Tensor:
+        """What AdamW steps for `o`: its fp32 master (mixed precision), its packed copy, or the parameter."""
+        if self.mixed:
+            if o.master is None:
+                raise RuntimeError("begin_round first: a bf16 model's optimiser has no fp32 master yet")
+            return o.master
+        return o.region.extract(o.param.data) if o.compact else o.param.data
 
     def state_bytes(self) -> int:
-        """Bytes of gradient buffers and AdamW moments this optimiser holds (or will, after a step)."""
-        return sum(o.region.numel(tuple(o.param.shape)) * 12 for o in self._owned) + self.rest_bytes
+        """Bytes of gradient buffers, AdamW moments and (mixed precision) fp32 masters this optimiser holds (or
+        will, after a step)."""
+        per = 16 if self.mixed else 12
+        return sum(o.region.numel(tuple(o.param.shape)) * per for o in self._owned) + self.rest_bytes
+
+    def held(self) -> dict[str, list[torch.Tensor]]:
+        """Every tensor this optimiser holds, by kind (peer/core/memory.py counts them): the owned part's
+        gradients, fp32 masters, and AdamW moments with the 4-byte anchor."""
+        out: dict[str, list[torch.Tensor]] = {"grads": [], "master": [], "optimizer": [self._anchor]}
+        for o in self._owned:
+            grad = o.grad if o.compact or self.mixed else o.param.grad
+            out["grads"] += [] if grad is None else [grad]
+            out["master"] += [] if o.master is None else [o.master]
+            out["optimizer"] += [t for t in (o.exp_avg, o.exp_avg_sq) if t is not None]
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor map (safetensors-friendly) of the moments and the step count."""
@@ -304,12 +371,15 @@ Batches = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def inner_round(
-    model: Transformer, optimizer: SliceOptimizer, batches: Batches, device: torch.device
+    model: Transformer, optimizer: SliceOptimizer, batches: Batches, device: torch.device,
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> InnerStats:
-    """Run H inner steps on the slice (theta moves; phi is untouched elsewhere)."""
+    """Run H inner steps on the slice (theta moves; phi is untouched elsewhere). `start`: the weights the model
+    was loaded from (phi), where a bf16 model's fp32 masters begin (`SliceOptimizer.begin_round`)."""
     config = optimizer.config
     model.train()
     losses, tokens = [], 0
+    optimizer.begin_round(start)
     for _ in range(config.steps_per_round):
         step = optimizer.steps
         optimizer.zero_grad()

@@ -15,6 +15,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The run dtypes (RunConfig.dtype): what the parameters are held in on the device."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -187,6 +191,9 @@ class Transformer(nn.Module):
         self.config = config
         self.detach_input_embedding = False
         """Set by a slice that trains the (tied) embedding only as the output head: no backward below."""
+        self.checkpointing = False
+        """Recompute each block's activations in backward instead of keeping them (a per-peer memory option:
+        `murmur run --activation-checkpointing`); the numbers are the same, a block's forward runs twice."""
         self.embed = Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embed = Embedding(config.seq_len, config.d_model)
@@ -221,8 +228,12 @@ class Transformer(nn.Module):
             x = x.detach()
         if self.config.positions == "learned":
             x = x + self.pos_embed(torch.arange(T, device=idx.device))
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+            if recompute:
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin)
         x = self.final_norm(x)
         weight = self.embed.weight if self.config.tie_embeddings else self.head.weight
         return F.linear(x, weight)  # (B, T, vocab)
@@ -237,6 +248,19 @@ class Transformer(nn.Module):
 def autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA; a disabled context on CPU (fp32 there is both faster and exact)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def cast_parameters(model: Transformer, dtype: str) -> Transformer:
+    """Hold the parameters in `dtype` (a key of DTYPES), in place; buffers (the rotary tables) stay float32.
+
+    A bfloat16 run keeps its frozen and rest coordinates in bf16 on the device and an fp32 master of the owned
+    slice only (peer/core/inner.py). Cast after the fp32 initialisation, so that every peer of a run rounds the
+    same initial draw."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for p in model.parameters():
+        p.data = p.data.to(DTYPES[dtype])
+    return model
 
 
 def param_count(model: nn.Module) -> int:

@@ -77,8 +77,9 @@ class CoordinateMean:
     """Running per-coordinate mean of contributions that each cover part of the model (PPU's m[i])."""
 
     def __init__(self, like: Params) -> None:
-        self.total = {name: torch.zeros_like(t) for name, t in like.items()}
-        self.count = {name: torch.zeros_like(t) for name, t in like.items()}
+        # at least fp32 whatever phi's dtype: a bf16 run's deltas are fp32 and are averaged as such
+        self.total = {name: torch.zeros_like(t, dtype=accumulating(t)) for name, t in like.items()}
+        self.count = {name: torch.zeros_like(t, dtype=accumulating(t)) for name, t in like.items()}
 
     def add(self, contribution: Contribution, weight: float = 1.0) -> None:
         for name, region in contribution.layout.items():
@@ -178,10 +179,17 @@ def gossip_step(
 
 
 def initial_state(phi: Params, config: OuterConfig) -> Params:
-    """The rule's buffer at the start of a run: momentum zeros, or GASLoC's y_prev = phi."""
+    """The rule's buffer at the start of a run: momentum zeros, or GASLoC's y_prev = phi; fp32 (and on phi's
+    device) whatever phi's dtype, so a bf16 phi's outer step still accumulates its momentum in fp32 and rounds
+    once, when it adds the step to phi."""
     if config.rule == "gasloc":
-        return {name: t.clone() for name, t in phi.items()}
-    return {name: torch.zeros_like(t) for name, t in phi.items()}
+        return {name: t.to(accumulating(t), copy=True) for name, t in phi.items()}
+    return {name: torch.zeros_like(t, dtype=accumulating(t)) for name, t in phi.items()}
+
+
+def accumulating(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype outer buffers of `tensor` are kept in: its own, but never below float32 (a bf16 phi)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def consensus_distance(phis: list[Params]) -> float:

@@ -18,7 +18,7 @@ import torch
 from peer.core.data import Corpus, TokenStream, unigram_entropy
 from peer.core.evaluation import average_weights, load_weights, val_loss
 from peer.core.inner import InnerConfig, SliceOptimizer, inner_round
-from peer.core.model import ModelConfig, Transformer
+from peer.core.model import DTYPES, ModelConfig, Transformer, cast_parameters
 from peer.core.outer import (
     DEFAULT_OUTER,
     METHODS,
@@ -36,7 +36,6 @@ from peer.core.slices import (
     full_layout,
     parameter_shapes,
     partition,
-    pseudo_gradient,
     slice_cost,
     weight_slice,
 )
@@ -50,8 +49,9 @@ class SimConfig:
     inner: InnerConfig
     slices: SliceConfig = field(default_factory=SliceConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
-    weights_codec: CodecConfig = field(default_factory=lambda: CodecConfig(name="bf16"))
-    """Codec of the weight slice gossip sends for the consensus term."""
+    weights_codec: CodecConfig | None = field(default_factory=lambda: CodecConfig(name="bf16"))
+    """Codec of the weight slice gossip sends for the consensus term; None sends none (no consensus pull:
+    partners' deltas alone mix the peers; benchmarks/sparse_codec.py measures what that costs)."""
     peers: int = 8
     rounds: int = 10
     fanout: int = 2
@@ -60,6 +60,9 @@ class SimConfig:
     """Gossip methods: which weights a peer sends for the consensus term: `rotate` (slice round % K, every
     peer the same one, as the daemon) or `own` (the sender's own slice; 16 rounds: 2.361 vs 2.391 with one
     partner, no difference with two)."""
+    own_uncompressed: bool = False
+    """Gossip methods: a peer mixes its own pseudo-gradient as trained, not as its partners decode it (with a
+    sparse codec the sent delta is a few percent of it; error feedback delays the rest by many rounds)."""
     overlap: bool = False
     """Gossip methods: a round's exchange overlaps the next round's inner steps (the daemon's default). Each
     round's outer step is taken at once from the peer's own new delta and the partners' terms of the round
@@ -69,8 +72,16 @@ class SimConfig:
     eval_every: int = 2
     eval_batches: int = 8
     outer: dict[str, OuterConfig] = field(default_factory=lambda: dict(DEFAULT_OUTER))
+    dtype: str = "float32"
+    """The peers' parameters (a run's dtype): bfloat16 trains bf16 models with fp32 masters of the slice."""
+    outer_dtype: str = "float32"
+    """phi's dtype: float32 as the daemon keeps it whatever `dtype` is; "" = `dtype` (a bf16 phi: the comparison
+    that chose the daemon's, benchmarks/README, **peer_memory**)."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES or self.outer_dtype not in (*DTYPES, ""):
+            raise ValueError(f"dtype and outer_dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}, "
+                             f"{self.outer_dtype!r}")  # fmt: skip
         if self.consensus_slice not in ("rotate", "own"):
             raise ValueError(f"consensus_slice must be 'rotate' or 'own', got {self.consensus_slice!r}")
         if self.fanout < 1:
@@ -136,7 +147,7 @@ class Simulation:
         self.method, self.corpus, self.config = method, corpus, config
         torch.manual_seed(config.seed)
         self.model = Transformer(config.model)
-        phi = snapshot(self.model)
+        phi = {name: t.to(DTYPES[config.outer_dtype or config.dtype]) for name, t in snapshot(self.model).items()}
         self.shapes = parameter_shapes(config.model)
         sliced = method in ("ppu",) or method.startswith("gossip")
         all_slices = partition(config.model, config.slices) if sliced else [full_layout(self.shapes)]
@@ -146,7 +157,8 @@ class Simulation:
         self.phis = [phi] if method in ("ddp", "diloco", "ppu") else [_clone(phi) for _ in range(config.peers)]
         init = self.outer if self.outer is not None else OuterConfig()
         self.states = [initial_state(p, init) for p in self.phis]
-        self.models = [Transformer(config.model) for _ in range(config.peers)] if method != "ddp" else []
+        self.models = [cast_parameters(Transformer(config.model), config.dtype)
+                       for _ in range(config.peers)] if method != "ddp" else []  # fmt: skip
         ddp_inner = replace(config.inner, batch_size=config.inner.batch_size * config.peers)
         if method == "ddp":
             self.optimizers = [SliceOptimizer(self.model, full_layout(self.shapes), ddp_inner)]
@@ -199,11 +211,15 @@ class Simulation:
         """Round r's inner steps of every peer; their pseudo-gradients as partners decode them."""
         device = torch.device("cpu")
         deltas, losses = [], []
+        self.uncompressed: list[Contribution] = []
         for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             start = self.inner_start(k, self.phis[k % len(self.phis)])
             load_weights(model, start)
-            losses.append(inner_round(model, optimizer, self.batches(k, r), device).mean_loss)
-            deltas.append(self._compress(k, pseudo_gradient(start, snapshot(model), self.layouts[k])))
+            losses.append(inner_round(model, optimizer, self.batches(k, r), device, start=start).mean_loss)
+            packed = optimizer.pseudo_gradient(start)  # from the fp32 masters of a bf16 model
+            delta = Contribution(self.layouts[k], {name: packed[name] for name in self.layouts[k]})
+            deltas.append(self._compress(k, delta))
+            self.uncompressed.append(delta)
         self.train_loss = sum(losses) / len(losses)
         return deltas
 
@@ -233,9 +249,11 @@ class Simulation:
         consensus = [self.layouts[k] if self.config.consensus_slice == "own" else rotating for k in range(n)]
         codec = self.config.weights_codec
         plain = lambda _, t: encode(t, codec)  # noqa: E731 - weights carry no error feedback
-        shared = [through_codec(weight_slice(phi, lay), codec, plain) for phi, lay in zip(self.phis, consensus)]
+        shared = [through_codec(weight_slice(phi, lay), codec, plain) if codec else None
+                  for phi, lay in zip(self.phis, consensus)]  # fmt: skip
         sent = sum(len(p) for p in partners) / n
-        self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + self._payload(consensus[0], weights=True)))
+        weight_bytes = self._payload(consensus[0], weights=True) if codec else 0
+        self.bytes_sent += int(sent * (self._payload(self.layouts[0]) + weight_bytes))
         return Exchange(deltas, shared, partners)
 
     def _gossip(self, exchange: Exchange | None, own: list[Contribution] | None = None) -> None:
@@ -244,8 +262,10 @@ class Simulation:
         for k in range(self.config.peers):
             mine = sorted(exchange.partners[k]) if exchange is not None else []
             received = [exchange.deltas[j] for j in mine]
-            weights = [exchange.weights[j] for j in mine]
+            weights = [exchange.weights[j] for j in mine if exchange.weights[j] is not None]
             own_k = own[k] if own is not None else exchange.deltas[k]
+            if self.config.own_uncompressed:
+                own_k = self.uncompressed[k]
             outer_step(self.phis[k], self.states[k], own_k, PartnerTerms(received, weights), self.outer)
 
     def _payload(self, layout: SliceLayout, *, weights: bool = False) -> int:
@@ -302,7 +322,7 @@ class Exchange:
     """One gossip round's messages: each peer's decoded delta and weight slice, and each peer's partners."""
 
     deltas: list[Contribution]
-    weights: list[Contribution]
+    weights: list[Contribution | None]
     partners: list[set[int]]
 
 

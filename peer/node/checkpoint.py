@@ -10,8 +10,8 @@ On-disk layout (one directory per snapshot, named by its outer round)::
       round-000123/
         meta.json              round, slice, run id, manifest, peer id, version, tokens, wall time,
                                and {file: {sha256, bytes}} for every tensor file below
-        phi.safetensors        outer weights (full model)
-        momentum.safetensors   outer optimiser state (same names as phi)
+        phi.safetensors        outer weights (full model), in the run's dtype (bf16 for a bfloat16 run)
+        momentum.safetensors   outer optimiser state (same names as phi), float32 whatever the run's dtype
         inner.safetensors      the slice's inner AdamW state (SliceOptimizer.state_dict())
         feedback.safetensors   error-feedback residuals (ErrorFeedback.state_dict())
       .tmp-round-000124-<pid>-<hex>/   a write in progress (or one a crash left behind): never loaded
@@ -220,18 +220,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_latest(
-    directory: Path, *, run_id: str, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
+    directory: Path, *, run_id: str, expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_dtype: str | None = None,
 ) -> CheckpointState | None:
     """The newest valid snapshot of run `run_id` in `directory`, or None.
 
     Every snapshot that fails a check (sidecar, hashes, safetensors header, run id, shapes, finite
     values) is reported with `log.warning` naming its path and the reason, and skipped; nothing is
     deleted (the volunteer may want it). `expected_shapes` (name -> shape) is checked against phi and
-    momentum when given. Tensors come back on the CPU.
+    momentum when given, `expected_dtype` (the manifest's: "float32" or "bfloat16") against phi's tensors
+    (momentum is always float32). Tensors come back on the CPU.
     """
     for path in list_checkpoints(directory):
         try:
-            state = verify_checkpoint(path, run_id=run_id, expected_shapes=expected_shapes)
+            state = verify_checkpoint(path, run_id=run_id, expected_shapes=expected_shapes,
+                                      expected_dtype=expected_dtype)
         except CheckpointError as err:
             log.warning("skipping checkpoint %s: %s", path, err)
             continue
@@ -241,7 +244,8 @@ def load_latest(
 
 
 def verify_checkpoint(
-    path: Path, *, run_id: str, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
+    path: Path, *, run_id: str, expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_dtype: str | None = None,
 ) -> CheckpointState:
     """Load one snapshot after checking it end to end; raises CheckpointError naming the first problem."""
     meta = _read_meta(path)
@@ -251,6 +255,9 @@ def verify_checkpoint(
     if expected_shapes is not None:
         for group in ("phi", "momentum"):
             _check_shapes(group, groups[group], expected_shapes)
+    if expected_dtype is not None:
+        _check_dtype("phi", groups["phi"], expected_dtype)
+        _check_dtype("momentum", groups["momentum"], "float32")
     for group, tensors in groups.items():
         _check_finite(group, tensors)
     try:
@@ -337,6 +344,15 @@ def _check_shapes(group: str, tensors: Tensors, expected: Mapping[str, tuple[int
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{group} {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}")
+
+
+def _check_dtype(group: str, tensors: Tensors, expected: str) -> None:
+    """A bf16 run's phi is bf16 on disk, an fp32 run's fp32; anything else is another run's (or a forged)
+    file, refused rather than silently cast."""
+    for name, tensor in tensors.items():
+        found = str(tensor.dtype).removeprefix("torch.")
+        if found != expected:
+            raise CheckpointError(f"{group} {name} is {found}, the run's manifest says {expected}")
 
 
 def _check_finite(group: str, tensors: Tensors) -> None:

@@ -79,8 +79,12 @@ def encode_update(
         decoded[name] = decode(enc, codec).to(tensor.device)
     k = consensus_slice(round, len(layouts))
     for name, tensor in weight_slice(phi, layouts[k]).tensors.items():
-        encoded[f"{PHI}{k}/{name}"] = encode(tensor, WEIGHTS_CODEC)
-    return OutgoingUpdate(round, slice_index, encoded), Contribution(delta.layout, decoded)
+        # bf16 bits on the wire whatever phi's dtype; declared float32 (what the wire policy expects of every
+        # update tensor), so a bf16 run's weight slice is the same bytes, losslessly
+        encoded[f"{PHI}{k}/{name}"] = encode(tensor.float(), WEIGHTS_CODEC)
+    update = OutgoingUpdate(round, slice_index, encoded)
+    update.digest()  # hashed once here, in the training thread: no exchange of the round waits for it
+    return update, Contribution(delta.layout, decoded)
 
 
 def split_update(

@@ -20,8 +20,10 @@ from peer.core.devices import pick_device
 from peer.core.fetch import FetchStopped
 from peer.node import resume
 from peer.node.daemon import Daemon
+from peer.node.datapeers import shard_peers
 from peer.node.gossip import STALE_ROUNDS
 from peer.node.metrics import PeerInfo
+from peer.node.ranks import Ranks
 from peer.node.rounds import lower_median
 from peer.node.trainer import Trainer
 from peer.swarm.join import Joined, JoinOptions, enter, joined, own_endpoint, refresh_until
@@ -61,6 +63,12 @@ class DaemonOptions:
     """Validation loss of phi every this many rounds (0: never)."""
     overlap: bool = True
     """Exchange round r while round r+1 trains; partners' terms land a round late (see the module docstring)."""
+    offload_outer: bool = False
+    """Keep phi and the outer state in (pinned) host memory; the outer step runs there (peer/core/memory.py)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them."""
+    gpus: int = 1
+    """Processes (one per GPU, or gloo on the CPU) that train each round together as this one peer (ranks.py)."""
 
 
 def checkpoint_directory(opts: DaemonOptions, peer_id: str) -> Path | None:
@@ -93,6 +101,7 @@ async def _serve(daemon: Daemon, identity: Identity, listen: tuple[str, int], go
     server = PeerServer(
         identity=identity, policy=daemon.policy, on_update=daemon.on_update, reply_for=daemon.reply_for,
         status=daemon.status, state_provider=lambda: daemon.snapshot, bans=daemon.bans,
+        shard_lookup=daemon.trainer.fetcher.lookup if daemon.trainer.fetcher is not None else None,
         config=ServerConfig(host=listen[0], port=listen[1], exchange_timeout_s=gossip.exchange_timeout_s,
                             min_round_s=gossip.min_round_s),  # fmt: skip
     )  # fmt: skip
@@ -158,7 +167,9 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
     try:  # a prepared dataset's index, tokenizer and held-out shard are fetched here, in a worker thread
         trainer = await asyncio.to_thread(
             Trainer, run, identity.peer_id, device, data=opts.data, micro_batch=opts.batch_size,
-            grad_accum=opts.grad_accum, halt=session.halt,
+            grad_accum=opts.grad_accum, halt=session.halt, offload_outer=opts.offload_outer,
+            checkpointing=opts.activation_checkpointing,
+            peers=shard_peers(session.swarm, identity, signed.run_id, asyncio.get_running_loop(), session.halt),
         )  # fmt: skip
     except FetchStopped as exc:
         raise JoinInterrupted(str(exc)) from None
@@ -170,6 +181,9 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
     server: PeerServer | None = None
     saver: resume.Checkpointer | None = None
     try:
+        if opts.gpus > 1:  # before the swarm sees this peer: a worker that cannot start costs no announcement
+            trainer.ranks = await asyncio.to_thread(Ranks.start, run, trainer.inner, device, opts.gpus,
+                                                    checkpointing=opts.activation_checkpointing)  # fmt: skip
         if opts.metrics_port is not None:
             await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
             print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
@@ -189,6 +203,8 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
         daemon.reporter.start()
         await _train(daemon, opts, session.stop, session.halt, saver)
     finally:
+        if trainer.ranks is not None:
+            await asyncio.to_thread(trainer.ranks.close)
         if daemon.clock >= 0 and saver is not None:
             await asyncio.to_thread(saver.save, daemon.trainer, round=daemon.clock, tokens_seen=daemon.tokens_seen)
         if server is not None:

@@ -24,7 +24,7 @@ def save(trainer: Trainer, directory: Path, *, round: int, run_id: str, peer_id:
     if trainer.optimizer is None:
         return None
     state = checkpoint.CheckpointState(
-        round=round, slice_index=trainer.slice, run_id=run_id, phi=trainer.phi, momentum=trainer.state,
+        round=round, slice_index=trainer.slice, run_id=run_id, phi=trainer.phi_as_run(), momentum=trainer.state,
         inner=trainer.optimizer.state_dict(), feedback=trainer.feedback.state_dict(),
         manifest=trainer.run.to_dict(), peer_id=peer_id, version=version, tokens_seen=tokens_seen,
     )  # fmt: skip
@@ -36,12 +36,13 @@ def restore(trainer: Trainer, directory: Path, *, run_id: str, slice_index: int)
 
     None when there is none: the trainer is left as it was.
     """
-    state = checkpoint.load_latest(directory, run_id=run_id, expected_shapes=trainer.shapes)
+    state = checkpoint.load_latest(directory, run_id=run_id, expected_shapes=trainer.shapes,
+                                   expected_dtype=trainer.run.dtype)
     if state is None:
         return None
     trainer.adopt(state.phi)
     for name, tensor in state.momentum.items():
-        trainer.state[name].copy_(tensor.to(trainer.device))
+        trainer.state[name].copy_(tensor)  # onto the outer state's device (host memory with --offload-outer)
     trainer.take_slice(slice_index)
     if state.slice_index == slice_index:
         trainer.optimizer.load_state_dict(state.inner)
