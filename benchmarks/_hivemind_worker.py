@@ -4,13 +4,23 @@ Why it is a separate process: the comparison must run every peer as its own proc
 own network namespace), exactly as murmur's peers run, so CPU and bytes are counted the same way for both.
 
 The set-up is hivemind's documented one (its quickstart): a `hivemind.DHT`, then `hivemind.Optimizer` over
-a torch optimizer with `batch_size_per_step` and `target_batch_size`, here with `use_local_updates=False`:
-every peer accumulates gradients until the swarm has processed `target_batch_size` samples, then the peers
-all-reduce their averaged gradients and each applies the same AdamW step (its state averaged in the
-background). What it shares with murmur: the model (`tiny` preset, same seed, so the same initial
-weights), the corpus and tokenizer (the embedded byte-level corpus), disjoint training windows per peer
-(`TokenStream`), the inner AdamW settings and gradient clipping, and the held-out windows of the daemon's
-`eval round N val_loss` lines (`peer.lab.evaluate.val_loss`, batch 2 x the training batch, 8 batches).
+a torch optimizer with `batch_size_per_step` and `target_batch_size`, in one of the two modes its users pick:
+
+- default (`use_local_updates=False`): every peer accumulates gradients until the swarm has processed
+  `target_batch_size` samples, then the peers all-reduce their averaged gradients and each applies the same
+  AdamW step (its state averaged in the background): synchronous large-batch training.
+- `--local-updates` (`use_local_updates=True`): every peer applies its own AdamW step on every local batch,
+  and each time the swarm has processed `target_batch_size` samples (an epoch) the peers average their
+  parameters (every `--average-state-every` epochs): local SGD, the DiLoCo-like set-up for slow links.
+
+`--compression` is what hivemind's docs suggest for the averaged tensors (both gradients and state): `fp16`
+(Float16Compression) or `8bit` (SizeAdaptiveCompression: Uniform8BitQuantization for tensors of 2**16+1
+elements or more, Float16 for the small ones, as in hivemind's ALBERT example).
+
+What it shares with murmur: the model (`tiny` preset, same seed, so the same initial weights), the corpus
+and tokenizer (the embedded byte-level corpus), disjoint training windows per peer (`TokenStream`), the
+inner AdamW settings and gradient clipping, and the held-out windows of the daemon's `eval round N
+val_loss` lines (`peer.core.evaluation.val_loss`, batch 2 x the training batch, 8 batches).
 
 Output: one JSON object per stdout line (`event`: "maddrs", "joined", "eval", "done", "error"), read by
 benchmarks/vs_hivemind.py. `--bootstrap` runs only a DHT node that peers find each other through (as
@@ -38,6 +48,19 @@ from peer.core.model import Transformer, preset
 
 INNER = InnerConfig()
 """murmur's inner optimiser defaults (slots dataclass: read them from an instance)."""
+COMPRESSIONS = ("none", "fp16", "8bit")
+
+
+def compression(name: str) -> Any:
+    """hivemind's compression of the averaged tensors, by the name `--compression` takes."""
+    from hivemind.compression import Float16Compression, NoCompression, SizeAdaptiveCompression, Uniform8BitQuantization
+
+    if name == "fp16":
+        return Float16Compression()
+    if name == "8bit":  # hivemind's ALBERT example: 8-bit for big tensors, fp16 for the small ones
+        return SizeAdaptiveCompression(threshold=2**16 + 1, less=Float16Compression(),
+                                       greater_equal=Uniform8BitQuantization())  # fmt: skip
+    return NoCompression()
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -61,12 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-local-steps",
         type=int,
         default=0,
-        help="also stop after this many local steps (0: no limit; the smoke test uses it)",
+        help="also stop after this many local steps, this peer's share of the token budget (0: no limit)",
     )
     p.add_argument("--lr", type=float, default=INNER.lr)
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--matchmaking-time", type=float, default=3.0, help="hivemind's quickstart value")
     p.add_argument("--averaging-timeout", type=float, default=10.0, help="hivemind's quickstart value")
+    p.add_argument("--local-updates", action="store_true", help="use_local_updates=True (local SGD)")
+    p.add_argument("--average-state-every", type=int, default=1, help="epochs between two state averagings")
+    p.add_argument("--compression", choices=sorted(COMPRESSIONS), default="none", help="of the averaged tensors")
     p.add_argument("--eval-every", type=int, default=1, help="validation loss every N epochs (0: never)")
     p.add_argument("--seed", type=int, default=0, help="model init seed (murmur's run.data.seed: the same weights)")
     p.add_argument("--dht-timeout", type=float, default=90.0, help="seconds to wait for the DHT to start")
@@ -74,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.index < args.num_peers:
         p.error(f"--index must lie in [0, {args.num_peers})")
-    if min(args.batch_size, args.target_batch_size, args.epochs, args.num_peers) < 1:
-        p.error("--batch-size, --target-batch-size, --epochs and --num-peers must be >= 1")
+    if min(args.batch_size, args.target_batch_size, args.epochs, args.num_peers, args.average_state_every) < 1:
+        p.error("--batch-size, --target-batch-size, --epochs, --num-peers and --average-state-every must be >= 1")
     return args
 
 
@@ -99,7 +125,8 @@ def run_bootstrap(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, dht: Any) -> Any:
-    """hivemind.Optimizer with murmur's inner AdamW and its warm-up + cosine schedule, counted in epochs."""
+    """hivemind.Optimizer with murmur's inner AdamW and its warm-up + cosine schedule, counted in epochs (hivemind
+    steps the scheduler once per epoch in both modes)."""
     import hivemind
 
     inner = InnerConfig(lr=args.lr, warmup_steps=args.warmup_epochs, total_steps=args.epochs)
@@ -113,8 +140,9 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, dht: Any) -
         optimizer=lambda params: torch.optim.AdamW(params, lr=inner.lr, betas=inner.betas,
                                                    weight_decay=inner.weight_decay),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        use_local_updates=False, matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout,
-        verbose=False,
+        use_local_updates=args.local_updates, average_state_every=args.average_state_every,
+        grad_compression=compression(args.compression), state_averaging_compression=compression(args.compression),
+        matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout, verbose=False,
     )  # fmt: skip
 
 
@@ -155,7 +183,7 @@ def train(args: argparse.Namespace, stop: threading.Event) -> int:
         emit("error", error=f"fewer than {args.num_peers} peers joined within {args.start_timeout:.0f} s")
         shut_down(opt, dht)
         return 1
-    step = last_eval = 0
+    step = last_eval = eval_step = 0
     try:
         while opt.local_epoch < args.epochs and not stop.is_set():
             if args.max_local_steps and step >= args.max_local_steps:
@@ -170,14 +198,21 @@ def train(args: argparse.Namespace, stop: threading.Event) -> int:
             step += 1
             emit("step", step=step, epoch=opt.local_epoch, loss=float(loss.detach()))
             if args.eval_every and opt.local_epoch >= last_eval + args.eval_every:
-                last_eval = opt.local_epoch
-                model.eval()
-                loss_val = val_loss(model, corpus, seq_len=config.seq_len, batch_size=2 * args.batch_size)
-                emit("eval", epoch=opt.local_epoch, step=step, samples=step * args.batch_size, val_loss=loss_val)
+                last_eval, eval_step = opt.local_epoch, step
+                evaluate(model, config, corpus, opt.local_epoch, step, args.batch_size)
+        if args.eval_every and step > eval_step:  # stopped at --max-local-steps: score the weights it ends with
+            evaluate(model, config, corpus, opt.local_epoch, step, args.batch_size)
         emit("done", epoch=opt.local_epoch, steps=step, samples=step * args.batch_size)
     finally:
         shut_down(opt, dht)
     return 0
+
+
+def evaluate(model: torch.nn.Module, config: Any, corpus: Any, epoch: int, step: int, batch_size: int) -> None:
+    """An `eval` line: the validation loss of the weights this peer holds now, on the daemon's held-out windows."""
+    model.eval()
+    loss_val = val_loss(model, corpus, seq_len=config.seq_len, batch_size=2 * batch_size)
+    emit("eval", epoch=epoch, step=step, samples=step * batch_size, val_loss=loss_val)
 
 
 def shut_down(opt: Any, dht: Any, grace_s: float = 15.0) -> None:

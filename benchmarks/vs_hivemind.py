@@ -5,10 +5,13 @@ Both systems train the same model (`tiny` preset, same seed, so the same initial
 token budget, every peer a real process, and both are scored on the same held-out windows (the daemon's
 `eval round N val_loss`: batch 2 x B, 8 batches):
 
-- hivemind: benchmarks/_hivemind_worker.py, `hivemind.Optimizer` with `use_local_updates=False` (gradients
-  accumulated until the swarm has `target_batch_size` samples, then all-reduced; every peer applies the
-  same AdamW step). target_batch_size = peers x H x B, so it syncs once per H local steps per peer, as often
-  as murmur exchanges. It runs `rounds` global steps: the same tokens as murmur's peers.
+- hivemind: benchmarks/_hivemind_worker.py, `hivemind.Optimizer` in each configuration of
+  `--hivemind-configs` (benchmarks/_vs_hivemind_report.py: `(allreduce|local)[-(fp16|8bit)][:TARGET]`):
+  all-reduce of gradients (`use_local_updates=False`, synchronous large-batch AdamW steps) or local updates
+  with the parameters averaged every epoch (`use_local_updates=True`, DiLoCo-like), the averaged tensors in
+  fp32, fp16 or 8-bit, target_batch_size by default peers x H x B (an epoch per H local steps per peer).
+  Each uses the same sample budget as murmur: all-reduce peers stop at the epoch that spends it, local
+  ones at their share of it (R x H steps).
 - murmur: `murmur run --rounds R` (R rounds of H inner steps of batch B per peer), owner with
   --manifest/--key, the others with --run-key, a `murmur bootstrap` node, K slices, int8 updates.
 
@@ -17,10 +20,12 @@ host end's rx_bytes/tx_bytes are what the peer sent/received, everything include
 TLS, TCP/IP headers; what a peer says to itself stays on its own loopback). Sampled every 0.5 s and
 interpolated at each evaluation. Needs root (CAP_NET_ADMIN); the bootstrap node sits on the bridge.
 
-    sudo .venv/bin/python -m benchmarks.vs_hivemind            # ~7 minutes on 2 cores
-    .venv/bin/python -m benchmarks.vs_hivemind --rounds 4     # a quick look
+    sudo .venv/bin/python -m benchmarks.vs_hivemind            # ~15 minutes on 2 cores (7 runs)
+    .venv/bin/python -m benchmarks.vs_hivemind --rounds 4 --hivemind-configs local-8bit    # a quick look
 
-Writes benchmarks/results/vs_hivemind.json and vs_hivemind.png; prints a table.
+Each run is scored at time and bytes to a target loss, loss at equal tokens and at equal wall-clock
+(benchmarks/_vs_hivemind_report.py). Writes benchmarks/results/vs_hivemind.json and vs_hivemind.png; prints
+the tables.
 """
 
 from __future__ import annotations
@@ -34,12 +39,22 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks._vs_hivemind_report import (
+    Curve,
+    Eval,
+    HivemindConfig,
+    Options,
+    curve_table,
+    parse_configs,
+    plot,
+    summary,
+    summary_table,
+)
 from peer.core.data import load_corpus
 from peer.core.evaluation import val_loss
 from peer.core.model import Transformer, preset
@@ -51,6 +66,7 @@ BRIDGE = "vhbr0"
 ROOT = Path(__file__).resolve().parent.parent
 MADDR = re.compile(r"^(/ip4/[\d.]+/tcp/\d+/p2p/\w+)$")
 EVAL = re.compile(r"^eval round (\d+) val_loss ([\d.]+|nan|inf)$")
+DEFAULT_CONFIGS = "allreduce,allreduce-8bit:160,local,local-fp16,local-8bit,local-8bit:160"
 
 
 class BenchError(RuntimeError):
@@ -228,46 +244,6 @@ def wait_all(children: list[Child], timeout: float, what: str) -> float | None:
 # --- the two runs ------------------------------------------------------------------------------------------
 
 
-@dataclass(kw_only=True, slots=True)
-class Options:
-    peers: int = 4
-    rounds: int = 10
-    steps: int = 10
-    """H: local steps per round (murmur) and per peer per global step (hivemind)."""
-    batch: int = 8
-    slices: int = 2
-    preset: str = "tiny"
-    timeout: float = 600.0
-    workdir: Path = Path("/tmp/murmur-vs-hivemind")
-
-    @property
-    def tokens(self) -> int:
-        """The swarm's token budget."""
-        return self.peers * self.rounds * self.steps * self.batch * preset(self.preset).seq_len
-
-
-@dataclass(kw_only=True, slots=True)
-class Curve:
-    """One system's run: per peer, its evaluations (k-th eval = k rounds/epochs) as (t, bytes sent, loss)."""
-
-    system: str
-    evals: list[list[tuple[float, float, float]]] = field(default_factory=list)
-    wall_s: float = 0.0
-    sent: list[int] = field(default_factory=list)
-    received: list[int] = field(default_factory=list)
-    tokens: int = 0
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def mean_at(self, k: int) -> tuple[float, float, float, float, float] | None:
-        """(t, bytes sent, mean loss, min loss, max loss) over the peers' k-th evaluation (1-based)."""
-        rows = [peer[k - 1] for peer in self.evals if len(peer) >= k]
-        if len(rows) < len(self.evals) or not rows:
-            return None
-        losses = [r[2] for r in rows]
-        return (sum(r[0] for r in rows) / len(rows), sum(r[1] for r in rows) / len(rows), sum(losses) / len(losses),
-                min(losses), max(losses))  # fmt: skip
-
-
 def start_murmur(opts: Options, ips: list[str], t0: float) -> tuple[list[Child], list[Child]]:
     wd = opts.workdir / "murmur"
     wd.mkdir(parents=True)
@@ -300,26 +276,36 @@ def start_murmur(opts: Options, ips: list[str], t0: float) -> tuple[list[Child],
     return [boot], peers
 
 
-def murmur_evals(child: Child, sampler: Sampler, index: int) -> list[tuple[float, float, float]]:
-    """(t, bytes sent, val loss) after each round this peer trained (`--eval-every 1`: an eval line per round)."""
-    out = []
+def murmur_evals(child: Child, sampler: Sampler, index: int, opts: Options) -> list[Eval]:
+    """After each round this peer trained (`--eval-every 1`: an eval line per round): (t, bytes sent, val loss,
+    swarm samples = rounds x H x B x peers)."""
+    out: list[Eval] = []
     for t, line in child.lines:
         if m := EVAL.match(line):
-            out.append((t, sampler.sent_at(index, t), float(m.group(2))))
+            done = (len(out) + 1) * opts.steps * opts.batch * opts.peers
+            out.append((t, sampler.sent_at(index, t), float(m.group(2)), done))
     return out
 
 
-def start_hivemind(opts: Options, ips: list[str], t0: float) -> tuple[list[Child], list[Child]]:
-    wd = opts.workdir / "hivemind"
+def start_hivemind(opts: Options, ips: list[str], t0: float, config: HivemindConfig) -> tuple[list[Child], list[Child]]:
+    wd = opts.workdir / f"hivemind-{config.spec.replace(':', '-')}"
     wd.mkdir(parents=True)
     worker = [sys.executable, "-m", "benchmarks._hivemind_worker"]
     boot = Child("boot", [*worker, "--bootstrap", "--host", f"{SUBNET}.1"], wd, t0)
     maddr = json.loads(boot.wait_for(re.compile(r'^\{"event": "maddrs"'), 90).string)["maddrs"][0]
-    target = opts.peers * opts.steps * opts.batch
+    mode = ["--local-updates"] if config.local else []
+    # local mode: every peer stops at its share of the budget (its epochs lag its steps: the swarm's sample count
+    # reaches the DHT late); all-reduce mode: at the last epoch, as hivemind's users stop (a cap there would drop
+    # the last global step, whose transition comes after the peers' share of the budget)
+    cap = ["--max-local-steps", str(opts.rounds * opts.steps)] if config.local else []
     peers = [Child(f"hivemind{i}", [*worker, "--host", ip, "--initial-peers", maddr, "--index", str(i),
                                     "--num-peers", str(opts.peers), "--preset", opts.preset,
-                                    "--batch-size", str(opts.batch), "--target-batch-size", str(target),
-                                    "--epochs", str(opts.rounds), "--eval-every", "1"], wd, t0, ns=f"vhp{i}")
+                                    "--batch-size", str(opts.batch),
+                                    "--target-batch-size", str(config.target_for(opts)),
+                                    "--epochs", str(config.epochs_for(opts)), "--eval-every", "1", *mode,
+                                    *cap,
+                                    "--compression", config.compression, "--run-id", f"vsh-{config.spec}"],
+                   wd, t0, ns=f"vhp{i}")
              for i, ip in enumerate(ips)]  # fmt: skip
     return [boot], peers
 
@@ -335,40 +321,52 @@ def hivemind_events(child: Child) -> list[tuple[float, dict[str, Any]]]:
     return out
 
 
-def hivemind_evals(child: Child, sampler: Sampler, index: int) -> list[tuple[float, float, float]]:
-    """(t, bytes sent, val loss) at each global epoch this peer reached (an epoch skipped by a late state load
-    counts as reached: the loss is that of the weights it then holds)."""
-    out: list[tuple[float, float, float]] = []
-    for t, event in hivemind_events(child):
-        if event.get("event") == "eval":
-            while len(out) < int(event["epoch"]):
-                out.append((t, sampler.sent_at(index, t), float(event["val_loss"])))
+def hivemind_evals(child: Child, sampler: Sampler, index: int, opts: Options, config: HivemindConfig) -> list[Eval]:
+    """At each global epoch this peer reached (and, in local mode, when it stopped): (t, bytes sent, val loss,
+    swarm samples). Samples: in local mode every local step moved the weights, so its local steps x B x peers;
+    in all-reduce mode hivemind's own account, epochs x target batch (each global step averages the gradients
+    of 1x-1.1x the target batch, its docs say; what the peers computed beyond it is in "tokens trained")."""
+    out: list[Eval] = []
+    for t, e in hivemind_events(child):
+        if e.get("event") == "eval":
+            done = int(e["step"]) * opts.batch * opts.peers if config.local else e["epoch"] * config.target_for(opts)
+            out.append((t, sampler.sent_at(index, t), float(e["val_loss"]), done))
     return out
 
 
-def run_system(system: str, opts: Options, ips: list[str]) -> Curve:
-    """Start the system's bootstrap and peers, wait until every peer finished, read its curve; kill all."""
+def run_system(opts: Options, ips: list[str], config: HivemindConfig | None) -> Curve:
+    """Start murmur (config None) or hivemind in `config`, with its bootstrap; wait until every peer finished,
+    read its curve; kill all."""
     t0 = time.monotonic()
+    label = "murmur" if config is None else f"hivemind {config.spec}"
+    load_start = os.getloadavg()[0]
     sampler = Sampler(opts.peers, t0)
-    start = start_murmur if system == "murmur" else start_hivemind
     children: list[Child] = []
     try:
-        boots, peers = start(opts, ips, t0)
+        boots, peers = start_murmur(opts, ips, t0) if config is None else start_hivemind(opts, ips, t0, config)
         children = boots + peers
         sampler.groups = [p.popen.pid for p in peers]
-        print(f"{system}: {len(peers)} peers started", flush=True)
-        wall = wait_all(peers, opts.timeout, f"{system} training")
+        print(f"{label}: {len(peers)} peers started (load average {load_start:.1f})", flush=True)
+        wall = wait_all(peers, opts.timeout, f"{label} training")
     finally:
         sampler.stop()
         for child in children:
             child.kill()
             (child.err_path.with_suffix(".out")).write_text("".join(f"{t:.2f} {line}\n" for t, line in child.lines))
-    read = murmur_evals if system == "murmur" else hivemind_evals
-    curve = Curve(system=system, wall_s=wall or opts.timeout, evals=[read(p, sampler, i) for i, p in enumerate(peers)])
-    curve.notes["timed_out"] = wall is None
+    curve = Curve(
+        system="murmur" if config is None else "hivemind",
+        label=label,
+        wall_s=wall or opts.timeout,
+        evals=[
+            murmur_evals(p, sampler, i, opts) if config is None else hivemind_evals(p, sampler, i, opts, config)
+            for i, p in enumerate(peers)
+        ],
+        traffic=[(t, sum(s for s, _ in values) / len(values)) for t, values in sampler.samples],
+    )
+    curve.notes.update(timed_out=wall is None, load_average=(load_start, os.getloadavg()[0]))
     final = sampler.samples[-1][1]
     curve.sent, curve.received = [s for s, _ in final], [r for _, r in final]
-    if system == "murmur":
+    if config is None:
         rounds = [len([ln for _, ln in p.lines if RoundLine.parse(ln)]) for p in peers]
         curve.tokens = sum(rounds) * opts.steps * opts.batch * preset(opts.preset).seq_len
         curve.notes["rounds_trained"] = rounds
@@ -379,6 +377,7 @@ def run_system(system: str, opts: Options, ips: list[str]) -> Curve:
         curve.notes["local_steps"] = steps
     curve.notes["cpu_s"] = [sampler.cpu_seconds(p.popen.pid) for p in peers]
     curve.notes["first_eval_s"] = min((peer[0][0] for peer in curve.evals if peer), default=None)
+    print(f"{label}: done in {curve.wall_s:.0f} s", flush=True)
     return curve
 
 
@@ -392,81 +391,26 @@ def initial_loss(opts: Options) -> float:
     return val_loss(model, load_corpus(None), seq_len=model.config.seq_len, batch_size=2 * opts.batch)
 
 
-def table(curves: list[Curve], opts: Options) -> str:
-    marks = sorted({max(1, round(opts.rounds * f)) for f in (0.25, 0.5, 0.75, 1.0)})
-    rows = [
-        "| system | tokens (swarm) | val loss mean (min-max) | wall s | MB sent / peer |",
-        "| --- | ---: | --- | ---: | ---: |",
-    ]
-    per_round = opts.peers * opts.steps * opts.batch * preset(opts.preset).seq_len
-    for curve in curves:
-        for k in marks:
-            at = curve.mean_at(k)
-            if at is None:
-                rows.append(f"| {curve.system} | {k * per_round:,} | (not every peer got there) | | |")
-                continue
-            t, sent, mean, lo, hi = at
-            rows.append(f"| {curve.system} | {k * per_round:,} | {mean:.3f} ({lo:.3f}-{hi:.3f}) | {t:.0f} | "
-                        f"{sent / 1e6:.2f} |")  # fmt: skip
-    rows.append("")
-    rows.append(
-        "| system | wall s (start to last exit) | CPU s / peer | MB sent / peer | MB received / peer | tokens trained |"
-    )
-    rows.append("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for c in curves:
-        cpu = c.notes.get("cpu_s") or [0.0]
-        sent, received = sum(c.sent) / len(c.sent) / 1e6, sum(c.received) / len(c.received) / 1e6
-        wall = f">{c.wall_s:.0f} (timed out)" if c.notes.get("timed_out") else f"{c.wall_s:.0f}"
-        rows.append(f"| {c.system} | {wall} | {sum(cpu) / len(cpu):.0f} | {sent:.2f} | {received:.2f} | "
-                    f"{c.tokens:,} |")  # fmt: skip
-    return "\n".join(rows)
-
-
-def plot(curves: list[Curve], start_loss: float, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = {"murmur": "tab:blue", "hivemind": "tab:orange"}
-    for curve in curves:
-        color = colors.get(curve.system, "black")
-        for peer in curve.evals:
-            ax_t.plot([0] + [e[0] for e in peer], [start_loss] + [e[2] for e in peer], color=color, alpha=0.25, lw=0.8)
-            ax_b.plot([0] + [e[1] / 1e6 for e in peer], [start_loss] + [e[2] for e in peer], color=color, alpha=0.25,
-                      lw=0.8)  # fmt: skip
-        means = [m for k in range(1, opts_rounds(curve) + 1) if (m := curve.mean_at(k)) is not None]
-        ax_t.plot([0] + [m[0] for m in means], [start_loss] + [m[2] for m in means], color=color, lw=2, marker="o",
-                  ms=3, label=f"{curve.system} (mean of peers)")  # fmt: skip
-        ax_b.plot([0] + [m[1] / 1e6 for m in means], [start_loss] + [m[2] for m in means], color=color, lw=2,
-                  marker="o", ms=3, label=curve.system)  # fmt: skip
-    ax_t.set_xlabel("wall-clock since the peers were started (s)")
-    ax_b.set_xlabel("MB sent per peer (veth counters)")
-    ax_b.set_xscale("symlog", linthresh=0.1)
-    ax_t.set_ylabel("validation loss (nats/token)")
-    ax_t.legend()
-    for ax in (ax_t, ax_b):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def opts_rounds(curve: Curve) -> int:
-    return max((len(p) for p in curve.evals), default=0)
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[HivemindConfig]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=10, help="murmur rounds = hivemind global steps")
+    p.add_argument("--rounds", type=int, default=10, help="murmur rounds (the token budget)")
     p.add_argument("--steps", type=int, default=10, help="H: local steps per round per peer")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--slices", type=int, default=2, help="murmur's K")
     p.add_argument("--systems", default="murmur,hivemind")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds for one system's training")
+    p.add_argument(
+        "--hivemind-configs",
+        default=DEFAULT_CONFIGS,
+        help="(allreduce|local)[-(fp16|8bit)][:TARGET_BATCH], comma-separated; run in this order",
+    )
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="the loss to reach (default: murmur's mean at half its rounds, rounded to 3 decimals)",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for one run's training")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="JSON and PNG go here")
     p.add_argument("--name", default="vs_hivemind", help="file stem of the outputs")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/murmur-vs-hivemind"))
@@ -476,6 +420,37 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--systems takes murmur and/or hivemind")
     if min(a.peers, a.rounds, a.steps, a.batch, a.slices) < 1 or a.peers > 200:
         p.error("--peers (<= 200), --rounds, --steps, --batch and --slices must be >= 1")
+    try:
+        configs = parse_configs(a.hivemind_configs) if "hivemind" in systems else []
+    except ValueError as err:
+        p.error(str(err))
+    a.murmur = "murmur" in systems
+    return a, configs
+
+
+def write_results(a: argparse.Namespace, opts: Options, curves: list[Curve], start_loss: float) -> None:
+    """Tables on stdout; JSON and chart under --out."""
+    summ = summary(curves, opts, start_loss, a.target_loss)
+    print(summary_table(summ))
+    print()
+    print(curve_table(curves, opts, start_loss))
+    a.out.mkdir(parents=True, exist_ok=True)
+    result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+              "token_budget": opts.tokens, "initial_val_loss": start_loss,
+              "bytes": "veth counters of each peer's network namespace (all traffic, headers included)",
+              "summary": summ,
+              "systems": [{"system": c.system, "run": c.label, "wall_s": c.wall_s, "tokens": c.tokens,
+                           "bytes_sent": c.sent,
+                           "bytes_received": c.received, "evals_t_sent_loss_samples": c.evals, **c.notes}
+                          for c in curves]}  # fmt: skip
+    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    title = f"{opts.preset}, {opts.peers} peers, {opts.tokens:,} tokens per run: murmur run vs hivemind.Optimizer"
+    plot(curves, start_loss, a.out / f"{a.name}.png", title)
+    print(f"wrote {a.out / (a.name + '.json')} and {a.out / (a.name + '.png')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a, configs = parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("vs_hivemind needs root: each peer runs in its own network namespace to count its bytes")
     opts = Options(peers=a.peers, rounds=a.rounds, steps=a.steps, batch=a.batch, slices=a.slices, timeout=a.timeout,
@@ -487,27 +462,13 @@ def main(argv: list[str] | None = None) -> None:
     curves = []
     try:
         ips = setup_network(opts.peers)
-        for system in systems:
-            curves.append(run_system(system, opts, ips))
+        for config in ([None] if a.murmur else []) + configs:
+            curves.append(run_system(opts, ips, config))
     except BenchError as err:
         sys.exit(f"vs_hivemind: {err}")
     finally:
         teardown_network(opts.peers)
-    print(table(curves, opts))
-    a.out.mkdir(parents=True, exist_ok=True)
-    result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-              "token_budget": opts.tokens, "initial_val_loss": start_loss,
-              "bytes": "veth counters of each peer's network namespace (all traffic, headers included)",
-              "systems": [{"system": c.system, "wall_s": c.wall_s, "tokens": c.tokens, "bytes_sent": c.sent,
-                           "bytes_received": c.received, "evals_t_sent_loss": c.evals, **c.notes}
-                          for c in curves]}  # fmt: skip
-    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
-    title = (
-        f"{opts.preset}, {opts.peers} peers, {opts.tokens:,} tokens each system: murmur run vs "
-        "hivemind.Optimizer (all-reduce)"
-    )
-    plot(curves, start_loss, a.out / f"{a.name}.png", title)
-    print(f"wrote {a.out / (a.name + '.json')} and {a.out / (a.name + '.png')}")
+    write_results(a, opts, curves, start_loss)
 
 
 if __name__ == "__main__":

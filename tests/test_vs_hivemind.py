@@ -1,5 +1,6 @@
 """Smoke test of the hivemind baseline of benchmarks/vs_hivemind.py: two real hivemind.Optimizer peers on loopback
-make global steps of murmur's `tiny` model and report a validation loss below that of the initial weights.
+make global steps of murmur's `tiny` model and report a validation loss below that of the initial weights; and the
+scoring of the comparison (configuration names, time and bytes to a target loss, loss at equal wall-clock).
 
 The full comparison (namespaces, 4 peers of each system, minutes) is the benchmark itself; this only proves the
 worker it depends on still trains with the installed hivemind. Skipped, with the reason, when hivemind's DHT
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks._vs_hivemind_report import Curve, Options, parse_configs, summary
 from peer.core.data import load_corpus
 from peer.core.evaluation import val_loss
 from peer.core.model import Transformer, preset
@@ -41,8 +43,10 @@ def test_two_hivemind_peers_make_global_steps_and_learn(procs: Procs) -> None:
     if first["event"] != "maddrs":
         pytest.skip(f"hivemind's DHT did not start: {first}")
     maddr = first["maddrs"][0]
-    # 2 peers x batch 4 x 2 local steps per global step; 2 global steps
-    args = ["--initial-peers", maddr, "--num-peers", "2", "--batch-size", "4", "--target-batch-size", "16",
+    # 2 peers x batch 4 x 2 local steps per epoch; 2 epochs; local updates with 8-bit parameter averaging (the
+    # all-reduce mode differs only in hivemind's own flag)
+    args = ["--local-updates", "--compression", "8bit",
+            "--initial-peers", maddr, "--num-peers", "2", "--batch-size", "4", "--target-batch-size", "16",
             "--epochs", "2", "--max-local-steps", "40", "--eval-every", "1", "--matchmaking-time", "2"]  # fmt: skip
     peers = [procs.start(f"hm{i}", [*WORKER, *args, "--index", str(i)], env=env) for i in (0, 1)]
     for peer in peers:
@@ -57,3 +61,27 @@ def test_two_hivemind_peers_make_global_steps_and_learn(procs: Procs) -> None:
         assert done["epoch"] == 2, peer.logs()
         assert evals and evals[-1]["epoch"] == 2, peer.logs()
         assert evals[-1]["val_loss"] < initial - 0.1, (initial, evals)
+
+
+def test_hivemind_configurations_parse_and_reject_bad_names() -> None:
+    local, tuned = parse_configs("local-fp16,allreduce-8bit:160")
+    assert (local.local, local.compression, local.target_for(Options())) == (True, "fp16", 320)
+    assert (tuned.local, tuned.compression, tuned.epochs_for(Options())) == (False, "8bit", 20)
+    for bad in ("local-int4", "sync", "local:0", "local,local"):
+        with pytest.raises(ValueError):
+            parse_configs(bad)
+
+
+def test_summary_scores_time_and_bytes_to_target_and_loss_at_equal_tokens_and_time() -> None:
+    opts = Options(peers=2, rounds=4, steps=1, batch=1)  # a budget of 8 samples; evals: (t, sent, loss, samples)
+    murmur = Curve(system="murmur", label="murmur", traffic=[(0, 0), (4, 4e6)],
+                   evals=[[(1, 0, 4.0, 2), (2, 0, 3.0, 4), (3, 0, 2.5, 6), (4, 0, 2.0, 8)]] * 2)  # fmt: skip
+    hive = Curve(system="hivemind", label="hivemind local", traffic=[(0, 0), (10, 10e6)],
+                 evals=[[(5, 0, 3.5, 6), (9, 0, 2.9, 10)], [(6, 0, 2.5, 6), (8, 0, 2.7, 8)]])  # fmt: skip
+    got = summary([murmur, hive], opts, start_loss=5.0, target=None)
+    assert got["target_loss"] == 3.0 and got["equal_time_s"] == 4  # murmur at half its budget; its end
+    m, h = got["rows"]
+    assert (m["s_to_target"], m["mb_to_target"], m["loss_at_budget"], m["loss_at_equal_time"]) == (2, 2.0, 2.0, 2.0)
+    assert (h["s_to_target"], h["mb_to_target"]) == (6, 6.0)  # both peers evaluated: (3.5 + 2.5) / 2
+    assert h["loss_at_budget"] == pytest.approx((3.5 + 2.7) / 2)  # the 10-sample eval is past the budget
+    assert h["loss_at_equal_time"] == 5.0  # no hivemind peer had evaluated by t=4
