@@ -173,9 +173,10 @@ def test_murmur_run_on_two_cpu_processes_is_one_peer_that_trains_and_stops(procs
         return len(rounds) >= 4 and any(r.exchanged for r in rounds)
 
     wait_until(lambda: trained(owner) and trained(other), 150, "4 rounds and an exchange each", [owner, other])
-    for proc in (owner, other):
+    untrained = parse_all(owner.lines)[0].loss  # the owner starts the run from the initial weights
+    for proc in (owner, other):  # the other may late-join a few rounds in (a loaded machine): it starts trained then
         rounds = parse_all(proc.lines)
-        assert rounds[-1].loss < rounds[0].loss - 0.2, proc.logs()
+        assert rounds[-1].loss < untrained - 0.2, proc.logs()
         assert max(r.partners for r in rounds) == 1 and any(r.exchanged for r in rounds), proc.logs()
     worker = workers_of(owner)
     assert owner.terminate(timeout=60) == 0, owner.logs()
