@@ -146,13 +146,17 @@ def assert_sparse_bound(x: torch.Tensor, y: torch.Tensor, config: CodecConfig) -
     decodes to a magnitude within the chunk's kept range (a level is a mean of kept magnitudes)."""
     y = decode(encode(x, config), config)
     xf, yf = x.reshape(-1).float(), y.reshape(-1).float()
+    subnormal = torch.finfo(x.dtype).tiny * torch.finfo(x.dtype).eps  # the dtype's smallest
     for start in range(0, xf.numel(), config.chunk_size):
         xc, yc = xf[start : start + config.chunk_size], yf[start : start + config.chunk_size]
         k = topk_count(xc.numel(), config.topk_fraction)
         top = xc.abs().topk(k).values
+        # a kept entry decodes to 0 when its level, the mean of up to k kept magnitudes, rounds to 0 in the dtype
+        # (hypothesis found [0, .., 1.8e-7, .., 0] in float16): it is then at most k smallest subnormals
+        underflow = k * subnormal
         kept = yc != 0
         assert int(kept.sum()) <= k
-        assert bool((xc[~kept].abs() <= float(top.min())).all())
+        assert bool((xc[~kept].abs() <= max(float(top.min()), underflow)).all())
         assert bool((torch.sign(xc[kept]) * torch.sign(yc[kept]) >= 0).all())
         slack = ROUNDOFF[_name(x)] * float(top.max()) * 1.01 + SLACK
         assert float(yc.abs().max()) <= float(top.max()) * (1 + 1e-5) + slack
