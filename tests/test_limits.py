@@ -33,6 +33,7 @@ from protocol.errors import RateLimited, Reason
 from protocol.identity import Identity
 from protocol.limits import Limiter, Limits, RateBuckets, address_of, largest_stream_bytes
 from protocol.service import PeerServer, ServerConfig
+from protocol.updates import MAX_MESSAGE_BYTES
 
 S = grpc.StatusCode
 INFO = pb.InfoRequest(protocol_major=PROTOCOL_MAJOR).SerializeToString()
@@ -227,10 +228,13 @@ def test_a_flood_of_concurrent_pushes_keeps_payload_memory_under_the_cap() -> No
     wire.keys.update({i.peer_id: i.public_key for i in crowd})
     streams = [update_frames(wire.update(1), sender=i) for i in crowd]
     one = sum(len(e.payload) for e in wire.update(1).tensors.values())
+    reply = wire.update(1001)  # one reply shared by every partner of a round, as the daemon's `reply_for` does
+
 
     def flood(cap: int) -> tuple[list, object, int]:
         async def scenario():
-            async with serving(wire, config=ServerConfig(exchange_timeout_s=6.0)) as server:
+            config = ServerConfig(exchange_timeout_s=6.0)
+            async with serving(wire, config=config, reply_for=lambda _r, _s: reply) as server:
                 _tight(server, max_inflight_bytes=cap)
                 channel = pinned_channel(server)
                 try:
@@ -254,8 +258,9 @@ def test_a_flood_of_concurrent_pushes_keeps_payload_memory_under_the_cap() -> No
     assert open_server.limiter.peak_inflight_bytes == 16 * one
     print(f"\nflood of 16 x {one} B: traced peak {peak / 2**20:.1f} MiB with a cap of 3, "
           f"{open_peak / 2**20:.1f} MiB without")  # fmt: skip
-    # Three buffers, and per admitted stream at most a chunk being parsed, its copy and the one before.
-    assert peak < 3 * one + 3 * (3 << 20), "payload buffers plus the chunks in transit"
+    # Three buffers; per admitted stream at most a chunk being parsed, its copy and the one before, and (full
+    # duplex: the reply streams while the push lands) one serialised reply frame being written.
+    assert peak < 3 * one + 3 * (3 << 20) + 3 * MAX_MESSAGE_BYTES, "payload buffers plus the chunks in transit"
     assert open_peak > 16 * one, "without the cap, every stream's buffer at once"
 
 
