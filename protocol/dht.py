@@ -40,6 +40,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import MPFuture
 from hivemind.utils.multiaddr import Multiaddr
 
+from protocol.dht_connections import BUCKET_SIZE, bound_connections
 from protocol.errors import DHTStartError, DHTStopped
 from protocol.logs import get_logger
 from protocol.records import RecordValidator
@@ -298,13 +299,14 @@ def start_dht(
 ) -> TetheredDHT:
     """A started DHT (`TetheredDHT`: dies with this process) that admits murmur records only (`RecordValidator`).
 
+    Its k-buckets hold BUCKET_SIZE nodes and it keeps its connections bounded (protocol/dht_connections.py).
     `identity_path` is a libp2p key file (created when missing) that keeps the DHT peer id stable across
     restarts: bootstrap nodes need that; training peers pass None and get a fresh id each start (nobody pins
     it, and a restart never collides with its own previous id). Raises DHTStartError with the cause and a
     hint instead of hivemind's bare errors.
     """
     try:
-        return TetheredDHT(
+        dht = TetheredDHT(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) or None,
@@ -312,8 +314,11 @@ def start_dht(
             startup_timeout=startup_timeout_s,
             record_validators=[RecordValidator()],
             client_mode=client_mode,
+            bucket_size=BUCKET_SIZE,
             start=True,
         )
+        bound_connections(dht, initial_peers)
+        return dht
     except DHTStopped as exc:
         raise DHTStartError(f"the DHT failed to start: {exc}\n  -> it was stopped or killed while starting") from exc
     except (P2PDaemonError, RuntimeError, OSError, ValueError) as exc:
