@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "swarm_connections.json")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    # SIGTERM unwinds through `finally` like Ctrl-C, so the members (own process groups) are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     with tempfile.TemporaryDirectory(prefix="murmur-scale-") as work:
         procs = Procs(Path(work))
