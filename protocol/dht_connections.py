@@ -23,7 +23,8 @@ the trimmer bounds what they hold to the peers that asked within `IDLE_S`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from hivemind.dht import DHT, DHTNode
@@ -48,9 +49,10 @@ class ConnectionTrimmer:
     """Runs in the DHT process, on its event loop: records when each peer last exchanged a DHT request with us, and
     closes the longest-idle connections while more than `max_connections` are open."""
 
-    def __init__(self, node: DHTNode, keep: Sequence[PeerID], max_connections: int, idle_s: float) -> None:
+    def __init__(self, node: DHTNode, keep: Sequence[PeerID], max_connections: int, idle_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.node, self.keep = node, frozenset(keep)
-        self.max_connections, self.idle_s = max_connections, idle_s
+        self.max_connections, self.idle_s, self.clock = max_connections, idle_s, clock
         self.last_active: dict[PeerID, float] = {}
         self.closed = 0
         protocol = node.protocol
@@ -58,14 +60,14 @@ class ConnectionTrimmer:
 
         async def noting_activity(node_id: object, peer_id: PeerID, responded: bool = True) -> None:
             if responded:
-                self.last_active[peer_id] = asyncio.get_running_loop().time()
+                self.last_active[peer_id] = self.clock()
             await update(node_id, peer_id, responded=responded)
 
         protocol.update_routing_table = noting_activity
 
     async def trim(self) -> int:
         """Close idle connections beyond the bound; returns how many are open after."""
-        now = asyncio.get_running_loop().time()
+        now = self.clock()
         connected = [info.peer_id for info in await self.node.p2p.list_peers()]
         for peer in connected:  # a connection we saw no request on counts as active from when we first saw it
             self.last_active.setdefault(peer, now)
