@@ -17,7 +17,10 @@ So two bounds of our own:
   timeout (3 s), so no request in flight is cut.
 
 The nodes nearest the announcement key are asked by every peer at every refresh, so they are busier than the rest;
-the trimmer bounds what they hold to the peers that asked within `IDLE_S`.
+the trimmer bounds what they hold to the peers that asked within `IDLE_S`. Why `IDLE_S` is that short: a refresh
+touches many nodes at once (lookups, and the pings hivemind sends when a full k-bucket meets a new node), and with an
+idle time of 8 s a 32-peer swarm at the default 60 s TTL held 25 connections per peer for most of each refresh
+period; with 4 s, 8 (benchmarks/README.md, swarm_connections).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ BUCKET_SIZE = 8
 """k: nodes per k-bucket of a murmur DHT node, and the beam of its lookups (hivemind's default is 20)."""
 MAX_CONNECTIONS = 12
 """Open libp2p connections above which idle ones are closed."""
-IDLE_S = 8.0
+IDLE_S = 4.0
 """A connection with no DHT request either way for this long may be closed."""
-TRIM_EVERY_S = 4.0
+TRIM_EVERY_S = 2.0
 """How often the trimmer looks."""
 
 

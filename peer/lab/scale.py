@@ -21,6 +21,8 @@ from peer.lab.harness import MADDR_LINE, Proc, Procs, group_pids, member, murmur
 SWARM = "scale"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 _LIVE = re.compile(r"^peers: (\d+) live")
+SAMPLES = 5
+"""Connections are counted SAMPLES times over one refresh period (TTL / 3); a peer's figure is their median."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,8 @@ class SizeResult:
     """For each member started in this wave: seconds from its start until its live list held every peer."""
     libp2p: list[int]
     grpc: list[int]
-    """Established TCP connections per peer (all peers of the swarm at this size), by p2pd and by the rest."""
+    """Established TCP connections per peer (all peers of the swarm at this size), by p2pd and by the rest: each
+    peer's median over SAMPLES counts."""
 
     def row(self) -> dict[str, float | int]:
         totals = [a + b for a, b in zip(self.libp2p, self.grpc, strict=True)]
@@ -91,6 +94,13 @@ class GrowingSwarm:
         wait_until(everyone_sees_all, max(1.0, timeout_s - (time.monotonic() - began)),
                    f"all {size} peers see each other", self.peers, fail_on_exit=True)  # fmt: skip
         time.sleep(settle_s)
-        established = established_inodes()
-        counts = [count_connections(group_pids(p.pgid), established) for p in self.peers]
-        return SizeResult(size, [seen[p.name] for p in wave], [c.libp2p for c in counts], [c.grpc for c in counts])
+        samples = []  # a peer's count rises at each refresh and falls as idle connections close: sample a while
+        for i in range(SAMPLES):
+            if i:
+                time.sleep(self.ttl_s / 3 / (SAMPLES - 1))
+            established = established_inodes()
+            samples.append([count_connections(group_pids(p.pgid), established) for p in self.peers])
+        per_peer = list(zip(*samples, strict=True))
+        return SizeResult(size, [seen[p.name] for p in wave],
+                          [round(statistics.median(c.libp2p for c in peer)) for peer in per_peer],
+                          [round(statistics.median(c.grpc for c in peer)) for peer in per_peer])  # fmt: skip
