@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.adversary_peers import KINDS, LATE_JOIN_KINDS, finish, start_swarms
 from benchmarks.latejoin_swarm import late_join_of, served_losses, start_donors, start_newcomer, wait_for_snapshots
-from peer.lab.harness import Procs
+from peer.lab.harness import Procs, unwind_on_sigterm
 
 STOPPED_BY = {
     "scaled": "outer step: rejected as an outlier, >10x the clipping bound (peer/core/robust.py)",
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    unwind_on_sigterm()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(KINDS)
     if unknown:

@@ -32,7 +32,7 @@ from peer.core.memory import resident_bytes
 from peer.core.model import PRESETS
 from peer.core.planner import GIB, footprint, step_peak
 from peer.core.slices import SliceConfig
-from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml, wait_until
+from peer.lab.harness import MADDR_LINE, Proc, Procs, murmur, run_toml, unwind_on_sigterm, wait_until
 from peer.node.roundline import parse_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +222,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="Logs and scratch. [default: a temp dir]")
     args = parser.parse_args()
+    unwind_on_sigterm()
     mode = DRY if args.dry_run else FULL
     default_name = "gpu_check_dryrun.json" if args.dry_run else "gpu_check.json"
     path = args.out or ROOT / "benchmarks" / "results" / default_name

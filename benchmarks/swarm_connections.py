@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import sys
 import tempfile
 from pathlib import Path
 
-from peer.lab.harness import Procs
+from peer.lab.harness import Procs, unwind_on_sigterm
 from peer.lab.scale import GrowingSwarm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +31,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "swarm_connections.json")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    # SIGTERM unwinds through `finally` like Ctrl-C, so the members (own process groups) are stopped, not orphaned
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unwind_on_sigterm()
     rows = []
     with tempfile.TemporaryDirectory(prefix="murmur-scale-") as work:
         procs = Procs(Path(work))

@@ -236,6 +236,13 @@ class Proc:
         return f"--- {self.name} argv: {' '.join(self.argv)}\n--- stdout:\n{out}\n--- stderr:\n{err}"
 
 
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM end this (main) process through its `finally` blocks, as Ctrl-C does: Python's default SIGTERM
+    exits at once, so the `finally` that calls `Procs.stop_all()` never ran and every child (each in its own process
+    group) was left running. For a benchmark's `main`: `timeout` (gpu_check.sh) and `kill` send SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 class Procs:
     """The processes of one test, demo or benchmark run, started in `workdir`; `stop_all()` always leaves
     nothing running. `error` and `tail` are what their failures raise and how many log lines they quote (a test
