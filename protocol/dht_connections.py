@@ -20,7 +20,7 @@ The nodes nearest the announcement key are asked by every peer at every refresh,
 the trimmer bounds what they hold to the peers that asked within `IDLE_S`. Why `IDLE_S` is that short: a refresh
 touches many nodes at once (lookups, and the pings hivemind sends when a full k-bucket meets a new node), and with an
 idle time of 8 s a 32-peer swarm at the default 60 s TTL held 25 connections per peer for most of each refresh
-period; with 4 s, 8 (benchmarks/README.md, swarm_connections).
+period; with 4 s, 8-10 (benchmarks/README.md, swarm_connections).
 """
 
 from __future__ import annotations
