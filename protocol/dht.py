@@ -125,8 +125,8 @@ class TetheredDHT(DHT):
             try:
                 return future.result(timeout=PARENT_POLL_S)
             except FutureTimeout:
-                if future.done():  # the call itself timed out inside the DHT
-                    raise
+                if future.done():  # it finished as our wait ended: its own result, or its own error (a call that
+                    return future.result()  # timed out inside the DHT), never the empty TimeoutError of our wait
             if not self.is_alive():
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -135,7 +135,7 @@ class TetheredDHT(DHT):
             return future.result(timeout=1.0)
         except FutureTimeout:
             if future.done():
-                raise
+                return future.result()
         raise DHTStopped(f"the DHT process {self.pid} exited (code {self.exitcode}) while a call waited on it")
 
     def run(self) -> None:

@@ -156,3 +156,32 @@ def test_a_peer_whose_dht_process_is_killed_stops_with_a_clear_error(procs: Proc
     errors = [line for line in peer.stderr_path.read_text().splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "DHT process" in errors[0], peer.logs()
     assert "Traceback" not in peer.stderr_path.read_text(), peer.logs()
+
+
+class _LateFuture:
+    """An MPFuture whose answer lands just as the parent's wait for it times out: `result(timeout=...)` raises the
+    wait's TimeoutError, and by then the future is done."""
+
+    def __init__(self, outcome: object) -> None:
+        self.outcome, self.waits = outcome, 0
+
+    def result(self, timeout: float | None = None) -> object:
+        if timeout is not None and self.waits == 0:
+            self.waits += 1
+            raise TimeoutError
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def done(self) -> bool:
+        return self.waits > 0
+
+
+@pytest.mark.timeout(10)
+def test_an_answer_that_lands_as_the_wait_times_out_is_returned_not_an_empty_timeout() -> None:
+    # fresh18: a peer's start failed with "the DHT failed to start: " and nothing after it: the trimmer's start-up call
+    # was answered as the parent's 0.5 s wait ended, and the wait's own empty TimeoutError was raised
+    alive = type("Alive", (), {"is_alive": lambda self: True})()
+    assert protocol.dht.TetheredDHT._result(alive, _LateFuture(7)) == 7  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError, match="inside the DHT"):  # the call's own error still comes through
+        protocol.dht.TetheredDHT._result(alive, _LateFuture(TimeoutError("timed out inside the DHT")))  # type: ignore[arg-type]
