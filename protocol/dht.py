@@ -285,7 +285,7 @@ def _start_hint(detail: str, timeout_s: float) -> str:
         return "the DHT process hung while starting; run with MURMUR_LOG_LEVEL=DEBUG and report its log"
     if "address already in use" in detail.lower():
         return "the --host-maddrs port is taken by another process; pick another port or use tcp/0"
-    return "see the p2pd message above"
+    return "p2pd's own message, if it printed one, is above; MURMUR_LOG_LEVEL=DEBUG shows more"
 
 
 def start_dht(
@@ -317,14 +317,22 @@ def start_dht(
             bucket_size=BUCKET_SIZE,
             start=True,
         )
-        bound_connections(dht, initial_peers)
-        return dht
     except DHTStopped as exc:
         raise DHTStartError(f"the DHT failed to start: {exc}\n  -> it was stopped or killed while starting") from exc
     except (P2PDaemonError, RuntimeError, OSError, ValueError) as exc:
-        detail = str(exc).strip()
-        hint = _start_hint(detail, startup_timeout_s)
-        raise DHTStartError(f"the DHT failed to start: {detail}\n  -> {hint}") from exc
+        raise _start_error(exc, startup_timeout_s) from exc
+    try:
+        bound_connections(dht, initial_peers)
+    except (DHTStopped, P2PDaemonError, RuntimeError, OSError, ValueError) as exc:
+        dht.shutdown()  # started, but not as asked: nothing of it may outlive this error
+        raise _start_error(exc, startup_timeout_s) from exc
+    return dht
+
+
+def _start_error(exc: BaseException, startup_timeout_s: float) -> DHTStartError:
+    # an exception with no message (a bare TimeoutError) is still named, never an empty detail
+    detail = str(exc).strip() or type(exc).__name__
+    return DHTStartError(f"the DHT failed to start: {detail}\n  -> {_start_hint(detail, startup_timeout_s)}")
 
 
 async def _refresh_routing(_dht: DHT, node: DHTNode, initial_peers: Sequence[str]) -> int:

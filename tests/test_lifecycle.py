@@ -77,6 +77,27 @@ def test_a_dht_process_that_hangs_while_starting_is_stopped_with_a_clear_error(m
     print(f"\n{failed.value}")
 
 
+@pytest.mark.timeout(60)
+def test_a_dht_whose_connection_bound_fails_to_start_is_stopped_and_the_error_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fresh18: 'the DHT failed to start: ' with nothing after it (a bare TimeoutError) and the started process
+    left running. The error now names the exception, and the half-started DHT is shut down."""
+    started: list[hivemind_dht.DHT] = []
+
+    def refuse(dht: hivemind_dht.DHT, initial_peers: object) -> None:
+        started.append(dht)
+        raise TimeoutError()
+
+    monkeypatch.setattr(protocol.dht, "bound_connections", refuse)
+    with pytest.raises(DHTStartError, match=r"failed to start: TimeoutError\n  -> ") as failed:
+        start_dht(host_maddrs=("/ip4/127.0.0.1/tcp/0",), startup_timeout_s=30)
+    print(f"\n{failed.value}")
+    assert len(started) == 1
+    started[0].join(timeout=20)
+    assert not started[0].is_alive()
+
+
 async def _length(blob: bytes, _dht: object, _node: object) -> int:
     return len(blob)
 
