@@ -191,7 +191,7 @@ def saved_on_stop(log: str, home: Path) -> Path:
 
 
 @pytest.mark.slow(15)
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_run_owner_page(tmp_path: Path) -> None:
     # the owner watches until the table lists its peer, which has trained a round, and the plot is drawn
     watched = ((None, r"^swarm pydocs-tiny: 1 live peer"), ("owner.log", r"^round \d+ "), ("swarm-loss.png", "PNG"))
@@ -225,12 +225,12 @@ def start_swarm(procs: Procs) -> tuple[str, str, str]:
         "--device", "cpu", "--eval-every", "0", "--no-checkpoints",
     ), env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     peer = owner.wait_for(r"^identity owner\.id \(new\): peer ([0-9a-f]{16})$", timeout=60)[1]
-    owner.wait_for(r"^round \d+ ", timeout=120)
+    owner.wait_for(r"^round \d+ ", timeout=240)
     return maddr, made.lines[-1], peer
 
 
 @pytest.mark.slow(20)
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_volunteer_page(procs: Procs, tmp_path: Path) -> None:
     boot, key, owner = start_swarm(procs)
     assert "SWARM=pydocs-tiny\n" in docs.page_script(page_blocks(VOLUNTEER), {})[0], "not run-owner.md's swarm"

@@ -16,13 +16,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import hivemind.dht.dht as hivemind_dht
 import pytest
 import uvloop
 
+import peer.node.lifecycle as lifecycle
 import protocol.dht
 from peer.lab.harness import MADDR_LINE, Procs, murmur, wait_until
 from protocol.dht import _spawn_with_death_signal, start_dht, start_wait_s
@@ -206,3 +211,35 @@ def test_an_answer_that_lands_as_the_wait_times_out_is_returned_not_an_empty_tim
     assert protocol.dht.TetheredDHT._result(alive, _LateFuture(7)) == 7  # type: ignore[arg-type]
     with pytest.raises(TimeoutError, match="inside the DHT"):  # the call's own error still comes through
         protocol.dht.TetheredDHT._result(alive, _LateFuture(TimeoutError("timed out inside the DHT")))  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("halted", [True, False])
+def test_an_error_of_the_stopping_dht_during_start_is_a_clean_stop_only_after_a_signal(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, halted: bool
+) -> None:
+    """Ctrl-C signals the process group, p2pd too: fresh22's owner was told to stop while it asked a bootstrap node
+    for its address, the vanished p2pd socket raised FileNotFoundError, and the user saw a traceback. After a signal
+    that is a clean stop; without one it is still an error."""
+    halt = threading.Event()
+    if halted:
+        halt.set()
+
+    @asynccontextmanager
+    async def joined(*args: object, **kwargs: object) -> AsyncIterator[SimpleNamespace]:
+        yield SimpleNamespace(signalled=halt)
+
+    async def start(*args: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(lifecycle, "joined", joined)
+    monkeypatch.setattr(lifecycle, "_start", start)
+    opts = lifecycle.DaemonOptions(join=SimpleNamespace(swarm="s"), device="cpu")  # type: ignore[arg-type]
+    caplog.set_level("INFO", logger="murmur")
+    if halted:
+        asyncio.run(lifecycle.run_daemon(opts, software_version="test"))
+        assert "stopped (FileNotFoundError from the stopping DHT)" in caplog.text
+        assert "left swarm s after none round(s)" in caplog.text
+    else:
+        with pytest.raises(FileNotFoundError):
+            asyncio.run(lifecycle.run_daemon(opts, software_version="test"))

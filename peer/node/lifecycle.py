@@ -26,7 +26,7 @@ from peer.node.metrics import PeerInfo
 from peer.node.ranks import Ranks
 from peer.node.rounds import lower_median
 from peer.node.trainer import Trainer
-from peer.swarm.join import Joined, JoinOptions, enter, joined, own_endpoint, refresh_until
+from peer.swarm.join import Joined, JoinOptions, enter, joined, own_endpoint, refresh_until, stopping_is_no_error
 from peer.swarm.membership import Member
 from protocol.errors import JoinInterrupted
 from protocol.identity import Identity
@@ -153,7 +153,8 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
     try:
         detail = lambda run: f", H={run.inner.steps_per_round}, device {device}"  # noqa: E731 - the run line's tail
         async with joined(j, software_version=software_version, detail=detail) as session:
-            daemon = await _start(session, opts, device, software_version)
+            with stopping_is_no_error(session.signalled):
+                daemon = await _start(session, opts, device, software_version)
     except JoinInterrupted as exc:
         log.info("%s", exc)
     rounds = "none" if daemon is None else daemon.clock + 1
@@ -188,7 +189,8 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
             await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
             print(f"metrics at http://{opts.metrics_host}:{daemon.metrics.port}/metrics", flush=True)
         if j.listen is not None:
-            server = await own_endpoint(member, await _serve(daemon, identity, j.listen, run.gossip), j)
+            server = await _serve(daemon, identity, j.listen, run.gossip)  # stopped by `finally` if what follows fails
+            server = await own_endpoint(member, server, j)
         # slice, donors and partners are chosen among peers that answered at their endpoint (peer/swarm/admission.py)
         member.counted = daemon.admission.admitted
         member.peers = await asyncio.to_thread(session.swarm.live_peers, signed.run_id)

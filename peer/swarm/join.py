@@ -23,13 +23,14 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.utils import get_dht_time
 
 from peer.config import RunConfig
 from peer.swarm.membership import Member, Swarm, SwarmConfig, slice_counts
 from peer.swarm.reachability import check_reachability, observe_host
 from protocol.dht import TetheredDHT, start_dht
-from protocol.errors import JoinInterrupted, ManifestError, SetupError
+from protocol.errors import DHTStopped, JoinInterrupted, ManifestError, SetupError
 from protocol.files import atomic_write
 from protocol.identity import Identity
 from protocol.logs import get_logger
@@ -227,6 +228,8 @@ class Joined:
     """Set by SIGTERM/SIGINT: the caller's work ends."""
     halt: threading.Event
     """The same signal, for work in threads (a manifest fetch that waits)."""
+    signalled: threading.Event
+    """Set by SIGTERM/SIGINT only: `stop` and `halt` are also set by the daemon itself (its DHT process died)."""
 
 
 @asynccontextmanager
@@ -239,11 +242,12 @@ async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[
     pins the libp2p one, and a restart right after a crash never finds it "already taken". Raises
     DHTStartError/ManifestError (MurmurError) on failure, JoinInterrupted when a signal ends the wait.
     """
-    stop, halt = asyncio.Event(), threading.Event()
+    stop, halt, signalled = asyncio.Event(), threading.Event(), threading.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
         log.info("%s: stopping", sig.name)  # with the "left swarm" line: how long a clean stop takes
+        signalled.set()
         stop.set()
         halt.set()
 
@@ -260,26 +264,27 @@ async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[
         with identity_lock(opts.identity, identity.peer_id, opts.swarm):  # after the DHT's fork: not its to hold
             if opts.addrs_file is not None:  # under the lock: a refused twin must not overwrite the running peer's
                 await asyncio.to_thread(write_addrs, dht, opts.addrs_file)
-            yield await _verified_run(dht, identity, opts, software_version, detail, stop, halt)
+            yield await _verified_run(dht, identity, opts, software_version, detail, (stop, halt, signalled))
     finally:
         await asyncio.to_thread(dht.shutdown)
 
 
 async def _verified_run(dht: TetheredDHT, identity: Identity, opts: JoinOptions, software_version: str,
-                        detail: Callable[[RunConfig], str], stop: asyncio.Event,
-                        halt: threading.Event) -> Joined:  # fmt: skip
-    """The swarm on `dht`, its manifest (published or fetched, verified) and the run config it holds."""
+                        detail: Callable[[RunConfig], str],
+                        events: tuple[asyncio.Event, threading.Event, threading.Event]) -> Joined:  # fmt: skip
+    """The swarm on `dht`, its manifest (published or fetched, verified) and the run config it holds; `events` are
+    `Joined`'s stop, halt and signalled."""
     config = SwarmConfig(swarm=opts.swarm, initial_peers=opts.initial_peers, announce_ttl_s=opts.announce_ttl_s)
     swarm = Swarm(dht, config)
     print(f"DHT up; looking for swarm {opts.swarm} via {len(opts.initial_peers)} initial peer(s)", flush=True)
-    signed = await asyncio.to_thread(obtain_manifest, swarm, opts, halt)
+    signed = await asyncio.to_thread(obtain_manifest, swarm, opts, events[1])
     try:
         run = RunConfig.from_manifest(signed.manifest)
     except ValueError as exc:
         raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
     print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
           f"{run.method}{detail(run)}", flush=True)  # fmt: skip
-    return Joined(identity, swarm, signed, run, stop, halt)
+    return Joined(identity, swarm, signed, run, *events)
 
 
 def write_addrs(dht: TetheredDHT, path: Path) -> None:
@@ -345,13 +350,31 @@ async def run_join(opts: JoinOptions, *, software_version: str) -> None:
                             software_version=software_version)  # fmt: skip
             server: PeerServer | None = None
             try:
-                if opts.listen is not None:
-                    server = await own_endpoint(member, await _serve(session.identity, member, opts), opts)
-                server = await enter(member, server, opts)
-                await refresh_until(session.stop, member)
+                with stopping_is_no_error(session.signalled):
+                    if opts.listen is not None:
+                        server = await _serve(session.identity, member, opts)  # stopped below if what follows fails
+                        server = await own_endpoint(member, server, opts)
+                    server = await enter(member, server, opts)
+                    await refresh_until(session.stop, member)
             finally:
                 if server is not None:
                     await server.stop()
     except JoinInterrupted as exc:
         log.info("%s", exc)
     log.info("left swarm %s", opts.swarm)
+
+
+@contextmanager
+def stopping_is_no_error(signalled: threading.Event) -> Iterator[None]:
+    """After SIGTERM/SIGINT, what the DHT's end breaks is a stop (JoinInterrupted), not an error with a traceback.
+
+    Ctrl-C in a terminal signals the whole process group, p2pd too: whatever was asking the DHT when it went fails
+    (fresh22: FileNotFoundError for p2pd's vanished socket while a bootstrap node was asked for our address). The
+    user asked to stop. Without a signal the same errors are raised as they are."""
+    try:
+        yield
+    except (OSError, EOFError, P2PDaemonError, P2PHandlerError, DHTStopped) as exc:
+        if not signalled.is_set():
+            raise
+        log.debug("the stop interrupted a DHT call", exc_info=True)
+        raise JoinInterrupted(f"stopped ({type(exc).__name__} from the stopping DHT)") from None
