@@ -44,12 +44,24 @@ def longest_files_first(items: list[pytest.Item]) -> None:
     `make test` hands whole files to its workers (pytest-xdist `--dist loadfile`) in this order
     (`--no-loadscope-reorder`; xdist's own reorder puts files with many tests first, which here are the quick ones).
     Longest first, a worker that picks up a 50 s swarm test does so at the start, beside the others, and the
-    run's tail is made of short files, instead of one worker finishing a long file alone on an idle machine."""
+    run's tail is made of short files, instead of one worker finishing a long file alone on an idle machine.
+
+    A mark on a test counts for that test; a mark on the module (`pytestmark`) or a class counts once for the file:
+    test_manifest_fields.py's slow(20) on each of its 87 quick tests made it "1740 s" and put it first.
+    """
     cost: Counter[Path] = Counter()
+    shared: dict[Path, float] = {}
     for item in items:
-        if (mark := item.get_closest_marker("slow")) is not None:
-            cost[item.path] += float(mark.args[0]) if mark.args else UNMEASURED_SLOW_S
+        if (own := next((m for m in item.own_markers if m.name == "slow"), None)) is not None:
+            cost[item.path] += _seconds(own)
+        elif (mark := item.get_closest_marker("slow")) is not None:
+            shared[item.path] = max(shared.get(item.path, 0.0), _seconds(mark))
+    cost.update(shared)
     items.sort(key=lambda item: -cost[item.path])
+
+
+def _seconds(mark: pytest.Mark) -> float:
+    return float(mark.args[0]) if mark.args else UNMEASURED_SLOW_S
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

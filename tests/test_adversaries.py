@@ -42,7 +42,7 @@ ATTACKS = tuple(EXPECTED.values())
 tests/test_latejoin.py), `future-round` and `sybil` (tests/test_swarm_defences.py)."""
 
 
-@pytest.mark.slow(34)
+@pytest.mark.slow(67)
 @pytest.mark.timeout(900)
 def test_every_attack_is_rejected_or_clipped_and_the_loss_holds(procs: Procs) -> None:
     began = time.monotonic()

@@ -35,7 +35,7 @@ def run_benchmark(name: str, *args: str, timeout: float = 360) -> str:
     return out
 
 
-@pytest.mark.slow(13)
+@pytest.mark.slow(45)
 def test_step_cost_measures_a_slice_against_the_full_step(tmp_path: Path) -> None:
     path = tmp_path / "step_cost.json"
     out = run_benchmark("step_cost", "--presets", "tiny", "--slices", "4", "--cuts", "blocks", "--rest-steps", "0,0.3",
@@ -60,7 +60,7 @@ def test_step_cost_measures_a_slice_against_the_full_step(tmp_path: Path) -> Non
     assert rows[("blocks", 4, 3)]["flops_ratio"] < rows[("blocks", 4, 0)]["flops_ratio"]
 
 
-@pytest.mark.slow(4)
+@pytest.mark.slow(25)
 def test_convergence_compares_methods_and_codecs_at_equal_tokens(tmp_path: Path) -> None:
     path = tmp_path / "convergence.json"
     out = run_benchmark("convergence", "--peers", "4,8", "--rounds", "1", "-H", "1", "--batch-size", "2",

@@ -45,7 +45,7 @@ VAL_TARGET = 2.9
 """Every peer's validation loss must end at or below this: well under UNIGRAM_ENTROPY."""
 
 
-@pytest.mark.slow(22)
+@pytest.mark.slow(27)
 @pytest.mark.timeout(600)
 def test_four_peers_learn_without_a_barrier_and_a_frozen_one_catches_up(procs: Procs) -> None:
     """Issue 5's first "must show", in one swarm run: a bootstrap node and 4 peers on `micro` with K=2 train
@@ -133,7 +133,7 @@ def _ckpt_rounds(directory: Path) -> list[int]:
     return [int(p.name.split("-")[1]) for p in list_checkpoints(directory)]
 
 
-@pytest.mark.slow(11)
+@pytest.mark.slow(17)
 @pytest.mark.timeout(480)
 def test_a_killed_peer_resumes_from_its_newest_valid_periodic_checkpoint(procs: Procs) -> None:
     """SIGKILL on the daemon's own PID (the OOM killer's way): its DHT process and p2pd follow it; restarted at

@@ -77,7 +77,7 @@ def watched(watching: Proc, owner: Proc, plot: Path) -> None:
     assert plot.read_bytes()[:4] == b"\x89PNG", plot
 
 
-@pytest.mark.slow(21)
+@pytest.mark.slow(32)
 @pytest.mark.timeout(400)
 def test_three_peers_train_together_and_stop_cleanly(procs: Procs, tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text(RUN_TOML)

@@ -121,7 +121,7 @@ def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(60)
 @pytest.mark.timeout(240)
 def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
     out, log = tmp_path / "demo-out", tmp_path / "demo.log"

@@ -106,7 +106,7 @@ def test_bootstrap_image_command_comes_up_healthy_and_stops_on_sigterm(procs: Pr
     assert re.fullmatch(r"Error: unhealthy: .*\n", done.stderr), done.stderr  # one line
 
 
-@pytest.mark.slow(15)
+@pytest.mark.slow(27)
 @pytest.mark.timeout(180)
 def test_peer_image_health_check_asks_the_peers_own_dht(procs: Procs, tmp_path: Path) -> None:
     """The peer image's ENV has `murmur run` write its DHT's multiaddrs into /data, where its HEALTHCHECK reads them."""

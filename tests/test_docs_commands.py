@@ -190,7 +190,7 @@ def saved_on_stop(log: str, home: Path) -> Path:
     return path
 
 
-@pytest.mark.slow(15)
+@pytest.mark.slow(43)
 @pytest.mark.timeout(600)
 def test_run_owner_page(tmp_path: Path) -> None:
     # the owner watches until the table lists its peer, which has trained a round, and the plot is drawn
@@ -229,7 +229,7 @@ def start_swarm(procs: Procs) -> tuple[str, str, str]:
     return maddr, made.lines[-1], peer
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(100)
 @pytest.mark.timeout(600)
 def test_volunteer_page(procs: Procs, tmp_path: Path) -> None:
     boot, key, owner = start_swarm(procs)

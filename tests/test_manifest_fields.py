@@ -34,7 +34,7 @@ from protocol.codec import ErrorFeedback, encode
 from protocol.errors import MurmurError
 from protocol.identity import Identity
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow(20)]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow(10)]
 
 BASE = {"swarm": "fields", "preset": "micro", "slices": {"num_slices": 2},
         "inner": {"steps_per_round": 2, "batch_size": 2, "warmup_steps": 0, "total_steps": 2}}  # fmt: skip

@@ -133,7 +133,7 @@ def test_offload_keeps_outer_state_on_the_host_and_matches_the_plain_peer() -> N
         assert torch.equal(plain.phi[name], offloaded.phi[name]), name
 
 
-@pytest.mark.slow(20)  # the first non-reentrant checkpoint imports torch._dynamo: seconds of CPU
+@pytest.mark.slow(5)  # the first non-reentrant checkpoint imports torch._dynamo: seconds of CPU
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
     torch.manual_seed(0)
     model = Transformer(PRESETS["micro"])

@@ -52,7 +52,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-@pytest.mark.slow(16)
+@pytest.mark.slow(5)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("cut, index, rest", [("units", 1, 0.3), ("blocks", 0, 0.3), ("blocks", 1, 0.0)])
 def test_two_gloo_processes_train_the_same_round_as_one(one_thread: None, cut: str, index: int, rest: float) -> None:
@@ -77,7 +77,7 @@ def test_two_gloo_processes_train_the_same_round_as_one(one_thread: None, cut: s
     assert all(proc.returncode == 0 for proc in split.ranks.procs)
 
 
-@pytest.mark.slow(15)
+@pytest.mark.slow(5)
 @pytest.mark.timeout(120)
 def test_a_bfloat16_model_trains_alike_on_two_processes(one_thread: None) -> None:
     """bf16 weights, fp32 phi (the masters start from it on every rank): not equal to the single process, whose
@@ -99,7 +99,7 @@ def test_a_bfloat16_model_trains_alike_on_two_processes(one_thread: None) -> Non
         split.ranks.close()
 
 
-@pytest.mark.slow(15)
+@pytest.mark.slow(5)
 @pytest.mark.timeout(120)
 def test_halt_resume_and_a_dead_worker(one_thread: None) -> None:
     """SIGTERM during a round (Halted) leaves the worker waiting for the next one; a restored optimiser (resume)
@@ -155,7 +155,7 @@ def workers_of(proc: Proc) -> list[int]:
     return pids
 
 
-@pytest.mark.slow(45)
+@pytest.mark.slow(18)
 @pytest.mark.timeout(300)
 def test_murmur_run_on_two_cpu_processes_is_one_peer_that_trains_and_stops(procs: Procs) -> None:
     """Two `--gpus 2` peers on `micro`: each trains with one worker, its loss falls, each sees exactly one

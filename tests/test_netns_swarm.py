@@ -110,7 +110,7 @@ def _summary(window: list[RoundLine], every: list[RoundLine], link_bytes: tuple[
     }  # fmt: skip
 
 
-@pytest.mark.slow(44)
+@pytest.mark.slow(56)
 @pytest.mark.timeout(300)
 def test_peers_on_uneven_links_all_train_and_the_slow_link_holds_back_only_its_own_peer(
     netns: Network, procs: Procs

@@ -168,7 +168,7 @@ def test_cuda_peak_of_a_step_is_within_15_percent_of_the_plan(name: str, cut: st
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
 
 
-@pytest.mark.slow(120)
+@pytest.mark.slow(50)
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_dry_run_on_cpu_takes_every_path_and_writes_its_json(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def cache_of(work: Path, name: str, dataset: PreparedDataset) -> Path:
     return work / f"cache-{name}" / "datasets" / dataset.dataset_id
 
 
-@pytest.mark.slow(40)
+@pytest.mark.slow(50)
 @pytest.mark.timeout(420)
 def test_peers_serve_verified_shards_so_the_server_may_go(procs: Procs) -> None:
     work = procs.workdir

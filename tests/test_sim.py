@@ -34,7 +34,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(28)
 def test_json_has_the_contracted_keys(report: dict) -> None:
     assert isinstance(report["unigram_entropy_nats"], float)
     assert set(report["methods"]) == {"ddp", "diloco", "ppu", "gossip-ppu"}

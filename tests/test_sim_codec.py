@@ -25,14 +25,14 @@ def _run(monkeypatch: pytest.MonkeyPatch, **options: object) -> tuple[sim.Simula
     return simulation, steps
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(2)
 def test_without_weight_slices_only_deltas_travel(monkeypatch: pytest.MonkeyPatch) -> None:
     simulation, steps = _run(monkeypatch, weights_codec=None)
     assert all(terms.weights == [] and len(terms.deltas) == 1 for _, terms in steps)
     assert simulation.bytes_sent == simulation._payload(simulation.layouts[0])  # fanout 1: one delta each
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(2)
 def test_own_delta_as_trained_partners_get_it_as_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     codec = CodecConfig(name="sparseloco", topk_fraction=0.01)
     simulation, steps = _run(monkeypatch, codec=codec, own_uncompressed=True)

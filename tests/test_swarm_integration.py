@@ -47,7 +47,7 @@ def status_json(procs: Procs, maddr: str, name: str) -> list[dict]:
     return json.loads("\n".join(run.lines))
 
 
-@pytest.mark.slow(15)
+@pytest.mark.slow(24)
 @pytest.mark.timeout(150)
 def test_three_peers_join_by_name_and_a_killed_one_expires(procs: Procs, tmp_path: Path) -> None:
     made = procs.start("create", murmur("create-run", "--swarm", "loop", "--preset", "tiny", "--slices", "3",

@@ -33,7 +33,7 @@ SETTLE_S = IDLE_S + 2 * TRIM_EVERY_S
 """Time before counting: a connection idle IDLE_S is closed by the next trim or two."""
 
 
-@pytest.mark.slow(100)
+@pytest.mark.slow(125)
 @pytest.mark.timeout(600)
 def test_31_peers_find_each_other_and_each_holds_a_bounded_number_of_connections(procs: Procs) -> None:
     swarm = GrowingSwarm(procs, ttl_s=TTL_S)
