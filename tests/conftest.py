@@ -24,9 +24,12 @@ from benchmarks.netns import Network, unavailable
 from peer.lab.harness import Procs
 
 torch.set_num_threads(1)
-"""In-process tests use one thread: `make test` runs files side by side (pytest-xdist) on cores that the process
-tests' peers also want, and OpenMP threads that wait for a busy core spin. The peers set their own
-(`OMP_NUM_THREADS=1` in the tests' environments)."""
+os.environ["OMP_NUM_THREADS"] = "1"
+"""One thread per process, in the tests and in every process they start: `make test` runs files side by side
+(pytest-xdist) on cores that the process tests' peers also want, and OpenMP threads that wait for a busy core spin.
+Most tests set OMP_NUM_THREADS=1 for their peers; the ones that did not (test_benchmarks' step_cost and its memory
+children, bootstrap nodes, several tests' owners) ran with two threads each: step_cost took 16 s alone and 45-109 s
+beside another test (fresh21, fresh23). A test that wants more threads sets them in its process's environment."""
 
 os.environ["MURMUR_HOME"] = tempfile.mkdtemp(prefix="murmur-tests-home-")
 atexit.register(shutil.rmtree, os.environ["MURMUR_HOME"], ignore_errors=True)
