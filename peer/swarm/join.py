@@ -264,27 +264,26 @@ async def joined(opts: JoinOptions, *, software_version: str, detail: Callable[[
         with identity_lock(opts.identity, identity.peer_id, opts.swarm):  # after the DHT's fork: not its to hold
             if opts.addrs_file is not None:  # under the lock: a refused twin must not overwrite the running peer's
                 await asyncio.to_thread(write_addrs, dht, opts.addrs_file)
-            yield await _verified_run(dht, identity, opts, software_version, detail, (stop, halt, signalled))
+            yield await _verified_run(dht, identity, opts, software_version, detail, stop, halt, signalled)
     finally:
         await asyncio.to_thread(dht.shutdown)
 
 
 async def _verified_run(dht: TetheredDHT, identity: Identity, opts: JoinOptions, software_version: str,
-                        detail: Callable[[RunConfig], str],
-                        events: tuple[asyncio.Event, threading.Event, threading.Event]) -> Joined:  # fmt: skip
-    """The swarm on `dht`, its manifest (published or fetched, verified) and the run config it holds; `events` are
-    `Joined`'s stop, halt and signalled."""
+                        detail: Callable[[RunConfig], str], stop: asyncio.Event, halt: threading.Event,
+                        signalled: threading.Event) -> Joined:  # fmt: skip
+    """The swarm on `dht`, its manifest (published or fetched, verified) and the run config it holds."""
     config = SwarmConfig(swarm=opts.swarm, initial_peers=opts.initial_peers, announce_ttl_s=opts.announce_ttl_s)
     swarm = Swarm(dht, config)
     print(f"DHT up; looking for swarm {opts.swarm} via {len(opts.initial_peers)} initial peer(s)", flush=True)
-    signed = await asyncio.to_thread(obtain_manifest, swarm, opts, events[1])
+    signed = await asyncio.to_thread(obtain_manifest, swarm, opts, halt)
     try:
         run = RunConfig.from_manifest(signed.manifest)
     except ValueError as exc:
         raise ManifestError(f"the run's manifest is not usable by murmur {software_version}: {exc}") from exc
     print(f"run {signed.run_id} by owner {signed.owner_key_hex}: {run.preset}, K={run.slices.num_slices}, "
           f"{run.method}{detail(run)}", flush=True)  # fmt: skip
-    return Joined(identity, swarm, signed, run, *events)
+    return Joined(identity, swarm, signed, run, stop, halt, signalled)
 
 
 def write_addrs(dht: TetheredDHT, path: Path) -> None:
