@@ -319,14 +319,18 @@ def start_dht(
         )
     except DHTStopped as exc:
         raise DHTStartError(f"the DHT failed to start: {exc}\n  -> it was stopped or killed while starting") from exc
-    except (P2PDaemonError, RuntimeError, OSError, ValueError) as exc:
+    except _START_ERRORS as exc:
         raise _start_error(exc, startup_timeout_s) from exc
     try:
         bound_connections(dht, initial_peers)
-    except (DHTStopped, P2PDaemonError, RuntimeError, OSError, ValueError) as exc:
+    except (DHTStopped, *_START_ERRORS) as exc:
         dht.shutdown()  # started, but not as asked: nothing of it may outlive this error
         raise _start_error(exc, startup_timeout_s) from exc
     return dht
+
+
+_START_ERRORS = (P2PDaemonError, RuntimeError, OSError, ValueError)
+"""What hivemind and p2pd raise when a DHT cannot start: each becomes one DHTStartError with a hint."""
 
 
 def _start_error(exc: BaseException, startup_timeout_s: float) -> DHTStartError:
