@@ -271,6 +271,11 @@ def start_wait_s(startup_timeout_s: float) -> float:
     return 2 * startup_timeout_s + 10.0
 
 
+def startup_timeout_within(total_s: float) -> float:
+    """The p2pd start-up timeout whose whole start (`start_wait_s`) takes at most `total_s` (5 s at the least)."""
+    return max(5.0, (total_s - 10.0) / 2)
+
+
 def _start_hint(detail: str, timeout_s: float) -> str:
     if "failed to connect to bootstrap peers" in detail:
         return (

@@ -96,10 +96,12 @@ def _cut_short(interrupts: Iterator[type[Exception]]) -> None:
 @click.option("--data", help="A local .txt/.jsonl file or folder, or a prepared dataset's folder, instead of the run's "
                              "data (its held-out split or shard).")
 @click.option("--batches", type=click.IntRange(1), default=8, show_default=True, help="Held-out batches.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(5.0), default=120.0, show_default=True,
+              help="Seconds to find the swarm and fetch a live peer's weights, with --swarm.")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help="Where to compute: auto|cpu|cuda|cuda:INDEX.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | None, initial_peers: tuple[str, ...],
-             run_key: str | None, peer: str | None, data: str | None, batches: int, device: str,
+             run_key: str | None, peer: str | None, data: str | None, batches: int, timeout_s: float, device: str,
              as_json: bool) -> None:  # fmt: skip
     """Validation loss and perplexity of a checkpoint's outer weights (phi), or of a live peer's.
 
@@ -118,7 +120,7 @@ def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | No
     try:
         where = pick_device(device)
         if swarm is not None:
-            result = _evaluate_live(swarm, initial_peers, run_key, peer, data, batches, where)
+            result = _evaluate_live(swarm, initial_peers, run_key, peer, data, batches, where, timeout_s)
         else:
             assert checkpoint_dir is not None
             result = evaluate_checkpoint(checkpoint_dir, manifest=manifest, data=data, batches=batches, device=where)
@@ -133,17 +135,21 @@ def evaluate(checkpoint_dir: Path | None, manifest: Path | None, swarm: str | No
 
 
 def _evaluate_live(swarm: str, initial_peers: tuple[str, ...], run_key: str | None, peer: str | None,
-                   data: str | None, batches: int, device: torch.device) -> EvalResult:  # fmt: skip
+                   data: str | None, batches: int, device: torch.device, timeout_s: float) -> EvalResult:  # fmt: skip
     """Fetch a live peer's weights the way a late joiner does, then evaluate them."""
     from peer.core.data import unigram_entropy
     from peer.lab.evaluate import EvalResult, corpus_for, evaluate_weights, fetch_live_weights
+    from protocol.logs import get_logger
     from protocol.manifest import parse_run_key
+
+    log = get_logger(__name__)
 
     peers = tuple(item for text in initial_peers for item in text.replace(",", " ").split())
     if not peers or run_key is None:
         raise click.UsageError("--swarm needs --initial-peers and --run-key")
-    live = fetch_live_weights(swarm, peers, run_key=parse_run_key(run_key), peer=peer)
+    live = fetch_live_weights(swarm, peers, run_key=parse_run_key(run_key), peer=peer, timeout_s=timeout_s)
     corpus = corpus_for(live.run, data)
+    log.info("eval: %d held-out batch(es) of %s on %s", batches, corpus.name, device)
     loss = evaluate_weights(live.run, live.phi, corpus, batches, device)
     return EvalResult(loss=loss, round=live.round, path=live.sender, corpus=corpus.name,
                       unigram_entropy=unigram_entropy(corpus.val, corpus.vocab_size))  # fmt: skip

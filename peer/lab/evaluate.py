@@ -183,13 +183,19 @@ class LiveWeights:
     phi: dict[str, torch.Tensor]
 
 
+LIVE_TIMEOUT_S = 120.0
+"""`murmur eval --swarm`'s default bound on finding the swarm and fetching a live peer's weights."""
+
+
 def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: bytes, peer: str | None = None,
-                       timeout_s: float = 60.0) -> LiveWeights:  # fmt: skip
+                       timeout_s: float = LIVE_TIMEOUT_S) -> LiveWeights:  # fmt: skip
     """Download the weights a live peer of `swarm` serves to late joiners (peer/node/latejoin.py).
 
     The manifest must be signed by `run_key`; the pin store is a throwaway one, so evaluating never
     pins an owner for this user's later joins. `peer` (a peer id or its prefix) picks the donor,
-    otherwise a random one that has trained. Raises MurmurError or ValueError with a message for the user.
+    otherwise a random one that has trained. `timeout_s` bounds the whole: the DHT start, the manifest, the
+    donors and their downloads share it, and each step says on stderr what it waits on (a loaded machine made
+    a silent eval look hung). Raises MurmurError or ValueError with a message for the user.
     """
     import asyncio
     import tempfile
@@ -198,24 +204,36 @@ def fetch_live_weights(swarm: str, initial_peers: tuple[str, ...], *, run_key: b
     from peer.core.slices import parameter_shapes
     from peer.node.latejoin import fetch_initial_state
     from peer.swarm.join import swarm_view
+    from protocol.dht import startup_timeout_within
     from protocol.errors import MurmurError
     from protocol.identity import Identity
     from protocol.manifest import PinStore
 
-    with swarm_view(swarm, initial_peers, timeout_s=timeout_s) as found:
-        deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
+    log.info("eval: joining swarm %s through %d initial peer(s) as a DHT client (%.0f s for all of it)", swarm,
+             len(initial_peers), timeout_s)  # fmt: skip
+    with swarm_view(swarm, initial_peers, timeout_s=startup_timeout_within(timeout_s)) as found:
+        log.info("eval: DHT up after %.1f s; looking up the run's signed manifest", time.monotonic() - started)
         with tempfile.TemporaryDirectory() as pins:
-            signed = found.fetch_manifest(run_key=run_key, pins=PinStore(Path(pins) / "pins.json"), timeout_s=timeout_s)
+            signed = found.fetch_manifest(run_key=run_key, pins=PinStore(Path(pins) / "pins.json"), timeout_s=left())
         run = RunConfig.from_manifest(signed.manifest)
         while True:  # a peer serves a snapshot only every few rounds: a young swarm may have none yet
-            donors = _find_donors(found, signed.run_id, peer, wait_s=min(timeout_s, LIVE_PEERS_WAIT_S))
+            donors = _find_donors(found, signed.run_id, peer, wait_s=min(left(), LIVE_PEERS_WAIT_S))
             if not donors:
                 who = f"peer {peer}" if peer else "peer"
                 raise MurmurError(f"swarm {swarm}: no live {who} that accepts connections and has trained a round")
-            left = max(1.0, deadline - time.monotonic())
+            log.info("eval: asking %d live peer(s) for their weights: %s", len(donors),
+                     ", ".join(d.peer_id[:16] for d in donors))  # fmt: skip
             state = asyncio.run(fetch_initial_state(donors, identity=Identity.generate(), run_id=signed.run_id,
-                                                    shapes=parameter_shapes(run.model), timeout_s=left))  # fmt: skip
+                                                    shapes=parameter_shapes(run.model), timeout_s=left()))  # fmt: skip
             if state is not None:
+                log.info("eval: round %d weights of peer %s after %.1f s", state.round, state.sender[:16],
+                         time.monotonic() - started)  # fmt: skip
                 return LiveWeights(run=run, sender=state.sender, round=state.round, phi=state.tensors)
             if time.monotonic() + RETRY_S >= deadline:
                 raise MurmurError(f"swarm {swarm}: no donor delivered its weights within {timeout_s:.0f} s "
