@@ -154,16 +154,17 @@ async def run_daemon(opts: DaemonOptions, *, software_version: str) -> None:
         detail = lambda run: f", H={run.inner.steps_per_round}, device {device}"  # noqa: E731 - the run line's tail
         async with joined(j, software_version=software_version, detail=detail) as session:
             with stopping_is_no_error(session.signalled):
-                daemon = await _start(session, opts, device, software_version)
+                daemon = await _daemon_for(session, opts, device, software_version)
+                await _start(daemon, session, opts, software_version)
     except JoinInterrupted as exc:
         log.info("%s", exc)
     rounds = "none" if daemon is None else daemon.clock + 1
     log.info("left swarm %s after %s round(s)", j.swarm, rounds)
 
 
-async def _start(session: Joined, opts: DaemonOptions, device: torch.device, software_version: str) -> Daemon:
-    """Everything after the manifest: the trainer, metrics, server, slice, resume or late join, then training;
-    the checkpoint, server, status line and metrics are closed in that order whatever ends it."""
+async def _daemon_for(session: Joined, opts: DaemonOptions, device: torch.device, software_version: str) -> Daemon:
+    """The trainer and the daemon around it, once the manifest is in (the run's last line counts its rounds even
+    when what follows ends in an error)."""
     j, identity, run, signed = opts.join, session.identity, session.run, session.signed
     try:  # a prepared dataset's index, tokenizer and held-out shard are fetched here, in a worker thread
         trainer = await asyncio.to_thread(
@@ -174,16 +175,24 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
         )  # fmt: skip
     except FetchStopped as exc:
         raise JoinInterrupted(str(exc)) from None
-    directory = checkpoint_directory(opts, identity.peer_id)
     member = Member(session.swarm, identity, signed, endpoint="", software_version=software_version)
     daemon = Daemon(trainer, member, identity, run, eval_every=opts.eval_every, overlap=opts.overlap)
     daemon.metrics.identify(PeerInfo(swarm=j.swarm, run=signed.run_id[:16], peer=identity.peer_id,
                                      version=software_version, device=str(device)))  # fmt: skip
+    return daemon
+
+
+async def _start(daemon: Daemon, session: Joined, opts: DaemonOptions, software_version: str) -> None:
+    """Everything after the daemon is built: metrics, server, slice, resume or late join, then training; the
+    checkpoint, server, status line and metrics are closed in that order whatever ends it."""
+    j, identity, run, signed = opts.join, session.identity, session.run, session.signed
+    trainer, member = daemon.trainer, daemon.member
+    directory = checkpoint_directory(opts, identity.peer_id)
     server: PeerServer | None = None
     saver: resume.Checkpointer | None = None
     try:
         if opts.gpus > 1:  # before the swarm sees this peer: a worker that cannot start costs no announcement
-            trainer.ranks = await asyncio.to_thread(Ranks.start, run, trainer.inner, device, opts.gpus,
+            trainer.ranks = await asyncio.to_thread(Ranks.start, run, trainer.inner, trainer.device, opts.gpus,
                                                     checkpointing=opts.activation_checkpointing)  # fmt: skip
         if opts.metrics_port is not None:
             await daemon.metrics.serve(opts.metrics_host, opts.metrics_port)
@@ -213,4 +222,3 @@ async def _start(session: Joined, opts: DaemonOptions, device: torch.device, sof
             await server.stop()
         await daemon.reporter.aclose()
         await daemon.metrics.close()
-    return daemon
