@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from peer.cli.main import main
 from peer.config import RunConfig
 from peer.core.data import load_corpus, val_batches
 from peer.core.model import Transformer
+from peer.lab.harness import Procs, murmur
 from peer.node.checkpoint import CheckpointState, save_checkpoint
 
 RUN_ID = "c0ffee01"
@@ -102,41 +102,40 @@ def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"no line matching {pattern!r} in {path}:\n{path.read_text(errors='replace')}")
 
 
-def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen) -> dict:
+def evaluate_live_peer(out: Path, log: Path, demo: subprocess.Popen, procs: Procs) -> dict:
     """`murmur eval --swarm` on the running demo swarm, once every peer serves a snapshot of round 5 or later (a
     peer serves its weights every SNAPSHOT_EVERY = 5 rounds, so one at round 1-4 still serves round 0: waiting for
     one peer only let the eval pick a slower one on a loaded machine). The demo trains until the test's Ctrl-C,
     not for a fixed time: a timed demo raced the eval on a loaded machine (its peers had stopped before the eval's
     download: 'connection refused'). The eval runs under its own --timeout, inside a longer bound of the test's: a
     60 s bound of the test's killed a silent eval on a loaded machine (fresh31), where its imports alone took 12-19
-    s beside two busy cores; now a failure shows the eval's own message and the steps it got through."""
+    s beside two busy cores; now a failure shows the eval's own message and the steps it got through. It starts
+    from the tests' fork server, where torch is already imported."""
     run_key = wait_for_line(log, r"run key ([0-9a-f]{64})$", demo, 60)[1]
     for name in ("peer0", "peer1"):
         wait_for_line(log, rf"{name} +round +(?:[5-9]|[1-9]\d|\d{{3,}}) ", demo, 90)  # round >= 5
     maddr = (out / "boot.addrs").read_text().split()[0]
-    argv = [sys.executable, "-m", "peer.cli.main", "eval", "--swarm", "demo", "--initial-peers", maddr,
-            "--run-key", run_key, "--batches", "2", "--timeout", "120", "--json"]  # fmt: skip
-    env = {**os.environ, "MURMUR_CACHE": str(out / "cache-eval")}  # it fetches the held-out shard from the demo
-    try:  # the eval's own bound (--timeout) ends it first, with a message that names the step it waited on
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=200, env=env)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"murmur eval --swarm outlived its own --timeout; it said:\n{exc.stderr}") from None
-    assert done.returncode == 0, done.stdout + done.stderr
+    argv = murmur("eval", "--swarm", "demo", "--initial-peers", maddr, "--run-key", run_key, "--batches", "2",
+                  "--timeout", "120", "--json")  # fmt: skip
+    # the eval's own bound (--timeout) ends it first, with a message that names the step it waited on
+    done = procs.run("eval", argv, timeout=200, env={"MURMUR_CACHE": str(out / "cache-eval")})  # the held-out shard
+    assert done.popen.returncode == 0, done.logs()
+    said = done.stderr_path.read_text()
     for step in ("eval: DHT up after", "eval: asking", "eval: round", "held-out batch(es)"):  # it says what it waits on
-        assert step in done.stderr, done.stderr
+        assert step in said, said
     assert (out / "cache-eval" / "datasets").is_dir(), "the eval fetched the run's held-out shard by the manifest"
-    return json.loads(done.stdout)
+    return json.loads("\n".join(done.lines))
 
 
 @pytest.mark.slow(60)
 @pytest.mark.timeout(420)
-def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path, procs: Procs) -> None:
     out, log = tmp_path / "demo-out", tmp_path / "demo.log"
     argv = [sys.executable, "-m", "peer.cli.main", "demo", "--peers", "2", "--minutes", "30", "--out", str(out)]
     with open(log, "w") as sink:
         demo = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
-        live = evaluate_live_peer(out, log, demo)
+        live = evaluate_live_peer(out, log, demo, procs)
         demo.send_signal(signal.SIGINT)  # the first Ctrl-C ends the training; the demo still stops, averages, reports
         code = demo.wait(120)
     finally:
