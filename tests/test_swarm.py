@@ -153,8 +153,11 @@ class RecordDHT:
 
 
 class QuietSwarm(Swarm):
+    published = 0
+
     def publish_manifest(self, signed: object) -> bool:
-        return True  # the manifest is not what these tests are about
+        self.published += 1  # counted, not stored: the manifest is not what these tests are about
+        return True
 
 
 def members(count: int, num_slices: int, ttl: float = 60.0) -> list[Member]:
@@ -178,6 +181,23 @@ def dht_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1_800_000_000.0]
     monkeypatch.setattr(swarm_module, "get_dht_time", lambda: now[0])
     return now
+
+
+def test_the_manifest_is_re_published_a_few_times_per_refresh_whatever_the_swarm_size(dht_clock: list[float]) -> None:
+    # every peer storing it at every refresh made the nodes nearest its key take one store per peer per refresh
+    for size in (2, 3, 24, 96):
+        peers = members(size, 4)
+        swarm = peers[0].swarm
+        assert isinstance(swarm, QuietSwarm)
+        for _ in range(40):
+            dht_clock[0] += 20
+            for member in peers:
+                member.refresh()
+        per_refresh = swarm.published / 40
+        if size <= swarm_module.MANIFEST_REPUBLISHERS:
+            assert per_refresh == size, (size, per_refresh)  # a small swarm stores it at every refresh, as before
+        else:
+            assert 1.5 <= per_refresh <= 4.5, (size, per_refresh)  # about MANIFEST_REPUBLISHERS, not `size`
 
 
 def test_dead_peers_expire_and_their_uncovered_slice_is_taken_within_two_refreshes(dht_clock: list[float]) -> None:

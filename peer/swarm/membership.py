@@ -63,6 +63,10 @@ class SwarmConfig:
         return self.announce_ttl_s / 3
 
 
+MANIFEST_REPUBLISHERS = 3
+"""How many peers re-publish the manifest per refresh period, on average (`Member.republishes`)."""
+
+
 def slice_counts(peers: Iterable[Announcement], num_slices: int) -> list[int]:
     """Peers per slice (announcements of slices >= num_slices are ignored)."""
     counts = [0] * num_slices
@@ -270,8 +274,8 @@ class Member:
 
     def refresh(self) -> None:
         """Re-announce, list peers, re-bootstrap if too few, re-balance if skewed (announcing the new slice),
-        re-publish the manifest. The announcement goes first: listing a big swarm is the slow part, and this
-        peer's own record must not expire while it reads everyone else's."""
+        maybe re-publish the manifest (`republishes`). The announcement goes first: listing a big swarm is the slow
+        part, and this peer's own record must not expire while it reads everyone else's."""
         self.announce()
         self.peers = self.swarm.live_peers(self.manifest.run_id)
         self.swarm.maybe_rebootstrap(len(self.others()))
@@ -282,7 +286,15 @@ class Member:
                      slice_counts(self.others(), self.num_slices), self.slice, target)  # fmt: skip
             self.slice = target
             self.announce()
-        self.swarm.publish_manifest(self.manifest)
+        if self.republishes():
+            self.swarm.publish_manifest(self.manifest)
+
+    def republishes(self) -> bool:
+        """Whether this refresh re-publishes the manifest: with probability MANIFEST_REPUBLISHERS / peers listed, so
+        the swarm stores it about that many times per refresh period whatever its size. Every peer storing it at
+        every refresh made the few DHT nodes nearest the manifest's key take one store per peer per refresh (a
+        hotspot that grows with the swarm); a small swarm still stores it at every refresh, as before."""
+        return self.rng.random() < MANIFEST_REPUBLISHERS / max(1, len(self.peers))
 
     def announcement(self, expires_unix: float) -> bytes:
         return sign_announcement(
