@@ -147,7 +147,11 @@ def _evaluate_live(swarm: str, initial_peers: tuple[str, ...], run_key: str | No
     peers = tuple(item for text in initial_peers for item in text.replace(",", " ").split())
     if not peers or run_key is None:
         raise click.UsageError("--swarm needs --initial-peers and --run-key")
-    live = fetch_live_weights(swarm, peers, run_key=parse_run_key(run_key), peer=peer, timeout_s=timeout_s)
+    try:
+        owner = parse_run_key(run_key)
+    except ValueError as exc:  # a bad flag, like `murmur run`'s: a usage error, before any DHT starts
+        raise click.UsageError(str(exc)) from exc
+    live = fetch_live_weights(swarm, peers, run_key=owner, peer=peer, timeout_s=timeout_s)
     corpus = corpus_for(live.run, data)
     log.info("eval: %d held-out batch(es) of %s on %s", batches, corpus.name, device)
     loss = evaluate_weights(live.run, live.phi, corpus, batches, device)
