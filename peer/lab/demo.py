@@ -6,9 +6,10 @@ N-1 volunteers train the `tiny` preset on the bundled corpus, the demo prints th
 stops them with SIGTERM (each checkpoints and exits 0), reads every checkpoint back through
 `peer/node/checkpoint.py` and reports each peer's validation loss and that of their averaged weights.
 
-The corpus goes through the same door as any run's data: `murmur prepare-data` makes it a prepared dataset (byte
-tokens), a loopback HTTP server in a thread of the demo (peer/lab/dataserver.py) serves it, `create-run --data URL`
-names it in the manifest, and each peer fetches index.json and the shards its stream reaches into its own cache.
+The corpus goes through the same door as any run's data: `murmur prepare-data`'s code (peer/core/prepare.py, in this
+process) makes it a prepared dataset (byte tokens), a loopback HTTP server in a thread of the demo
+(peer/lab/dataserver.py) serves it, `create-run --data URL` names it in the manifest, and each peer fetches index.json
+and the shards its stream reaches into its own cache.
 
 Every child runs in its own session (peer/lab/harness.py, as in the tests), so its DHT helper processes
 (p2pd) are in its process group; the `finally` of `run_demo` sends SIGTERM to every group still alive, then
@@ -47,7 +48,9 @@ def demo_toml(slices: int, preset: str = "tiny", min_round_s: float | None = Non
     `micro` with rounds paced by `min_round_s`, so that the processes it starts mid-test get CPU)."""
     return run_toml("demo", preset=preset, slices=slices, steps_per_round=10, fanout=1, min_round_s=min_round_s)
 """Rounds of a few tenths of a second on one CPU core: many rounds in a few minutes."""
-STARTUP_S = 90.0
+STARTUP_S = 180.0
+"""How long the bootstrap node may take to print its address: a bound that it comes up, even on a busy machine (its
+start imports torch and starts p2pd; 5 s idle)."""
 DEMO_SHARD_TOKENS = 1 << 19
 """About 8 shards of the 4 MB corpus: each peer fetches only those its stream reaches, as volunteers would."""
 STOP_GRACE_S = 45.0
@@ -118,17 +121,21 @@ def child_env(out: Path, name: str) -> dict[str, str]:
 
 
 def prepare_corpus(out: Path) -> Path:
-    """The embedded corpus as a prepared dataset in out/dataset (made again each demo), through `murmur
-    prepare-data` as a run owner would. Byte tokens and every 20th document held out, as the in-memory corpus
-    splits it: the demo's losses stay comparable with the runs that train on that corpus."""
+    """The embedded corpus as a prepared dataset in out/dataset (made again each demo), by what `murmur prepare-data`
+    runs (peer/core/prepare.py), in this process: a `prepare-data` process of its own spent its start importing torch
+    again (3-4 s idle, 30 s and more beside a busy test worker). Byte tokens and every 20th document held out, as
+    the in-memory corpus splits it: the demo's losses stay comparable with the runs that train on that corpus."""
+    from peer.core.prepare import PrepareOptions, prepare
+
     folder, text = out / "dataset", out / "corpus.txt"
     shutil.rmtree(folder, ignore_errors=True)
     text.write_text(default_corpus_text())
-    argv = murmur_argv("prepare-data", "--input", str(text), "--out", str(folder), "--tokenizer", "bytes",
-                       "--shard-tokens", str(DEMO_SHARD_TOKENS), "--heldout-fraction", "0.05")  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=out, env=child_env(out, "owner"), timeout=300)
-    if done.returncode != 0:
-        raise DemoError(f"prepare-data failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    opts = PrepareOptions(inputs=(str(text),), out=folder, tokenizer="bytes", shard_tokens=DEMO_SHARD_TOKENS,
+                          heldout_fraction=0.05, progress=False)  # fmt: skip
+    try:
+        prepare(opts)
+    except (ValueError, OSError) as exc:  # DataError, SetupError; a disk that refuses the shards
+        raise DemoError(f"preparing the embedded corpus failed: {exc}") from exc
     return folder
 
 
