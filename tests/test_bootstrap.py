@@ -32,7 +32,8 @@ from protocol import manifest as M
 from protocol.identity import Identity
 from protocol.records import encode_manifest_record, sign_announcement, swarm_keys
 
-FORGE_TIMEOUT_S = 60
+FORGE_TIMEOUT_S = 120
+"""A bound that the forging process ends: it imports torch and starts a DHT, 30 s and more beside a busy worker."""
 
 
 def write_manifest(path: Path, owner: Identity) -> M.SignedRunManifest:
