@@ -90,7 +90,7 @@ def _forge(maddr: str, owner_peer_id: str, owner_key_hex: str, stranger_path: st
 
 
 @pytest.mark.slow(26)
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_trust_forgeries_reachability_and_bootstrap_lifecycle(procs: Procs, tmp_path: Path) -> None:
     owner_key = Identity.load_or_create(tmp_path / "owner.key")
     signed = write_manifest(tmp_path / "manifest.json", owner_key)
